@@ -1,0 +1,5 @@
+import sys
+
+from mmpretrain.train import main
+
+sys.exit(main())

@@ -1,0 +1,119 @@
+"""The one place that picks the attention kernel.
+
+Every caller hands over *packed* sequences: tokens of many sequences laid end
+to end, shape (T, heads, head_dim), described by `Packing` (cumulative
+sequence lengths). Attention is causal inside each sequence and never crosses
+sequences. Kernels:
+
+- "xformers": `memory_efficient_attention` with a `BlockDiagonalCausalMask`,
+  used where its CUDA kernels load (xformers 0.0.35 builds them for
+  torch 2.10.0 only; elsewhere its ops report "not built").
+- "sdpa": PyTorch `scaled_dot_product_attention`. One sequence runs with
+  `is_causal=True` (flash/cuDNN on GPU); several are scattered into a padded
+  (N, L_max) batch with a causal+padding mask, so memory is O(N * L_max^2), not
+  O(T^2) as a single block-diagonal mask over the whole row would be.
+
+`auto` takes xformers where it works, else SDPA, and logs once which kernel
+runs and why. Tests force each path with the `backend` argument.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "xformers", "sdpa")
+
+
+@dataclass
+class Packing:
+    """Layout of packed sequences; built once per forward and shared by all layers."""
+
+    cu_seqlens: torch.Tensor  # (N + 1,) int64, cu_seqlens[i] = start of sequence i
+    max_len: int
+    positions: torch.Tensor  # (T,) position of each token inside its own sequence
+    pad_index: torch.Tensor  # (T,) flat index of each token in an (N, max_len) grid
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor | list[int], device=None) -> Packing:
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
+        cu = F.pad(lengths.cumsum(0), (1, 0))
+        starts = torch.repeat_interleave(cu[:-1], lengths)
+        positions = torch.arange(int(cu[-1]), device=lengths.device) - starts
+        seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+        max_len = int(lengths.max())
+        return cls(cu, max_len, positions, seq_id * max_len + positions)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cu_seqlens.diff()
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+
+def _sdpa_packed(q, k, v, packing: Packing) -> torch.Tensor:
+    """q, k, v: (T, H, D) -> (T, H, D)."""
+    if packing.num_seqs == 1:
+        out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), is_causal=True)
+        return out[0].transpose(0, 1)
+    n, length = packing.num_seqs, packing.max_len
+    _, h, d = q.shape
+
+    def grid(t):  # (T, H, D) -> (N, H, L, D), zeros in the padding
+        g = t.new_zeros(n * length, h, d).index_copy(0, packing.pad_index, t)
+        return g.view(n, length, h, d).transpose(1, 2)
+
+    valid = torch.arange(length, device=q.device)[None] < packing.lengths[:, None]  # (N, L)
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    mask = causal[None] & valid[:, None, :]  # (N, Lq, Lk); padded query rows still see key 0
+    out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=mask[:, None])
+    return out.transpose(1, 2).reshape(n * length, h, d)[packing.pad_index]
+
+
+def _xformers_packed(q, k, v, packing: Packing) -> torch.Tensor:
+    import xformers.ops as xops
+    from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
+
+    bias = BlockDiagonalCausalMask.from_seqlens(packing.lengths.tolist())
+    return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+
+
+@functools.cache
+def xformers_status(device_type: str) -> tuple[bool, str]:
+    """(usable, why): whether xformers' memory-efficient kernels run on this device."""
+    if device_type != "cuda":
+        return False, "xformers has no CPU kernels"
+    try:
+        import xformers.ops as xops
+
+        x = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+        xops.memory_efficient_attention(x, x, x)
+        return True, "xformers CUDA kernels loaded"
+    except Exception as e:  # ImportError, or ops "not built" for this torch version
+        return False, f"xformers unavailable ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+
+
+@functools.cache
+def resolve_backend(requested: str, device_type: str) -> str:
+    if requested not in BACKENDS:
+        raise ValueError(f"attention backend {requested!r}: expected one of {BACKENDS}")
+    ok, why = xformers_status(device_type)
+    if requested == "xformers" and not ok:
+        raise RuntimeError(f"attention backend 'xformers' was requested but {why}")
+    chosen = "xformers" if requested == "xformers" or (requested == "auto" and ok) else "sdpa"
+    reason = why if requested == "auto" else "requested in the config"
+    log.info("attention kernel: %s on %s (%s)", chosen, device_type, reason)
+    return chosen
+
+
+def packed_causal_attention(q, k, v, packing: Packing, backend: str = "auto") -> torch.Tensor:
+    """Causal attention within each packed sequence. q, k, v: (T, H, D) -> (T, H, D)."""
+    kernel = resolve_backend(backend, q.device.type)
+    return (_xformers_packed if kernel == "xformers" else _sdpa_packed)(q, k, v, packing)

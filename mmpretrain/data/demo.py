@@ -1,0 +1,191 @@
+"""The built-in demo corpus: real WebDataset tar shards, generated once and cached.
+
+Every sample shows one *concept*, a triple of independent attributes, in three
+modalities at once:
+
+    attribute   image                       audio                         caption words
+    colour      fill colour (8)             pitch of the tone (8 notes)   "red"
+    shape       drawn shape (6)             rhythm: number of beats (6)   "circle"
+    place       where it is drawn (5)       timbre: harmonic recipe (5)   "in the top left"
+
+so the caption "a red circle in the top left" names the picture and, through
+the fixed mapping above, the sound. A model that reads one attribute alone
+cannot retrieve the right item. The eval split holds concepts (attribute
+combinations) that never occur in the train split, one sample each with a
+distinct caption, so retrieval on it is zero-shot. Images are PNG (Pillow) and
+audio FLAC (soundfile): the data pipeline decodes them like anyone's shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+IMAGE_SIZE = 32
+SAMPLE_RATE = 16000
+CLIP_SECONDS = 1.0
+EVAL_CONCEPTS = 100
+SHARD_SIZE = 500
+
+COLOURS = {  # name -> (RGB, MIDI note of the tone)
+    "red": ((230, 40, 40), 57),
+    "green": ((40, 200, 60), 61),
+    "blue": ((50, 80, 240), 65),
+    "yellow": ((240, 220, 40), 69),
+    "purple": ((160, 60, 220), 73),
+    "cyan": ((40, 220, 230), 77),
+    "white": ((245, 245, 245), 81),
+    "orange": ((250, 140, 20), 85),
+}
+SHAPES = {"circle": 1, "square": 2, "triangle": 3, "cross": 4, "ring": 6, "diamond": 8}  # -> beats
+PLACES = {  # phrase -> (centre x, centre y) as fractions of the canvas, harmonic recipe
+    "in the top left": ((0.3, 0.3), [(1, 1.0)]),
+    "in the top right": ((0.7, 0.3), [(1, 1.0), (3, 0.5), (5, 0.3), (7, 0.2)]),
+    "in the bottom left": ((0.3, 0.7), [(k, 1.0 / k) for k in range(1, 9)]),
+    "in the bottom right": ((0.7, 0.7), [(1, 1.0), (2, 0.8), (4, 0.6)]),
+    "in the centre": ((0.5, 0.5), [(1, 1.0), (1.25, 0.8), (1.5, 0.8)]),
+}
+
+
+@dataclass(frozen=True)
+class Concept:
+    colour: str
+    shape: str
+    place: str
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.colour} {self.shape} {self.place}"
+
+
+def all_concepts() -> list[Concept]:
+    return [Concept(*c) for c in itertools.product(COLOURS, SHAPES, PLACES)]
+
+
+def split_concepts(seed: int) -> tuple[list[Concept], list[Concept]]:
+    """Hold out EVAL_CONCEPTS combinations; every single attribute value stays in train."""
+    concepts = all_concepts()
+    rng = random.Random(seed)
+    while True:
+        order = concepts[:]
+        rng.shuffle(order)
+        held, seen = order[:EVAL_CONCEPTS], order[EVAL_CONCEPTS:]
+        values = [{getattr(c, a) for c in seen} for a in ("colour", "shape", "place")]
+        if values == [set(COLOURS), set(SHAPES), set(PLACES)]:
+            return seen, held
+
+
+def render_image(c: Concept, rng: random.Random) -> Image.Image:
+    """Draw at 4x and downsample (antialiased edges), with jittered place, size and colour."""
+    s = IMAGE_SIZE * 4
+    bg = rng.randint(0, 60)
+    img = Image.new("RGB", (s, s), (bg, bg, bg))
+    draw = ImageDraw.Draw(img)
+    (fx, fy), _ = PLACES[c.place]
+    cx = (fx + rng.uniform(-0.05, 0.05)) * s
+    cy = (fy + rng.uniform(-0.05, 0.05)) * s
+    r = s * rng.uniform(0.15, 0.2)
+    rgb = tuple(int(np.clip(v + rng.randint(-20, 20), 0, 255)) for v in COLOURS[c.colour][0])
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if c.shape == "circle":
+        draw.ellipse(box, fill=rgb)
+    elif c.shape == "ring":
+        draw.ellipse(box, outline=rgb, width=int(r * 0.35))
+    elif c.shape == "square":
+        draw.rectangle(box, fill=rgb)
+    elif c.shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=rgb)
+    elif c.shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=rgb)
+    elif c.shape == "cross":
+        w = r * 0.35
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=rgb)
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=rgb)
+    return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+
+
+def render_audio(c: Concept, rng: random.Random) -> np.ndarray:
+    """A tone (pitch <- colour, timbre <- place) beating SHAPES[shape] times in the clip."""
+    n = int(SAMPLE_RATE * CLIP_SECONDS)
+    t = np.arange(n) / SAMPLE_RATE
+    note = COLOURS[c.colour][1] + rng.uniform(-0.3, 0.3)
+    f0 = 440.0 * 2 ** ((note - 69) / 12)
+    _, recipe = PLACES[c.place]
+    phase = rng.uniform(0, 2 * np.pi)
+    tone = sum(a * np.sin(2 * np.pi * f0 * k * t + phase * k) for k, a in recipe)
+    beats = SHAPES[c.shape]
+    period = n / beats
+    on = int(period * 0.6)
+    env = np.zeros(n)
+    start = rng.randint(0, int(period * 0.3))
+    ramp = np.minimum(1.0, np.minimum(np.arange(on), np.arange(on)[::-1]) / (0.005 * SAMPLE_RATE))
+    for b in range(beats):
+        s0 = int(start + b * period)
+        seg = env[s0 : s0 + on]
+        seg[:] = ramp[: len(seg)]
+    wave = tone * env
+    wave = wave / (np.abs(wave).max() + 1e-8) * rng.uniform(0.3, 0.9)
+    wave += np.random.default_rng(rng.getrandbits(32)).normal(0, 0.005, n)
+    return np.clip(wave, -1, 1).astype(np.float32)
+
+
+def encode_sample(key: str, c: Concept, rng: random.Random) -> dict:
+    png, flac = io.BytesIO(), io.BytesIO()
+    render_image(c, rng).save(png, format="PNG")
+    sf.write(flac, render_audio(c, rng), SAMPLE_RATE, format="FLAC")
+    meta = {"colour": c.colour, "shape": c.shape, "place": c.place}
+    return {"__key__": key, "png": png.getvalue(), "flac": flac.getvalue(),
+            "txt": c.caption, "json": json.dumps(meta)}
+
+
+def _write_split(folder: Path, split: str, concepts: list[Concept], variants: int, seed: int) -> str:
+    rng = random.Random(f"{seed}-{split}")
+    items = [(c, v) for c in concepts for v in range(variants)]
+    rng.shuffle(items)  # shards hold a mix of concepts, as a real crawl would
+    pattern = str(folder / f"{split}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=SHARD_SIZE, verbose=0) as sink:
+        for i, (c, _) in enumerate(items):
+            sink.write(encode_sample(f"{split}-{i:06d}", c, rng))
+    shards = (len(items) + SHARD_SIZE - 1) // SHARD_SIZE
+    return str(folder / f"{split}-{{000000..{shards - 1:06d}}}.tar")
+
+
+def demo_corpus(cache_dir: str, variants_per_concept: int = 16, seed: int = 0) -> dict[str, str]:
+    """Generate the corpus once (atomically) and return shard patterns by split."""
+    tag = hashlib.sha1(f"{VERSION}-{variants_per_concept}-{seed}".encode()).hexdigest()[:10]
+    root = Path(os.path.expanduser(cache_dir)) / f"v{VERSION}-{tag}"
+    index = root / "index.json"
+    if not index.exists():
+        seen, held = split_concepts(seed)
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        log.info("generating the demo corpus into %s (once)", root)
+        patterns = {
+            "train": _write_split(tmp, "train", seen, variants_per_concept, seed),
+            "eval": _write_split(tmp, "eval", held, 1, seed),
+        }
+        (tmp / "index.json").write_text(json.dumps(
+            {k: Path(p).name for k, p in patterns.items()}, indent=1))
+        try:
+            tmp.rename(root)
+        except OSError:  # another process finished first; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    names = json.loads(index.read_text())
+    return {split: str(root / name) for split, name in names.items()}

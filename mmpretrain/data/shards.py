@@ -1,0 +1,179 @@
+"""WebDataset shards -> decoded samples -> `Batch`es, deterministic per (seed, epoch).
+
+The stream is a pure function of (shard list, seed, epoch, rank, worker), so a
+resumed run replays the same batches: `BatchStream.state_dict()` records the
+epoch and how many batches of it were consumed, and `load_state_dict` skips
+that many batches of the same epoch (they are re-read and decoded, which costs
+time but needs no extra bookkeeping in the workers).
+
+Bad data never stops a run: unreadable tar members, undecodable media and
+missing captions are skipped, counted by reason, logged at a limited rate and
+attached to the next batch as `Batch.skipped`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+from pathlib import Path
+
+import braceexpand
+import torch
+import webdataset as wds
+
+from mmpretrain.config import Config, DataConfig
+from mmpretrain.data.batch import Batch, collate
+from mmpretrain.data.decode import (AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, BadSample, decode_audio,
+                                    decode_image, decode_text, first_key, ImagePreprocess)
+from mmpretrain.data.demo import demo_corpus
+
+log = logging.getLogger(__name__)
+
+
+def resolve_sources(data: DataConfig, split: str) -> list[str]:
+    """Shard URLs for `split` ("train" or "eval"): expands braces, resolves "demo"."""
+    patterns = data.sources if split == "train" else data.eval_sources
+    urls = []
+    for p in patterns:
+        if p == "demo":
+            p = demo_corpus(data.demo.cache_dir, data.demo.variants_per_concept, data.demo.seed)[split]
+        urls.extend(braceexpand.braceexpand(p))
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+    if missing:
+        raise FileNotFoundError(f"data ({split}): {len(missing)} shard(s) not found, e.g. {missing[0]}")
+    if not urls:
+        raise ValueError(f"data ({split}): no shards given")
+    return urls
+
+
+class SkipCounter:
+    """Per-process tally of skipped samples by reason, with rate-limited logging."""
+
+    def __init__(self, max_logs: int):
+        self.max_logs = max_logs
+        self.total = collections.Counter()
+        self.pending = collections.Counter()
+
+    def __call__(self, reason: str, detail: str = "") -> bool:
+        self.total[reason] += 1
+        self.pending[reason] += 1
+        if self.total[reason] <= self.max_logs:
+            suffix = " (further ones are counted, not logged)" if self.total[reason] == self.max_logs else ""
+            log.warning("skipping a sample (%s): %s%s", reason, detail[:200], suffix)
+        return True  # webdataset handlers: True means continue
+
+    def take(self) -> dict[str, int]:
+        out, self.pending = dict(self.pending), collections.Counter()
+        return out
+
+
+class SampleDecoder:
+    """Raw sample (bytes by extension) -> dict of tensors for the model's modalities."""
+
+    def __init__(self, cfg: Config, train: bool):
+        self.cfg, self.train = cfg, train
+        self.modalities = list(cfg.model.modalities)
+        self.image_tf = ImagePreprocess(cfg.model.image, train)
+
+    def __call__(self, raw: dict, rng: random.Random) -> dict:
+        key = first_key(raw, TEXT_EXTS)
+        if key is None:
+            raise BadSample("missing_text", raw.get("__key__", "?"))
+        out = {"__key__": raw["__key__"], "text": decode_text(raw[key])}
+        if "image" in self.modalities and (key := first_key(raw, IMAGE_EXTS)):
+            out["image"] = self.image_tf(decode_image(raw[key], self.cfg.model.image), rng)
+        if "audio" in self.modalities and (key := first_key(raw, AUDIO_EXTS)):
+            out["audio"] = decode_audio(raw[key], self.cfg.model.audio, rng if self.train else None)
+        if not any(m in out for m in self.modalities):
+            raise BadSample("no_media", raw["__key__"])
+        return out
+
+    def media_shapes(self) -> dict[str, tuple]:
+        a, i = self.cfg.model.audio, self.cfg.model.image
+        return {"image": (3, i.image_size, i.image_size),
+                "audio": (int(round(a.sample_rate * a.clip_seconds)),)}
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):
+    """One pass over the shards for one epoch, yielding Batches (batched in the worker)."""
+
+    def __init__(self, urls, cfg: Config, tokenizer, batch_size: int, epoch: int, train: bool):
+        self.urls, self.cfg, self.tokenizer = urls, cfg, tokenizer
+        self.batch_size, self.epoch, self.train = batch_size, epoch, train
+
+    def __iter__(self):
+        seed, data = self.cfg.run.seed, self.cfg.data
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        skips = SkipCounter(data.max_bad_sample_logs)
+        decoder = SampleDecoder(self.cfg, self.train)
+        urls = list(self.urls)
+        if self.train:
+            random.Random(f"shards-{seed}-{self.epoch}").shuffle(urls)
+        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
+                  wds.tarfile_to_samples(handler=lambda e: skips("bad_tar", repr(e)))]
+        if self.train and data.shuffle_buffer > 1:
+            rng = random.Random(f"samples-{seed}-{self.epoch}-{rank}-{worker}")
+            stages.append(wds.shuffle(data.shuffle_buffer, min(100, data.shuffle_buffer), rng=rng))
+        pending = []
+        for raw in wds.DataPipeline(*stages):
+            key = raw.get("__key__", "?")
+            try:
+                pending.append(decoder(raw, random.Random(f"{seed}-{self.epoch}-{key}")))
+            except BadSample as e:
+                skips(e.reason, f"{key}: {e}")
+                continue
+            if len(pending) == self.batch_size:
+                yield self._collate(pending, decoder, skips)
+                pending = []
+        if pending and not self.train:  # eval keeps every sample; train keeps shapes fixed
+            yield self._collate(pending, decoder, skips)
+
+    def _collate(self, samples, decoder, skips) -> Batch:
+        batch = collate(samples, decoder.modalities, self.tokenizer, decoder.media_shapes())
+        batch.skipped = skips.take()
+        return batch
+
+
+def _loader(dataset, num_workers: int):
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=False)
+
+
+class BatchStream:
+    """An endless, resumable iterator of training batches over repeated epochs."""
+
+    def __init__(self, urls: list[str], cfg: Config, tokenizer, batch_size: int):
+        self.urls, self.cfg, self.tokenizer, self.batch_size = urls, cfg, tokenizer, batch_size
+        self.epoch, self.batch_in_epoch = 0, 0
+        self.skipped = collections.Counter()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+
+    def __iter__(self):
+        while True:
+            ds = _EpochDataset(self.urls, self.cfg, self.tokenizer, self.batch_size, self.epoch, True)
+            produced = 0
+            for i, batch in enumerate(_loader(ds, self.cfg.data.num_workers)):
+                produced += 1
+                self.skipped.update(batch.skipped)
+                if i < self.batch_in_epoch:  # replaying a resumed epoch
+                    continue
+                self.batch_in_epoch = i + 1
+                yield batch
+            if produced == 0:
+                raise RuntimeError(f"an epoch over {len(self.urls)} shard(s) produced no full batch of "
+                                   f"{self.batch_size}: too little (readable) data for this batch size")
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+def eval_batches(urls: list[str], cfg: Config, tokenizer, batch_size: int = 256):
+    """One deterministic pass over eval shards (no shuffle, eval transforms, last batch kept)."""
+    ds = _EpochDataset(urls, cfg, tokenizer, batch_size, epoch=0, train=False)
+    return _loader(ds, cfg.data.num_workers)

@@ -1,0 +1,86 @@
+"""The shared causal decoder: pre-norm blocks of RMSNorm, rotary attention and SwiGLU.
+
+It works on packed sequences (tokens of many sequences end to end, see
+`attention.Packing`), so media+caption rows, caption-only rows and, later,
+long interleaved documents all go through the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmpretrain.attention import Packing, packed_causal_attention
+from mmpretrain.config import DecoderConfig
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, H, D); cos, sin: (T, 1, D/2). Rotates pairs (x[..., :D/2], x[..., D/2:])."""
+    a, b = x.float().chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).type_as(x)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: DecoderConfig, backend: str):
+        super().__init__()
+        self.heads, self.backend = cfg.heads, backend
+        hidden = 8 * round(cfg.mlp_ratio * cfg.width / 8)
+        self.attn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
+        self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
+        self.mlp_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.width, hidden)
+
+    def forward(self, x, packing: Packing, cos, sin):  # x: (T, C)
+        t, c = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(t, 3, self.heads, c // self.heads).unbind(1)
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)  # (T, H, D) each
+        x = x + self.proj(packed_causal_attention(q, k, v, packing, self.backend).reshape(t, c))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, vocab_size: int, backend: str = "auto"):
+        super().__init__()
+        if cfg.width % cfg.heads or (cfg.width // cfg.heads) % 2:
+            raise ValueError(f"model.decoder: width {cfg.width} must split into {cfg.heads} heads of even size")
+        self.cfg = cfg
+        self.embed = nn.Embedding(vocab_size, cfg.width)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg, backend) for _ in range(cfg.layers))
+        self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        head_dim = cfg.width // cfg.heads
+        inv_freq = cfg.rope_theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for block in self.blocks:
+            for lin in (block.qkv, block.mlp.gate_up):
+                nn.init.normal_(lin.weight, std=0.02)
+            for lin in (block.proj, block.mlp.down):  # scaled residual projections (GPT-2)
+                nn.init.normal_(lin.weight, std=0.02 / (2 * self.cfg.layers) ** 0.5)
+
+    def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """x: (T, C) packed input embeddings -> (T, C) normalised hidden states."""
+        angles = packing.positions[:, None].float() * self.inv_freq[None]  # (T, D/2)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        for block in self.blocks:
+            x = block(x, packing, cos, sin)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output head tied to the input embedding: (P, C) -> (P, vocab)."""
+        return h @ self.embed.weight.t()

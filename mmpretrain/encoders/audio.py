@@ -1,0 +1,58 @@
+"""Audio encoder: log-mel filterbank -> time x frequency patches -> transformer (AST-style).
+
+As in AST, the spectrogram is treated as a one-channel image, so the patch
+embedding and blocks are timm's VisionTransformer with a (mel, frame) input
+size and a (frequency, time) patch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torchaudio
+from timm.models.vision_transformer import VisionTransformer
+
+from mmpretrain.config import AudioEncoderConfig
+
+
+class LogMel(nn.Module):
+    """Waveform (B, samples) -> normalised log-mel (B, 1, n_mels, frames)."""
+
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        win = int(cfg.sample_rate * cfg.win_ms / 1000)
+        self.hop = int(cfg.sample_rate * cfg.hop_ms / 1000)
+        n_fft = 1 << (win - 1).bit_length()
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=n_fft, win_length=win, hop_length=self.hop,
+            n_mels=cfg.n_mels, power=2.0)
+        samples = int(round(cfg.sample_rate * cfg.clip_seconds))
+        frames = samples // self.hop + 1  # center=True framing
+        self.frames = frames - frames % cfg.patch_time  # whole time patches only
+        if self.frames == 0:
+            raise ValueError(f"model.audio: clip of {cfg.clip_seconds}s is shorter than one time patch")
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(wave.device.type, enabled=False):  # the FFT wants fp32
+            spec = self.mel(wave.float())[..., : self.frames]
+            spec = (torch.log(spec + 1e-6) - self.cfg.mel_mean) / self.cfg.mel_std
+        return spec[:, None]
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        if cfg.n_mels % cfg.patch_freq:
+            raise ValueError(f"model.audio: n_mels {cfg.n_mels} is not a multiple of patch_freq {cfg.patch_freq}")
+        self.cfg = cfg
+        self.width = cfg.width
+        self.frontend = LogMel(cfg)
+        self.vit = VisionTransformer(
+            img_size=(cfg.n_mels, self.frontend.frames), patch_size=(cfg.patch_freq, cfg.patch_time),
+            in_chans=1, num_classes=0, global_pool="", embed_dim=cfg.width, depth=cfg.depth,
+            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """wave: (B, samples) at cfg.sample_rate -> tokens (B, 1 + patches, width)."""
+        return self.vit.forward_features(self.frontend(wave))

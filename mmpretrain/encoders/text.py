@@ -1,0 +1,32 @@
+"""Text tokenization: open_clip's BPE tokenizer (it ships its vocabulary, so it works offline)."""
+
+from __future__ import annotations
+
+import torch
+
+from mmpretrain.config import TextConfig
+
+
+class Tokenizer:
+    """Wraps open_clip's `SimpleTokenizer`: `[sot] text [eot] 0 0 ...`, truncated with eot kept."""
+
+    pad_id = 0
+
+    def __init__(self, cfg: TextConfig):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.context_length = cfg.context_length
+        self._bpe = SimpleTokenizer(context_length=cfg.context_length)
+        self.sot_id = self._bpe.sot_token_id
+        self.eot_id = self._bpe.eot_token_id
+        self.vocab_size = self._bpe.vocab_size
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> tokens (B, context_length) int64, lengths (B,) counting sot and eot."""
+        tokens = self._bpe(texts, context_length=self.context_length)
+        lengths = (tokens == self.eot_id).int().argmax(dim=1) + 1
+        return tokens, lengths
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        ids = [t for t in tokens.tolist() if t not in (self.pad_id, self.sot_id, self.eot_id)]
+        return self._bpe.decode(ids).strip()

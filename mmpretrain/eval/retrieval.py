@@ -1,0 +1,135 @@
+"""Zero-shot retrieval: R@1/5/10 for every ordered pair of modalities present.
+
+Definitions follow CLIP_benchmark's zero-shot retrieval: each caption is a
+query for media retrieval (found when its own item is in the top k); for text
+retrieval each item is a query, found when *any* of its captions is in the
+top k. Media-to-media queries are found when the same item is in the top k.
+
+    python -m mmpretrain.eval.retrieval --run runs/demo --shards 'eval-{000..003}.tar'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+KS = (1, 5, 10)
+
+
+def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks=KS) -> dict[str, float]:
+    """scores, positives: (queries, candidates). A query counts when a positive is in its top k."""
+    order = scores.argsort(dim=1, descending=True)
+    hits = positives.gather(1, order)  # (Q, C) positives in rank order
+    return {f"R@{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def retrieval_metrics(emb: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
+                      caption_item: torch.Tensor | None = None) -> dict[str, dict]:
+    """emb[m]: (N, E) normalised item embeddings; emb["text"]: (T, E) caption embeddings with
+    caption_item: (T,) the item of each caption (default: one caption per item).
+    present[m]: (N,) which items have modality m. -> {"text->image": {"R@1", "R@5", "R@10", "n"}, ...}"""
+    n_text = len(emb["text"]) if "text" in emb else 0
+    if caption_item is None:
+        caption_item = torch.arange(n_text)
+    media = [m for m in emb if m != "text"]
+    out = {}
+    for m in media:
+        items = present[m].nonzero().squeeze(1)  # candidate items that have m
+        if "text" in emb:
+            caps = present[m][caption_item].nonzero().squeeze(1)
+            pos = caption_item[caps][:, None] == items[None]  # (captions, items)
+            sim = emb["text"][caps] @ emb[m][items].t()
+            out[f"text->{m}"] = {**recall_at_k(sim, pos), "n": len(caps)}
+            out[f"{m}->text"] = {**recall_at_k(sim.t(), pos.t()), "n": len(items)}
+        for other in media:
+            if other != m:
+                both = (present[m] & present[other]).nonzero().squeeze(1)
+                sim = emb[m][both] @ emb[other][both].t()
+                out[f"{m}->{other}"] = {**recall_at_k(sim, torch.eye(len(both), dtype=torch.bool)),
+                                        "n": len(both)}
+    return out
+
+
+@torch.no_grad()
+def embed_batches(model, batches, device) -> tuple[dict, dict, list[str]]:
+    """Run the model's encoders over eval batches -> embeddings, presence masks, keys."""
+    was_training = model.training
+    model.eval()
+    emb, present, keys = {}, {}, []
+    for batch in batches:
+        batch = batch.to(device)
+        keys += batch.keys
+        parts = {"text": model.encode_text(batch.tokens, batch.lengths)}
+        for m in model.modalities:
+            has = batch.present[m]
+            vec = torch.zeros(len(batch), model.text_proj.out_features, device=device)
+            if has.any():
+                vec[has] = model.encode_media(m, batch.media[m][has])[1].float()
+            parts[m] = vec
+            present.setdefault(m, []).append(has.cpu())
+        for m, v in parts.items():
+            emb.setdefault(m, []).append(v.float().cpu())
+    model.train(was_training)
+    emb = {m: torch.cat(v) for m, v in emb.items()}
+    present = {m: torch.cat(v) for m, v in present.items()}
+    return emb, present, keys
+
+
+def evaluate(model, cfg, tokenizer, urls: list[str], device) -> dict[str, dict]:
+    from mmpretrain.data import eval_batches
+
+    emb, present, _ = embed_batches(model, eval_batches(urls, cfg, tokenizer), device)
+    return retrieval_metrics(emb, present)
+
+
+def format_table(results: dict[str, dict]) -> str:
+    lines = [f"{'direction':<16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'n':>7}{'chance@1':>10}"]
+    for name, r in results.items():
+        chance = 1 / max(1, r["n"])
+        lines.append(f"{name:<16}{r['R@1']:>8.3f}{r['R@5']:>8.3f}{r['R@10']:>8.3f}{r['n']:>7}{chance:>10.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import braceexpand
+
+    from mmpretrain.config import load_config
+    from mmpretrain.export import load_pretrained
+
+    p = argparse.ArgumentParser(prog="python -m mmpretrain.eval.retrieval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder (uses its export/)")
+    p.add_argument("--shards", default=None,
+                   help="shard pattern (brace expansion); default: the run's data.eval_sources")
+    p.add_argument("--out", default=None, help="JSON output (default: <run>/eval/retrieval.json)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    run = Path(args.run)
+    pretrained = load_pretrained(run / "export", device=args.device)
+    cfg = load_config(run / "config.yaml")
+    if args.shards:
+        urls = list(braceexpand.braceexpand(args.shards))
+        missing = [u for u in urls if not Path(u).exists()]
+        if missing:
+            print(f"error: shard not found: {missing[0]}", file=sys.stderr)
+            return 2
+    else:
+        from mmpretrain.data import resolve_sources
+
+        urls = resolve_sources(cfg.data, "eval")
+    results = evaluate(pretrained.model, cfg, pretrained.tokenizer, urls, args.device)
+    print(format_table(results))
+    out = Path(args.out) if args.out else run / "eval" / "retrieval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from mmpretrain.fusion.resampler import Resampler
+
+__all__ = ["Resampler"]

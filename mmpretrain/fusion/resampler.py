@@ -1,0 +1,38 @@
+"""Fusion: encoder tokens -> a fixed number of decoder-width tokens, plus a pooled embedding.
+
+Why a resampler and not a per-token projector: a projector passes every
+encoder token to the decoder, so a 224 px image costs 196+ decoder tokens and
+a video hundreds per frame, and the decoder's budget depends on media
+resolution and length. A resampler (learned latent queries cross-attending to
+the encoder tokens, as Flamingo's perceiver resampler) gives each media item a
+fixed, configurable number of tokens, which keeps packing budgets predictable
+and lets long video fit; the price is a bottleneck on fine detail, which
+`num_latents` trades off. The attention pooling is timm's `AttentionPoolLatent`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import AttentionPoolLatent
+
+from mmpretrain.config import FusionConfig
+
+
+class Resampler(nn.Module):
+    def __init__(self, in_width: int, out_width: int, cfg: FusionConfig):
+        super().__init__()
+        if in_width % cfg.heads:
+            raise ValueError(f"model.fusion: heads {cfg.heads} do not divide encoder width {in_width}")
+        self.pool = AttentionPoolLatent(in_width, num_heads=cfg.heads, latent_len=cfg.num_latents,
+                                        pool_type="")
+        self.to_decoder = nn.Linear(in_width, out_width)
+        self.modality_embed = nn.Parameter(torch.zeros(out_width))
+        self.embed_norm = nn.LayerNorm(in_width)
+        self.to_embedding = nn.Linear(in_width, cfg.embed_dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: (B, N, in_width) -> decoder tokens (B, K, out_width), embedding (B, embed_dim)."""
+        latents = self.pool(tokens)  # (B, K, in_width)
+        pooled = self.to_embedding(self.embed_norm(latents.mean(dim=1)))
+        return self.to_decoder(latents) + self.modality_embed, pooled

@@ -1,0 +1,59 @@
+"""Training objectives: symmetric InfoNCE between modality pairs, and next-token captioning."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mmpretrain.config import ObjectivesConfig
+from mmpretrain.model import ModelOutput
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over matching rows of (N, E) normalised features (open_clip's ClipLoss)."""
+    logits = logit_scale * a @ b.t()
+    labels = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All data-parallel ranks' rows, keeping gradients for the local ones (open_clip's gather)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dist_nn
+
+    return torch.cat(dist_nn.all_gather(x), dim=0)
+
+
+def contrastive_losses(out: ModelOutput, logit_scales, max_logit_scale: float) -> dict[str, torch.Tensor]:
+    """One loss per pair in `logit_scales` ("text-image", ...), over samples that have both sides."""
+    feats = {m: gather_with_grad(e) for m, e in out.embeddings.items()}
+    present = {m: gather_with_grad(p.float()).bool() for m, p in out.present.items()}
+    losses = {}
+    for pair, param in logit_scales.items():
+        a, b = pair.split("-")
+        both = present[a] & present[b]
+        if int(both.sum()) < 2:
+            continue  # no negatives: nothing to contrast
+        scale = param.clamp(max=math.log(max_logit_scale)).exp()
+        losses[f"contrastive/{pair}"] = clip_loss(feats[a][both], feats[b][both], scale)
+    return losses
+
+
+def next_token_loss(out: ModelOutput) -> torch.Tensor:
+    return F.cross_entropy(out.lm_logits.float(), out.lm_targets)
+
+
+def total_loss(out: ModelOutput, model, cfg: ObjectivesConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the objectives -> (loss, {term: value}) for logging."""
+    terms = contrastive_losses(out, model.logit_scale, cfg.max_logit_scale) if cfg.contrastive_weight else {}
+    loss = out.lm_logits.new_zeros(())
+    if terms:
+        loss = loss + cfg.contrastive_weight * sum(terms.values()) / len(terms)
+    if cfg.next_token_weight and len(out.lm_targets):
+        terms["next_token"] = next_token_loss(out)
+        loss = loss + cfg.next_token_weight * terms["next_token"]
+    return loss, {k: v.detach() for k, v in terms.items()}

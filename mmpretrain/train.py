@@ -1,0 +1,265 @@
+"""Pretraining entry point.
+
+    python -m mmpretrain.train configs/text_image_audio.yaml [key.path=value ...] [--print-config]
+    torchrun --nproc_per_node N -m mmpretrain.train configs/text_image_audio.yaml
+
+Reads like the data flow: config -> data -> model -> parallelize -> loop ->
+eval -> export. Everything a run writes goes under runs/<run.name>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mmpretrain import parallel
+from mmpretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_yaml
+from mmpretrain.data import BatchStream, resolve_sources
+from mmpretrain.encoders.text import Tokenizer
+from mmpretrain.eval.retrieval import evaluate, format_table
+from mmpretrain.export import export_model
+from mmpretrain.model import MultimodalModel
+from mmpretrain.objectives import total_loss
+from mmpretrain.plots import plot_curves
+
+log = logging.getLogger("mmpretrain")
+
+# parameters that never take weight decay besides biases and norms (all 1-D)
+NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "decoder.embed.weight", "latent", "modality_embed")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: parallel.DistEnv, device: torch.device):
+        self.cfg, self.env, self.device = cfg, env, device
+        self.run_dir = cfg.run_dir
+        self.tokenizer = Tokenizer(cfg.model.text)
+        self.train_urls = resolve_sources(cfg.data, "train")
+        self.eval_urls = resolve_sources(cfg.data, "eval")
+        self.stream = BatchStream(self.train_urls, cfg, self.tokenizer, cfg.train.batch_size)
+        torch.manual_seed(cfg.run.seed)
+        self.model = MultimodalModel(cfg.model, self.tokenizer.vocab_size, cfg.objectives.media_pairs,
+                                     cfg.objectives.init_temperature).to(device)
+        self.ddp = parallel.parallelize(self.model, env)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.train))
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.step = 0
+        self.nonfinite_skips = 0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step,
+                "data": self.stream.state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["data"])
+        self.step = state["step"]
+        set_rng_state(state["rng"])
+
+    def maybe_resume(self) -> None:
+        resume = self.cfg.train.resume
+        if resume == "none":
+            return
+        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        log.info("resumed from %s (step %d)", path, self.step)
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.env.is_main and metrics.exists():  # drop records the checkpoint does not cover
+            keep = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= self.step]
+            metrics.write_text("".join(l + "\n" for l in keep))
+
+    def save(self) -> None:
+        if self.env.is_main:
+            save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches -> logged values."""
+        cfg, obj = self.cfg.train, self.cfg.objectives
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(cfg.grad_accum):
+            batch = next(batches).to(self.device, non_blocking=True)
+            with self.autocast:
+                out = self.ddp(batch, obj.next_token_max_samples)
+                loss, terms = total_loss(out, self.model, obj)
+            if not torch.isfinite(loss):
+                bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+                if cfg.nan_policy == "stop":
+                    raise FloatingPointError(f"non-finite loss at step {self.step + 1} in {', '.join(bad)}: "
+                                             f"{ {k: float(v) for k, v in terms.items()} }")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_skips += 1
+                log.warning("step %d: non-finite loss in %s, skipped", self.step + 1, ", ".join(bad))
+                return {}
+            (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": loss.detach(), **terms}.items():
+                sums[k] = sums.get(k, 0) + v / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {k: float(parallel.all_reduce_mean(v.float())) for k, v in sums.items()}
+
+    def evaluate(self) -> dict:
+        results = evaluate(self.model, self.cfg, self.tokenizer, self.eval_urls, self.device)
+        if self.env.is_main:
+            with open(self.run_dir / "eval" / "history.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **results}) + "\n")
+        return results
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        cfg = self.cfg.train
+        (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        self.maybe_resume()
+        samples_per_step = cfg.batch_size * cfg.grad_accum * self.env.world_size
+        batches = iter(self.stream)
+        bar = _progress(cfg, self.step, self.env.is_main)
+        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.env.is_main else None
+        t_last, step_last = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            values = self.train_step(batches)
+            self.step += 1
+            bar.update(1)
+            if values and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                now = time.perf_counter()
+                rate = samples_per_step * (self.step - step_last) / (now - t_last)
+                t_last, step_last = now, self.step
+                record = {"step": self.step, **values, "lr": self.scheduler.get_last_lr()[0],
+                          "samples_per_s": rate, "skipped_samples": dict(self.stream.skipped)}
+                bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{rate:.0f}")
+                if metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                r = self.evaluate()
+                bar.write(f"step {self.step}: " + "  ".join(f"{k} R@1={v['R@1']:.2f}" for k, v in r.items()))
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        if metrics:
+            metrics.close()
+        self.save()
+        if self.stream.skipped:
+            log.warning("bad samples skipped: %s", dict(self.stream.skipped))
+        return self.evaluate()
+
+
+def _progress(cfg: TrainConfig, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                disable=not (enabled and cfg.progress), file=sys.stdout)
+
+
+def run(cfg: Config) -> dict:
+    """Train, evaluate and export one run; returns the final retrieval results."""
+    device = resolve_device(cfg.train.device)
+    env = parallel.init_distributed(device.type)
+    if env.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    random.seed(cfg.run.seed + env.rank)
+    run_dir = cfg.run_dir
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log.info("run folder %s", run_dir)
+    try:
+        trainer = Trainer(cfg, env, device)
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        log.info("model: %.1fM parameters, modalities %s, device %s, %d process(es)",
+                 n_params / 1e6, cfg.model.modalities, device, env.world_size)
+        results = trainer.fit()
+        if env.is_main:
+            (run_dir / "eval" / "retrieval.json").write_text(json.dumps(results, indent=1))
+            export_model(trainer.model, cfg, run_dir / "export")
+            plot_curves(run_dir)
+            print("\nheld-out zero-shot retrieval (" + str(len(trainer.eval_urls)) + " eval shard(s)):")
+            print(format_table(results))
+            print(f"\nwrote {run_dir}/: config.yaml metrics.jsonl checkpoints/ eval/retrieval.json "
+                  f"export/ curves.png")
+        return results
+    finally:
+        parallel.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmpretrain.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML config file (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
