@@ -44,7 +44,8 @@ def contrastive_losses(out: ModelOutput, logit_scales, max_logit_scale: float) -
 
 
 def next_token_loss(out: ModelOutput) -> torch.Tensor:
-    return F.cross_entropy(out.lm_logits.float(), out.lm_targets)
+    logits = out.lm_logits  # at least fp32 for the vocabulary-wide softmax under bf16 autocast
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), out.lm_targets)
 
 
 def total_loss(out: ModelOutput, model, cfg: ObjectivesConfig) -> tuple[torch.Tensor, dict[str, float]]:

@@ -24,7 +24,7 @@ def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks=KS) -> dict[st
     """scores, positives: (queries, candidates). A query counts when a positive is in its top k."""
     order = scores.argsort(dim=1, descending=True)
     hits = positives.gather(1, order)  # (Q, C) positives in rank order
-    return {f"R@{k}": hits[:, :k].any(dim=1).float().mean().item() for k in ks}
+    return {f"R@{k}": hits[:, :k].any(dim=1).double().mean().item() for k in ks}
 
 
 def retrieval_metrics(emb: dict[str, torch.Tensor], present: dict[str, torch.Tensor],

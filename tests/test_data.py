@@ -1,0 +1,148 @@
+import io
+import tarfile
+
+import torch
+import webdataset as wds
+
+from mmpretrain.data import BatchStream, eval_batches, resolve_sources
+from mmpretrain.data.demo import EVAL_CONCEPTS, demo_corpus, split_concepts
+from mmpretrain.encoders.text import Tokenizer
+
+from conftest import flac_bytes, png_bytes, sample_dict
+
+
+def write_shardwriter(folder, samples, maxcount=8):
+    with wds.ShardWriter(str(folder / "sw-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
+        for s in samples:
+            sink.write(s)
+    n = (len(samples) + maxcount - 1) // maxcount
+    return str(folder / f"sw-{{000000..{n - 1:06d}}}.tar")
+
+
+def write_tarfile(path, members: list[tuple[str, bytes]]):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def all_eval(cfg, pattern):
+    cfg.data.eval_sources = [pattern]
+    tok = Tokenizer(cfg.model.text)
+    return list(eval_batches(resolve_sources(cfg.data, "eval"), cfg, tok, batch_size=4))
+
+
+def test_reads_shardwriter_shards(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    samples = [sample_dict(i) for i in range(10)]
+    batches = all_eval(cfg, write_shardwriter(tmp_path, samples, maxcount=4))  # 3 shards via braces
+    assert [len(b) for b in batches] == [4, 4, 2]
+    b = batches[0]
+    assert b.media["image"].shape == (4, 3, 16, 16) and b.media["audio"].shape == (4, 8000)
+    assert b.present["image"].all() and b.present["audio"].all()
+    assert b.tokens[0, 0] == 49406 and b.lengths[0] == (b.tokens[0] != 0).sum()
+    assert sorted(k for b in batches for k in b.keys) == sorted(s["__key__"] for s in samples)
+
+
+def test_reads_plain_tarfile_with_partial_modalities(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    path = write_tarfile(tmp_path / "plain.tar", [
+        ("a.txt", b"a red circle"), ("a.png", png_bytes()), ("a.wav", flac_bytes()),  # .wav key, flac bytes
+        ("b.txt", b"only an image"), ("b.jpg", png_bytes(20, 12)),
+        ("c.txt", b"only a sound"), ("c.flac", flac_bytes(2.0, 8000)),  # resampled, cropped
+    ])
+    (b,) = all_eval(cfg, path)
+    assert b.keys == ["a", "b", "c"]
+    assert b.present["image"].tolist() == [True, True, False]
+    assert b.present["audio"].tolist() == [True, False, True]
+    assert b.media["audio"].shape == (3, 8000)
+    assert torch.count_nonzero(b.media["image"][2]) == 0  # absent media are zeros
+
+
+def test_bad_samples_are_skipped_and_counted(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    good = sample_dict(0)
+    path = write_tarfile(tmp_path / "bad.tar", [
+        ("g.txt", good["txt"].encode()), ("g.png", good["png"]), ("g.flac", good["flac"]),
+        ("x.txt", b"broken image"), ("x.png", b"not a png at all"),
+        ("y.png", good["png"]),  # no caption
+        ("z.txt", b"broken audio"), ("z.flac", b"RIFF....garbage"),
+        ("e.txt", b"   "), ("e.png", good["png"]),  # empty caption
+        ("n.txt", b"caption with no media"),
+        ("p.pyd", b"\x80\x04pickled"), ("p.txt", b"pickle is ignored"), ("p.png", good["png"]),
+    ])
+    batches = all_eval(cfg, path)
+    keys = [k for b in batches for k in b.keys]
+    assert keys == ["g", "p"]
+    skipped = {}
+    for b in batches:
+        for k, v in b.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+    assert skipped == {"bad_image": 1, "missing_text": 1, "bad_audio": 1, "empty_text": 1, "no_media": 1}
+
+
+def test_truncated_tar_does_not_stop_the_stream(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    good = write_shardwriter(tmp_path, [sample_dict(i) for i in range(6)], maxcount=6)
+    data = (tmp_path / "sw-000000.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    cfg.data.eval_sources = [str(tmp_path / "cut.tar"), good]
+    tok = Tokenizer(cfg.model.text)
+    batches = list(eval_batches(resolve_sources(cfg.data, "eval"), cfg, tok, batch_size=64))
+    keys = [k for b in batches for k in b.keys]
+    assert keys[-6:] == [f"s{i:05d}" for i in range(6)]  # the good shard is read in full
+    assert sum(b.skipped.get("bad_tar", 0) for b in batches) >= 1
+
+
+def test_image_pixel_limit(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("model.image.max_pixels=100")
+    path = write_tarfile(tmp_path / "big.tar", [("a.txt", b"big"), ("a.png", png_bytes(20, 20)),
+                                                ("b.txt", b"small"), ("b.png", png_bytes(10, 10))])
+    (batch,) = all_eval(cfg, path)
+    assert batch.keys == ["b"] and batch.skipped == {"image_too_large": 1}
+
+
+def test_stream_is_deterministic_and_resumes_exactly(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.batch_size=8")
+    pattern = write_shardwriter(tmp_path, [sample_dict(i, shape=s) for i, s in
+                                           enumerate(["circle", "square", "ring"] * 12)], maxcount=10)
+    cfg.data.sources = [pattern]
+    tok = Tokenizer(cfg.model.text)
+    urls = resolve_sources(cfg.data, "train")
+    first = iter(BatchStream(urls, cfg, tok, 8))
+    seq = [next(first) for _ in range(10)]  # 4 batches per epoch: crosses epochs
+    again = iter(BatchStream(urls, cfg, tok, 8))
+    assert all(a.keys == b.keys and torch.equal(a.media["image"], b.media["image"])
+               for a, b in zip(seq, (next(again) for _ in range(10))))
+    assert seq[0].keys != seq[4].keys  # a new epoch reshuffles
+    stream = BatchStream(urls, cfg, tok, 8)
+    it = iter(stream)
+    for _ in range(6):
+        next(it)
+    state = stream.state_dict()
+    resumed = BatchStream(urls, cfg, tok, 8)
+    resumed.load_state_dict(state)
+    rest = iter(resumed)
+    for expected in seq[6:]:
+        got = next(rest)
+        assert got.keys == expected.keys
+        assert torch.equal(got.media["audio"], expected.media["audio"])
+
+
+def test_demo_corpus_is_zero_shot(demo_cache):
+    seen, held = split_concepts(0)
+    assert len(held) == EVAL_CONCEPTS >= 100
+    assert not set(seen) & set(held)
+    assert len({c.caption for c in held}) == len(held)  # distinct captions
+    for attr in ("colour", "shape", "place"):  # every attribute value is learnable from train
+        assert {getattr(c, attr) for c in held} <= {getattr(c, attr) for c in seen}
+    paths = demo_corpus(demo_cache, variants_per_concept=1)
+    assert demo_corpus(demo_cache, variants_per_concept=1) == paths  # cached, not regenerated
+    captions = []
+    for url in __import__("braceexpand").braceexpand(paths["eval"]):
+        for s in wds.WebDataset(url, shardshuffle=False):
+            captions.append(s["txt"].decode())
+            assert {"png", "flac", "txt", "json"} <= set(s)
+    assert sorted(captions) == sorted(c.caption for c in held)

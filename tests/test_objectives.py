@@ -1,0 +1,62 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from open_clip.loss import ClipLoss
+
+from mmpretrain.model import ModelOutput
+from mmpretrain.objectives import clip_loss, contrastive_losses, total_loss
+from mmpretrain.config import ObjectivesConfig
+
+
+def unit(n, d=16):
+    return nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1)
+
+
+@pytest.mark.parametrize("n,scale", [(2, 1.0), (8, 14.3), (33, 100.0)])
+def test_clip_loss_equals_open_clip(n, scale):
+    a, b = unit(n), unit(n)
+    s = torch.tensor(scale, dtype=torch.float64)
+    torch.testing.assert_close(clip_loss(a, b, s), ClipLoss()(a, b, s))
+
+
+def _out(n, present):
+    emb = {m: unit(n) for m in ("text", "image", "audio")}
+    return ModelOutput(emb, present, torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
+
+
+def test_partly_paired_batch_uses_only_samples_with_both_sides():
+    n = 6
+    present = {"text": torch.ones(n, dtype=torch.bool),
+               "image": torch.tensor([1, 1, 1, 0, 0, 1], dtype=torch.bool),
+               "audio": torch.tensor([0, 0, 1, 1, 1, 0], dtype=torch.bool)}
+    out = _out(n, present)
+    scales = nn.ParameterDict({p: nn.Parameter(torch.tensor(math.log(10.0), dtype=torch.float64))
+                               for p in ("text-image", "text-audio", "image-audio")})
+    losses = contrastive_losses(out, scales, 100.0)
+    assert set(losses) == {"contrastive/text-image", "contrastive/text-audio"}  # image-audio: 1 sample
+    im = present["image"]
+    torch.testing.assert_close(losses["contrastive/text-image"],
+                               ClipLoss()(out.embeddings["text"][im], out.embeddings["image"][im],
+                                          torch.tensor(10.0, dtype=torch.float64)))
+
+
+def test_logit_scale_is_clamped():
+    out = _out(4, {m: torch.ones(4, dtype=torch.bool) for m in ("text", "image", "audio")})
+    scales = nn.ParameterDict({"text-image": nn.Parameter(torch.tensor(10.0, dtype=torch.float64))})
+    loss = contrastive_losses(out, scales, 100.0)["contrastive/text-image"]
+    ref = ClipLoss()(out.embeddings["text"], out.embeddings["image"], torch.tensor(100.0, dtype=torch.float64))
+    torch.testing.assert_close(loss, ref)
+
+
+def test_total_loss_weights_terms():
+    out = _out(4, {m: torch.ones(4, dtype=torch.bool) for m in ("text", "image", "audio")})
+    out.lm_logits = torch.randn(5, 7, dtype=torch.float64)
+    out.lm_targets = torch.tensor([1, 2, 3, 4, 5])
+    model = nn.Module()
+    model.logit_scale = nn.ParameterDict({"text-image": nn.Parameter(torch.tensor(2.0, dtype=torch.float64))})
+    loss, terms = total_loss(out, model, ObjectivesConfig(contrastive_weight=2.0, next_token_weight=0.5))
+    expected = 2.0 * terms["contrastive/text-image"] + 0.5 * terms["next_token"]
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(terms["next_token"], nn.functional.cross_entropy(out.lm_logits, out.lm_targets))

@@ -1,0 +1,111 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mmpretrain
+from mmpretrain import train
+from mmpretrain.checkpoint import checkpoint_dirs, latest_checkpoint
+
+from conftest import ROOT
+
+
+def read_metrics(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_run_through_the_real_entry_point(demo_cache, tmp_path):
+    """`python -m mmpretrain.train` for 3 steps, then the eval script and load_pretrained on its output."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
+           f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "run.name=smoke"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "text->image" in proc.stdout and "text->audio" in proc.stdout
+    run = runs / "smoke"
+    for name in ("config.yaml", "metrics.jsonl", "eval/retrieval.json", "curves.png",
+                 "export/model.safetensors", "export/image/model.safetensors", "export/text/config.json"):
+        assert (run / name).exists(), name
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for key in ("loss", "lr", "samples_per_s", "next_token", "contrastive/text-image", "contrastive/text-audio"):
+        assert key in metrics[0], key
+    results = json.loads((run / "eval" / "retrieval.json").read_text())
+    assert {"text->image", "image->text", "text->audio", "audio->text"} <= set(results)
+    assert set(results["text->image"]) == {"R@1", "R@5", "R@10", "n"} and results["text->image"]["n"] == 100
+    assert latest_checkpoint(run).name == "step_00000003"
+
+    out = tmp_path / "again.json"
+    proc = subprocess.run([sys.executable, "-m", "mmpretrain.eval.retrieval", "--run", str(run),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "text->audio" in proc.stdout
+    assert json.loads(out.read_text()) == results  # the export reproduces the end-of-run eval
+
+
+def test_load_pretrained_and_single_encoders(tiny_cfg):
+    cfg = tiny_cfg("train.steps=1", "run.name=export")
+    train.run(cfg)
+    export = cfg.run_dir / "export"
+    model = mmpretrain.load_pretrained(export)
+    from PIL import Image
+    img = Image.new("RGB", (40, 30), (255, 0, 0))
+    e_img = model.encode_image([img, img])
+    e_txt = model.encode_text(["a red circle in the centre", "a blue ring"])
+    e_aud = model.encode_audio(torch.randn(2, 44100), sample_rate=44100)
+    for e in (e_img, e_txt, e_aud):
+        assert e.shape == (2, cfg.model.fusion.embed_dim)
+        torch.testing.assert_close(e.norm(dim=-1), torch.ones(2))
+    image_tower = mmpretrain.load_encoder(export / "image")
+    with torch.no_grad():
+        alone = image_tower(image_tower.preprocess(img)[None])[1]
+    torch.testing.assert_close(alone[0], e_img[0])
+    text_only = mmpretrain.load_encoder(export / "text")
+    torch.testing.assert_close(text_only.encode_text(["a blue ring"])[0], e_txt[1])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_is_exact(tiny_cfg, monkeypatch):
+    steps = ["train.steps=5", "train.checkpoint_every=2", "train.keep_checkpoints=1"]
+    full = tiny_cfg(*steps, "run.name=full")
+    train.run(full)
+    reference = [m["loss"] for m in read_metrics(full.run_dir)]
+
+    cut = tiny_cfg(*steps, "run.name=cut")
+    original = train.Trainer.train_step
+
+    def crash_after_three(self, batches):
+        if self.step == 3:
+            raise Interrupt
+        return original(self, batches)
+
+    monkeypatch.setattr(train.Trainer, "train_step", crash_after_three)
+    with pytest.raises(Interrupt):
+        train.run(cut)
+    monkeypatch.setattr(train.Trainer, "train_step", original)
+    assert [p.name for p in checkpoint_dirs(cut.run_dir)] == ["step_00000002"]
+    assert [m["step"] for m in read_metrics(cut.run_dir)] == [1, 2, 3]
+
+    train.run(cut)  # resume=auto picks step 2; step 3 is redone
+    resumed = read_metrics(cut.run_dir)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    assert [m["loss"] for m in resumed] == reference  # bitwise, not approximately
+
+
+def test_nonfinite_loss_stops_with_step_and_term(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg("run.name=nan")
+    real = train.total_loss
+
+    def poisoned(out, model, obj):
+        loss, terms = real(out, model, obj)
+        terms["next_token"] = terms["next_token"] * float("nan")
+        return loss * float("nan"), terms
+
+    monkeypatch.setattr(train, "total_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 in next_token"):
+        train.run(cfg)
