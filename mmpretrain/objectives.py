@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from mmpretrain.config import ObjectivesConfig
@@ -58,3 +59,15 @@ def total_loss(out: ModelOutput, model, cfg: ObjectivesConfig) -> tuple[torch.Te
         terms["next_token"] = next_token_loss(out)
         loss = loss + cfg.next_token_weight * terms["next_token"]
     return loss, {k: v.detach() for k, v in terms.items()}
+
+
+class PretrainingLoss(nn.Module):
+    """Model + objectives as one module, so that a data-parallel wrapper sees every parameter
+    (the temperatures included) used inside its forward."""
+
+    def __init__(self, model: nn.Module, cfg: ObjectivesConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return total_loss(self.model(batch, self.cfg.next_token_max_samples), self.model, self.cfg)

@@ -28,7 +28,7 @@ from mmpretrain.encoders.text import Tokenizer
 from mmpretrain.eval.retrieval import evaluate, format_table
 from mmpretrain.export import export_model
 from mmpretrain.model import MultimodalModel
-from mmpretrain.objectives import total_loss
+from mmpretrain.objectives import PretrainingLoss
 from mmpretrain.plots import plot_curves
 
 log = logging.getLogger("mmpretrain")
@@ -88,7 +88,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.model = MultimodalModel(cfg.model, self.tokenizer.vocab_size, cfg.objectives.media_pairs,
                                      cfg.objectives.init_temperature).to(device)
-        self.ddp = parallel.parallelize(self.model, env)
+        self.loss = parallel.parallelize(PretrainingLoss(self.model, cfg.objectives), env)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.train))
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
@@ -131,13 +131,12 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches -> logged values."""
-        cfg, obj = self.cfg.train, self.cfg.objectives
+        cfg = self.cfg.train
         sums: dict[str, torch.Tensor] = {}
         for _ in range(cfg.grad_accum):
             batch = next(batches).to(self.device, non_blocking=True)
             with self.autocast:
-                out = self.ddp(batch, obj.next_token_max_samples)
-                loss, terms = total_loss(out, self.model, obj)
+                loss, terms = self.loss(batch)
             if not torch.isfinite(loss):
                 bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
                 if cfg.nan_policy == "stop":

@@ -78,7 +78,7 @@ def test_auto_falls_back_to_sdpa_on_cpu():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (xformers kernels); "
-                    "benchmarks/attention_parity_gpu.py runs the same check on a lent GPU")
+                    "benchmarks/attention_gpu.py runs the same check on a lent GPU")
 def test_xformers_equals_sdpa_on_cuda():
     if not xformers_status("cuda")[0]:
         pytest.skip(xformers_status("cuda")[1])

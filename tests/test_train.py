@@ -99,13 +99,14 @@ def test_resume_is_exact(tiny_cfg, monkeypatch):
 
 def test_nonfinite_loss_stops_with_step_and_term(tiny_cfg, monkeypatch):
     cfg = tiny_cfg("run.name=nan")
-    real = train.total_loss
+    from mmpretrain import objectives
+    real = objectives.total_loss
 
     def poisoned(out, model, obj):
         loss, terms = real(out, model, obj)
         terms["next_token"] = terms["next_token"] * float("nan")
         return loss * float("nan"), terms
 
-    monkeypatch.setattr(train, "total_loss", poisoned)
+    monkeypatch.setattr(objectives, "total_loss", poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 in next_token"):
         train.run(cfg)

@@ -14,6 +14,7 @@ attached to the next batch as `Batch.skipped`.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import random
 from pathlib import Path
@@ -105,15 +106,19 @@ class _EpochDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         seed, data = self.cfg.run.seed, self.cfg.data
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rank, world = _rank_world() if self.train else (0, 1)  # every rank evaluates everything
+        part, parts = rank * workers + worker, world * workers
         skips = SkipCounter(data.max_bad_sample_logs)
         decoder = SampleDecoder(self.cfg, self.train)
         urls = list(self.urls)
         if self.train:
             random.Random(f"shards-{seed}-{self.epoch}").shuffle(urls)
-        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
-                  wds.tarfile_to_samples(handler=lambda e: skips("bad_tar", repr(e)))]
+        read = wds.tarfile_to_samples(handler=lambda e: skips("bad_tar", repr(e)))
+        if len(urls) >= parts:  # each rank/worker reads its own shards
+            stages = [wds.SimpleShardList(urls[part::parts]), read]
+        else:  # fewer shards than readers: all read everything and keep every parts-th sample
+            stages = [wds.SimpleShardList(urls), read, lambda src: itertools.islice(src, part, None, parts)]
         if self.train and data.shuffle_buffer > 1:
             rng = random.Random(f"samples-{seed}-{self.epoch}-{rank}-{worker}")
             stages.append(wds.shuffle(data.shuffle_buffer, min(100, data.shuffle_buffer), rng=rng))
@@ -135,6 +140,12 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         batch = collate(samples, decoder.modalities, self.tokenizer, decoder.media_shapes())
         batch.skipped = skips.take()
         return batch
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _loader(dataset, num_workers: int):
