@@ -8,13 +8,18 @@ sequences. Kernels:
 - "xformers": `memory_efficient_attention` with a `BlockDiagonalCausalMask`,
   used where its CUDA kernels load (xformers 0.0.35 builds them for
   torch 2.10.0 only; elsewhere its ops report "not built").
+- "varlen": PyTorch's `torch.nn.attention.varlen.varlen_attn` (flash, CUDA only,
+  cumulative lengths; causal is `window_size=(-1, 0)`).
 - "sdpa": PyTorch `scaled_dot_product_attention`. One sequence runs with
   `is_causal=True` (flash/cuDNN on GPU); several are scattered into a padded
   (N, L_max) batch with a causal+padding mask, so memory is O(N * L_max^2), not
   O(T^2) as a single block-diagonal mask over the whole row would be.
 
-`auto` takes xformers where it works, else SDPA, and logs once which kernel
-runs and why. Tests force each path with the `backend` argument.
+`auto` picks by measurement (DESIGN.md; `benchmarks/attention_gpu.py` re-measures):
+one sequence per row goes to SDPA `is_causal` (cuDNN, the fastest measured);
+packed rows go to xformers where its kernels load, else `varlen_attn` on CUDA,
+else SDPA's padded path. It logs once which kernel runs and why. Tests force
+each path with the `backend` argument.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "xformers", "sdpa")
+BACKENDS = ("auto", "xformers", "varlen", "sdpa")
 
 
 @dataclass
@@ -85,6 +91,27 @@ def _xformers_packed(q, k, v, packing: Packing) -> torch.Tensor:
     return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
 
 
+def _varlen_packed(q, k, v, packing: Packing) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = packing.cu_seqlens.to(torch.int32)
+    return varlen_attn(q, k, v, cu, cu, packing.max_len, packing.max_len, window_size=(-1, 0))
+
+
+KERNELS = {"xformers": _xformers_packed, "varlen": _varlen_packed, "sdpa": _sdpa_packed}
+
+
+@functools.cache
+def varlen_status(device_type: str) -> tuple[bool, str]:
+    if device_type != "cuda":
+        return False, "varlen_attn is CUDA-only"
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        return True, "torch varlen_attn available"
+    except ImportError as e:
+        return False, f"varlen_attn unavailable ({e})"
+
+
 @functools.cache
 def xformers_status(device_type: str) -> tuple[bool, str]:
     """(usable, why): whether xformers' memory-efficient kernels run on this device."""
@@ -102,18 +129,39 @@ def xformers_status(device_type: str) -> tuple[bool, str]:
 
 @functools.cache
 def resolve_backend(requested: str, device_type: str) -> str:
+    """The kernel for packed rows on this device type (logged once per choice)."""
     if requested not in BACKENDS:
         raise ValueError(f"attention backend {requested!r}: expected one of {BACKENDS}")
-    ok, why = xformers_status(device_type)
-    if requested == "xformers" and not ok:
-        raise RuntimeError(f"attention backend 'xformers' was requested but {why}")
-    chosen = "xformers" if requested == "xformers" or (requested == "auto" and ok) else "sdpa"
-    reason = why if requested == "auto" else "requested in the config"
-    log.info("attention kernel: %s on %s (%s)", chosen, device_type, reason)
+    status = {"xformers": xformers_status(device_type), "varlen": varlen_status(device_type),
+              "sdpa": (True, "PyTorch SDPA")}
+    if requested != "auto":
+        ok, why = status[requested]
+        if not ok:
+            raise RuntimeError(f"attention backend {requested!r} was requested but {why}")
+        log.info("attention kernel: %s on %s (requested in the config)", requested, device_type)
+        return requested
+    chosen = next(k for k in ("xformers", "varlen", "sdpa") if status[k][0])
+    skipped = "; ".join(status[k][1] for k in ("xformers", "varlen") if not status[k][0])
+    log.info("attention kernel: %s on %s for packed rows, SDPA is_causal for single sequences%s",
+             chosen, device_type, f" ({skipped})" if skipped else "")
     return chosen
 
 
 def packed_causal_attention(q, k, v, packing: Packing, backend: str = "auto") -> torch.Tensor:
     """Causal attention within each packed sequence. q, k, v: (T, H, D) -> (T, H, D)."""
     kernel = resolve_backend(backend, q.device.type)
-    return (_xformers_packed if kernel == "xformers" else _sdpa_packed)(q, k, v, packing)
+    if backend == "auto" and packing.num_seqs == 1:
+        kernel = "sdpa"
+    return KERNELS[kernel](q, k, v, packing)
+
+
+class PackedAttention(nn.Module):
+    """The decoder's attention kernel as a module, so that parallelism (e.g. Ulysses
+    sequence parallelism) can wrap it from outside without touching model code."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, q, k, v, packing: Packing) -> torch.Tensor:
+        return packed_causal_attention(q, k, v, packing, self.backend)

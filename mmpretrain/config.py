@@ -116,8 +116,9 @@ class DecoderConfig:
 
 @dataclass
 class AttentionConfig:
-    # auto: xformers where its CUDA kernels load, else PyTorch SDPA.
-    backend: Literal["auto", "xformers", "sdpa"] = "auto"
+    # auto: SDPA is_causal for one sequence per row; packed rows: xformers where its CUDA
+    # kernels load, else torch varlen_attn on CUDA, else SDPA with a padded batch.
+    backend: Literal["auto", "xformers", "varlen", "sdpa"] = "auto"
 
 
 @dataclass
@@ -129,6 +130,14 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+
+@dataclass
+class ParallelConfig:
+    """Applied to the built model from outside (mmpretrain/parallel/)."""
+
+    sp: int = _check(1, default=1)  # Ulysses sequence-parallel group size (divides heads and world)
+    activation_checkpointing: Literal["none", "full"] = "none"  # recompute each decoder block
 
 
 @dataclass
@@ -171,6 +180,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property

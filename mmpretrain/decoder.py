@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmpretrain.attention import Packing, packed_causal_attention
+from mmpretrain.attention import PackedAttention, Packing
 from mmpretrain.config import DecoderConfig
 
 
@@ -35,10 +35,11 @@ class SwiGLU(nn.Module):
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: DecoderConfig, backend: str):
         super().__init__()
-        self.heads, self.backend = cfg.heads, backend
+        self.heads = cfg.heads
         hidden = 8 * round(cfg.mlp_ratio * cfg.width / 8)
         self.attn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
+        self.attention = PackedAttention(backend)
         self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
         self.mlp_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.width, hidden)
@@ -47,7 +48,7 @@ class DecoderBlock(nn.Module):
         t, c = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(t, 3, self.heads, c // self.heads).unbind(1)
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)  # (T, H, D) each
-        x = x + self.proj(packed_causal_attention(q, k, v, packing, self.backend).reshape(t, c))
+        x = x + self.proj(self.attention(q, k, v, packing).reshape(t, c))
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -22,11 +21,14 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> to
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All data-parallel ranks' rows, keeping gradients for the local ones (open_clip's gather)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    from mmpretrain.parallel import data_parallel
+
+    _, size, group = data_parallel()
+    if size == 1:
         return x
     import torch.distributed.nn.functional as dist_nn
 
-    return torch.cat(dist_nn.all_gather(x), dim=0)
+    return torch.cat(dist_nn.all_gather(x, group=group), dim=0)
 
 
 def contrastive_losses(out: ModelOutput, logit_scales, max_logit_scale: float) -> dict[str, torch.Tensor]:

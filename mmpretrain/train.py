@@ -88,7 +88,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.model = MultimodalModel(cfg.model, self.tokenizer.vocab_size, cfg.objectives.media_pairs,
                                      cfg.objectives.init_temperature).to(device)
-        self.loss = parallel.parallelize(PretrainingLoss(self.model, cfg.objectives), env)
+        self.loss = parallel.parallelize(self.model, PretrainingLoss(self.model, cfg.objectives), env,
+                                         cfg.parallel)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.train))
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
@@ -168,7 +169,7 @@ class Trainer:
         cfg = self.cfg.train
         (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
-        samples_per_step = cfg.batch_size * cfg.grad_accum * self.env.world_size
+        samples_per_step = cfg.batch_size * cfg.grad_accum * (self.env.world_size // self.env.sp)
         batches = iter(self.stream)
         bar = _progress(cfg, self.step, self.env.is_main)
         metrics = open(self.run_dir / "metrics.jsonl", "a") if self.env.is_main else None
@@ -204,14 +205,16 @@ class Trainer:
 def _progress(cfg: TrainConfig, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
+    # redraw often on a terminal, rarely into a log file
     return tqdm(total=cfg.steps, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                disable=not (enabled and cfg.progress), file=sys.stdout)
+                disable=not (enabled and cfg.progress), file=sys.stdout,
+                mininterval=0.5 if sys.stdout.isatty() else 30)
 
 
 def run(cfg: Config) -> dict:
     """Train, evaluate and export one run; returns the final retrieval results."""
     device = resolve_device(cfg.train.device)
-    env = parallel.init_distributed(device.type)
+    env = parallel.init_distributed(device.type, cfg.parallel)
     if env.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     random.seed(cfg.run.seed + env.rank)

@@ -74,6 +74,18 @@ def test_auto_falls_back_to_sdpa_on_cpu():
     assert resolve_backend("auto", "cpu") == "sdpa"
     with pytest.raises(RuntimeError, match="'xformers' was requested but xformers has no CPU kernels"):
         resolve_backend("xformers", "cpu")
+    with pytest.raises(RuntimeError, match="'varlen' was requested but varlen_attn is CUDA-only"):
+        resolve_backend("varlen", "cpu")
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+@pytest.mark.parametrize("lengths", [[37], [5, 1, 30, 2]])
+def test_every_cpu_path_matches_float64_reference(backend, lengths):
+    """float32 kernels against the float64 per-sequence definition."""
+    q, k, v = (torch.randn(sum(lengths), 4, 16, dtype=torch.float64) for _ in range(3))
+    ref = per_sequence_reference(q, k, v, lengths)
+    out = packed_causal_attention(q.float(), k.float(), v.float(), Packing.from_lengths(lengths), backend)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.cuda

@@ -1,18 +1,21 @@
 """Two CPU processes with gloo: data-parallel training and the contrastive gather."""
 
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from mmpretrain.objectives import contrastive_losses
-from mmpretrain.model import ModelOutput
+from mmpretrain import parallel
+from mmpretrain.config import ParallelConfig, load_config
+from mmpretrain.model import ModelOutput, MultimodalModel
+from mmpretrain.objectives import PretrainingLoss, contrastive_losses
 
 from conftest import ROOT
 
@@ -23,9 +26,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _join(rank, world, port, sp=1):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    return parallel.init_distributed("cpu", ParallelConfig(sp=sp))
+
+
+def _run_workers(target, *args, world=2):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = sorted((torch.load(io.BytesIO(queue.get(timeout=240))) for _ in procs), key=lambda r: r[0])
+    for p in procs:
+        p.join(timeout=60)
+    return results
+
+
+def _send(queue, *result):
+    """Tensors as bytes: shared-memory handles die with the worker that made them."""
+    buf = io.BytesIO()
+    torch.save(result, buf)
+    queue.put(buf.getvalue())
+
+
 def _gather_worker(rank, world, port, feats, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world, port)
     n = len(feats["text"]) // world
     local = {m: f[rank * n:(rank + 1) * n].clone().requires_grad_() for m, f in feats.items()}
     present = {m: torch.ones(n, dtype=torch.bool) for m in local}
@@ -33,8 +62,8 @@ def _gather_worker(rank, world, port, feats, queue):
     loss = contrastive_losses(ModelOutput(local, present, None, None), scales, 100.0)["contrastive/text-image"]
     loss.backward()
     # DDP averages gradients over ranks; the sum over ranks of grad/world is the full-batch gradient
-    queue.put((rank, loss.item(), {m: t.grad for m, t in local.items()}))
-    dist.destroy_process_group()
+    _send(queue, rank, loss.item(), {m: t.grad for m, t in local.items()})
+    parallel.cleanup()
 
 
 def test_contrastive_gather_equals_single_process():
@@ -47,15 +76,7 @@ def test_contrastive_gather_equals_single_process():
     ref = contrastive_losses(ModelOutput(full, present, None, None), scales, 100.0)["contrastive/text-image"]
     ref.backward()
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_gather_worker, args=(r, 2, port, feats, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    results = _run_workers(_gather_worker, feats)
     for _, loss, _ in results:
         assert abs(loss - ref.item()) < 1e-12  # every rank computes the loss of the global batch
     # The gather's backward sums every rank's (identical) loss gradient, so local rows carry
@@ -77,3 +98,48 @@ def test_torchrun_two_processes(demo_cache, tmp_path):
     assert [m["step"] for m in metrics] == [1, 2]
     assert "2 process(es)" in proc.stderr
     assert json.loads((runs / "ddp" / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
+
+
+SP_CFG = ["model.decoder.heads=4", "model.decoder.width=32", "model.decoder.layers=2",
+          "objectives.next_token_max_samples=0"]
+
+
+def _sp_setup(ckpt="none"):
+    from test_model import synthetic_batch
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", SP_CFG + [f"parallel.activation_checkpointing={ckpt}"])
+    torch.manual_seed(0)
+    batch, tok = synthetic_batch(cfg, n=5, partial=True)  # packed rows of uneven lengths
+    torch.manual_seed(1)
+    model = MultimodalModel(cfg.model, tok.vocab_size)
+    return cfg, batch, model
+
+
+def _loss_and_grads(cfg, batch, model, loss_module):
+    captured = {}
+    model.decoder.register_forward_hook(lambda m, a, out: captured.setdefault("h", out.detach()))
+    loss, terms = loss_module(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), captured["h"], grads
+
+
+def _sp_worker(rank, world, port, ckpt, queue):
+    env = _join(rank, world, port, sp=2)
+    cfg, batch, model = _sp_setup(ckpt)
+    loss_module = parallel.parallelize(model, PretrainingLoss(model, cfg.objectives), env, cfg.parallel)
+    _send(queue, rank, *_loss_and_grads(cfg, batch, model, loss_module))
+    parallel.cleanup()
+
+
+@pytest.mark.parametrize("ckpt", ["none", "full"])
+def test_ulysses_matches_single_process(ckpt):
+    """sp=2 over packed variable-length rows: same decoder output, loss and every gradient."""
+    cfg, batch, model = _sp_setup()
+    ref_loss, ref_h, ref_grads = _loss_and_grads(cfg, batch, model, PretrainingLoss(model, cfg.objectives))
+    for rank, loss, h, grads in _run_workers(_sp_worker, ckpt):
+        assert abs(loss - ref_loss) < 1e-5
+        torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
+        assert grads.keys() == ref_grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {name}")

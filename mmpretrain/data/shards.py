@@ -28,6 +28,7 @@ from mmpretrain.data.batch import Batch, collate
 from mmpretrain.data.decode import (AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, BadSample, decode_audio,
                                     decode_image, decode_text, first_key, ImagePreprocess)
 from mmpretrain.data.demo import demo_corpus
+from mmpretrain.parallel import data_parallel
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         seed, data = self.cfg.run.seed, self.cfg.data
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rank, world = _rank_world() if self.train else (0, 1)  # every rank evaluates everything
+        rank, world, _ = data_parallel() if self.train else (0, 1, None)  # all ranks evaluate all
         part, parts = rank * workers + worker, world * workers
         skips = SkipCounter(data.max_bad_sample_logs)
         decoder = SampleDecoder(self.cfg, self.train)
@@ -140,12 +141,6 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         batch = collate(samples, decoder.modalities, self.tokenizer, decoder.media_shapes())
         batch.skipped = skips.take()
         return batch
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _loader(dataset, num_workers: int):

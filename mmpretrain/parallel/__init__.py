@@ -1,8 +1,10 @@
 """Distribution, applied to a finished single-device model from outside.
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; torch.distributed does the rest
-(NCCL on GPU, gloo on CPU). Data-parallel only for now; FSDP2 and sequence
-parallelism slot in here as further `parallelize` steps.
+(NCCL on GPU, gloo on CPU). The processes form a (dp, sp) device mesh: data
+parallel replicas (DDP) of sequence-parallel groups (Ulysses). Activation
+checkpointing and sequence parallelism wrap decoder parts in place; model
+files stay single-device.
 """
 
 from __future__ import annotations
@@ -14,38 +16,68 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from mmpretrain.config import ConfigError, ParallelConfig
+from mmpretrain.parallel.checkpointing import apply_activation_checkpointing
+from mmpretrain.parallel.sequence import apply_ulysses
+
 
 @dataclass
 class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    sp: int = 1
+    mesh: object = None  # torch DeviceMesh with dims ("dp", "sp") when distributed
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def group(self, dim: str):
+        return self.mesh.get_group(dim) if self.mesh is not None else None
 
-def init_distributed(device_type: str) -> DistEnv:
-    """Join the process group torchrun describes in the environment (a no-op when alone)."""
+
+_DATA_PARALLEL: tuple[int, int, object] = (0, 1, None)  # rank, size, group
+
+
+def data_parallel() -> tuple[int, int, object]:
+    """(rank, size, process group) of the data-parallel dimension: who reads which data."""
+    return _DATA_PARALLEL
+
+
+def init_distributed(device_type: str, cfg: ParallelConfig) -> DistEnv:
+    """Join the process group torchrun describes (a no-op when alone) and build the mesh."""
+    global _DATA_PARALLEL
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % cfg.sp:
+        raise ConfigError(f"parallel.sp: {cfg.sp} does not divide the {world} process(es)")
     if world == 1:
         return DistEnv()
-    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), cfg.sp)
     if device_type == "cuda":
         torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    env.mesh = init_device_mesh(device_type, (world // cfg.sp, cfg.sp), mesh_dim_names=("dp", "sp"))
+    _DATA_PARALLEL = (env.mesh["dp"].get_local_rank(), world // cfg.sp, env.group("dp"))
     return env
 
 
-def parallelize(model: nn.Module, env: DistEnv) -> nn.Module:
-    """DDP across ranks. find_unused_parameters: a batch may lack a modality pair, leaving
-    that pair's temperature (and a tower) without gradient on some steps."""
-    if env.world_size == 1:
-        return model
+def parallelize(model: nn.Module, loss: nn.Module, env: DistEnv, cfg: ParallelConfig) -> nn.Module:
+    """Sequence parallelism and checkpointing on `model.decoder`, then DDP over the dp dimension
+    around `loss` (the module whose forward uses every parameter). Returns what to call."""
+    if env.sp > 1:  # before checkpointing, which wraps the blocks this reaches into
+        apply_ulysses(model.decoder, env.group("sp"))
+    apply_activation_checkpointing(model.decoder, cfg.activation_checkpointing)
+    if env.world_size // env.sp == 1:
+        return loss
     ids = [env.local_rank] if next(model.parameters()).is_cuda else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    # find_unused_parameters: a batch may lack a modality pair, leaving that pair's temperature
+    # (and a tower) without gradient on some steps.
+    return nn.parallel.DistributedDataParallel(loss, device_ids=ids, process_group=env.group("dp"),
+                                               find_unused_parameters=True)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -57,5 +89,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
+    global _DATA_PARALLEL
+    _DATA_PARALLEL = (0, 1, None)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,0 +1,117 @@
+"""Ulysses sequence parallelism (DeepSpeed-Ulysses), applied to a built decoder from outside.
+
+Each rank of the `sp` group holds T/sp tokens of the packed row through every
+decoder block. Around attention, an all-to-all trades the token shard for a
+head shard, (T/sp, H, D) -> (T, H/sp, D), so each rank runs ordinary packed
+attention over the *whole* row for its heads (packed variable-length
+sequences included: the kernel sees the global cumulative lengths), and a
+second all-to-all trades back. Heads must divide by sp.
+
+Gradients: the decoder input is sliced on the way in (backward: all-gather
+the slices' gradients, so every rank holds the full input gradient) and the
+output all-gathered on the way out (backward: keep the local slice; every sp
+rank computes the same loss from the same gathered output). Parameters
+inside the sharded region (the blocks and the final norm) see only their
+rank's tokens, so their gradients are summed over the sp group by hooks.
+Pooling for the contrastive objective happens on the gathered output, so it
+is identical on every rank of the group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+
+from mmpretrain.attention import Packing
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    """Split x along scatter_dim across ranks, concatenate what arrives along gather_dim."""
+    world = dist.get_world_size(group)
+    inputs = [t.contiguous() for t in x.chunk(world, dim=scatter_dim)]
+    outputs = [torch.empty_like(inputs[0]) for _ in range(world)]
+    return torch.cat(dist_nn.all_to_all(outputs, inputs, group=group), dim=gather_dim)
+
+
+class _SliceIn(torch.autograd.Function):
+    """Forward: this rank's token slice. Backward: every rank's slice gradient, concatenated."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        return x.chunk(world, dim=0)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(ctx.group))]
+        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
+        return torch.cat(parts), None
+
+
+class _GatherOut(torch.autograd.Function):
+    """Forward: all ranks' slices, concatenated. Backward: the local slice (same loss on every rank)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        return grad.chunk(world, dim=0)[rank].contiguous(), None
+
+
+class UlyssesAttention(nn.Module):
+    """Wraps a PackedAttention: (T/sp, H, D) local tokens -> all heads' attention over the full row."""
+
+    def __init__(self, inner: nn.Module, group):
+        super().__init__()
+        self.inner, self.group = inner, group
+
+    def forward(self, q, k, v, packing: Packing) -> torch.Tensor:
+        q, k, v = (_all_to_all(t, scatter_dim=1, gather_dim=0, group=self.group) for t in (q, k, v))
+        out = self.inner(q, k, v, packing)  # (T, H/sp, D) over the whole packed row
+        return _all_to_all(out, scatter_dim=0, gather_dim=1, group=self.group)
+
+
+def apply_ulysses(decoder: nn.Module, group) -> nn.Module:
+    """Shard `decoder` (a `Decoder`) over the tokens of its packed input across `group`."""
+    sp = dist.get_world_size(group)
+    if decoder.cfg.heads % sp:
+        raise ValueError(f"parallel.sp={sp} must divide model.decoder.heads={decoder.cfg.heads}")
+    for block in decoder.blocks:
+        block.attention = UlyssesAttention(block.attention, group)
+    for p in list(decoder.blocks.parameters()) + list(decoder.norm.parameters()):
+        p.register_hook(lambda g: _sum_over(g, group))
+
+    def shard_input(module, args):
+        x, packing = args
+        pad = (-len(x)) % sp  # a padding sequence of its own, so it attends to nothing real
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+            packing = Packing.from_lengths(packing.lengths.tolist() + [pad], device=x.device)
+        rank = dist.get_rank(group)
+        local = dataclasses.replace(packing, positions=packing.positions.chunk(sp)[rank])
+        module._sp_total = len(x) - pad
+        return _SliceIn.apply(x, group), local
+
+    def gather_output(module, args, out):
+        return _GatherOut.apply(out, group)[: module._sp_total]
+
+    decoder.register_forward_pre_hook(shard_input)
+    decoder.register_forward_hook(gather_output)
+    return decoder
+
+
+def _sum_over(grad: torch.Tensor, group) -> torch.Tensor:
+    grad = grad.clone()
+    dist.all_reduce(grad, group=group)
+    return grad
