@@ -50,6 +50,9 @@ class DataConfig:
     # "demo" for the built-in corpus's split of the same role.
     sources: list[str] = field(default_factory=lambda: ["demo"])
     eval_sources: list[str] = field(default_factory=lambda: ["demo"])
+    # Token budget of one packed decoder row (0: batches of train.batch_size samples). With a
+    # budget, a batch holds up to train.batch_size samples and at most this many tokens.
+    max_tokens: int = _check(0, default=0)
     shuffle_buffer: int = _check(0, default=1000)
     num_workers: int = _check(0, default=0)
     max_bad_sample_logs: int = _check(0, default=10)  # log at most this many skips per reason

@@ -50,6 +50,7 @@ class ModelOutput:
     present: dict[str, torch.Tensor]  # modality -> (B,) bool
     lm_logits: torch.Tensor  # (P, vocab) at caption positions that predict a next token
     lm_targets: torch.Tensor  # (P,)
+    packed_tokens: int = 0  # length of the packed decoder row
 
 
 class MultimodalModel(nn.Module):
@@ -124,4 +125,4 @@ class MultimodalModel(nn.Module):
         h = self.decoder(x, packing)
         embeddings["text"] = self._text_embedding(h, packing, b)
         present = {"text": torch.ones(b, dtype=torch.bool, device=h.device), **batch.present}
-        return ModelOutput(embeddings, present, self.decoder.logits(h[idx]), targets)
+        return ModelOutput(embeddings, present, self.decoder.logits(h[idx]), targets, len(x))

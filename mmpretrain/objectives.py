@@ -20,15 +20,24 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> to
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All data-parallel ranks' rows, keeping gradients for the local ones (open_clip's gather)."""
+    """All data-parallel ranks' rows, keeping gradients for the local ones (open_clip's gather).
+
+    Ranks may hold different numbers of rows (token-budget batches): rows are padded to the
+    largest count for the collective and the padding is dropped again."""
     from mmpretrain.parallel import data_parallel
 
     _, size, group = data_parallel()
     if size == 1:
         return x
+    import torch.distributed as dist
     import torch.distributed.nn.functional as dist_nn
 
-    return torch.cat(dist_nn.all_gather(x, group=group), dim=0)
+    counts = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(size)]
+    dist.all_gather(counts, torch.tensor(len(x), device=x.device), group=group)
+    counts = [int(c) for c in counts]
+    padded = torch.cat([x, x.new_zeros(max(counts) - len(x), *x.shape[1:])])
+    parts = dist_nn.all_gather(padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)], dim=0)
 
 
 def contrastive_losses(out: ModelOutput, logit_scales, max_logit_scale: float) -> dict[str, torch.Tensor]:
@@ -71,5 +80,7 @@ class PretrainingLoss(nn.Module):
         super().__init__()
         self.model, self.cfg = model, cfg
 
-    def forward(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return total_loss(self.model(batch, self.cfg.next_token_max_samples), self.model, self.cfg)
+    def forward(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """-> loss, its terms, and the packed decoder row length."""
+        out = self.model(batch, self.cfg.next_token_max_samples)
+        return *total_loss(out, self.model, self.cfg), out.packed_tokens

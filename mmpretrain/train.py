@@ -137,7 +137,7 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             batch = next(batches).to(self.device, non_blocking=True)
             with self.autocast:
-                loss, terms = self.loss(batch)
+                loss, terms, tokens = self.loss(batch)
             if not torch.isfinite(loss):
                 bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
                 if cfg.nan_policy == "stop":
@@ -148,7 +148,11 @@ class Trainer:
                 log.warning("step %d: non-finite loss in %s, skipped", self.step + 1, ", ".join(bad))
                 return {}
             (loss / cfg.grad_accum).backward()
-            for k, v in {"loss": loss.detach(), **terms}.items():
+            stats = {"loss": loss.detach(), **terms, "tokens": torch.tensor(float(tokens)),
+                     "samples": torch.tensor(float(len(batch)))}
+            if self.cfg.data.max_tokens:
+                stats["packing_efficiency"] = stats["tokens"] / self.cfg.data.max_tokens
+            for k, v in stats.items():
                 sums[k] = sums.get(k, 0) + v / cfg.grad_accum
         if cfg.grad_clip > 0:
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -169,22 +173,24 @@ class Trainer:
         cfg = self.cfg.train
         (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
-        samples_per_step = cfg.batch_size * cfg.grad_accum * (self.env.world_size // self.env.sp)
+        replicas = cfg.grad_accum * self.env.world_size // self.env.sp  # micro-batches per step
         batches = iter(self.stream)
         bar = _progress(cfg, self.step, self.env.is_main)
         metrics = open(self.run_dir / "metrics.jsonl", "a") if self.env.is_main else None
-        t_last, step_last = time.perf_counter(), self.step
+        t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
         while self.step < cfg.steps:
             values = self.train_step(batches)
             self.step += 1
             bar.update(1)
+            samples += values.get("samples", 0.0) * replicas
+            tokens += values.get("tokens", 0.0) * replicas
             if values and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                now = time.perf_counter()
-                rate = samples_per_step * (self.step - step_last) / (now - t_last)
-                t_last, step_last = now, self.step
+                elapsed = time.perf_counter() - t_last
                 record = {"step": self.step, **values, "lr": self.scheduler.get_last_lr()[0],
-                          "samples_per_s": rate, "skipped_samples": dict(self.stream.skipped)}
-                bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{rate:.0f}")
+                          "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
+                          "skipped_samples": dict(self.stream.skipped)}
+                t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
+                bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
@@ -226,8 +232,9 @@ def run(cfg: Config) -> dict:
     try:
         trainer = Trainer(cfg, env, device)
         n_params = sum(p.numel() for p in trainer.model.parameters())
-        log.info("model: %.1fM parameters, modalities %s, device %s, %d process(es)",
-                 n_params / 1e6, cfg.model.modalities, device, env.world_size)
+        if env.is_main:
+            log.info("model: %.1fM parameters, modalities %s, device %s, %d process(es)",
+                     n_params / 1e6, cfg.model.modalities, device, env.world_size)
         results = trainer.fit()
         if env.is_main:
             (run_dir / "eval" / "retrieval.json").write_text(json.dumps(results, indent=1))

@@ -146,3 +146,32 @@ def test_demo_corpus_is_zero_shot(demo_cache):
             captions.append(s["txt"].decode())
             assert {"png", "flac", "txt", "json"} <= set(s)
     assert sorted(captions) == sorted(c.caption for c in held)
+
+
+def _budget_batches(tiny_cfg, tmp_path, budget, samples):
+    from mmpretrain.data.shards import _EpochDataset
+
+    cfg = tiny_cfg(f"data.max_tokens={budget}", "train.batch_size=100", "data.shuffle_buffer=0")
+    cfg.data.sources = [write_shardwriter(tmp_path, samples, maxcount=20)]
+    tok = Tokenizer(cfg.model.text)
+    media = len(cfg.model.modalities) * cfg.model.fusion.num_latents
+    return list(_EpochDataset(resolve_sources(cfg.data, "train"), cfg, tok, 100, epoch=0, train=True)), media
+
+
+def test_token_budget_rows_are_full(tiny_cfg, tmp_path):
+    samples = [sample_dict(i) for i in range(12)]
+    samples[5]["txt"] = "a red circle " * 20  # truncated to the 16-token context: 36 decoder tokens
+    batches, media = _budget_batches(tiny_cfg, tmp_path, 60, samples)
+    sizes = [[int(2 * n) + media for n in b.lengths] for b in batches]
+    assert [b.keys[0] for b in batches] == ["s00000", "s00003", "s00005", "s00007"]
+    for row, following in zip(sizes, sizes[1:]):
+        assert sum(row) <= 60 < sum(row) + following[0]  # closed only when the next would overflow
+    assert sizes[2] == [36, 20]
+
+
+def test_sample_over_token_budget_is_skipped(tiny_cfg, tmp_path):
+    samples = [sample_dict(i) for i in range(4)]
+    samples[1]["txt"] = "a red circle " * 20
+    batches, _ = _budget_batches(tiny_cfg, tmp_path, 30, samples)
+    assert [b.keys for b in batches] == [["s00000"], ["s00002"]]  # the last row is dropped (train)
+    assert sum(b.skipped.get("over_token_budget", 0) for b in batches) == 1

@@ -123,19 +123,37 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         if self.train and data.shuffle_buffer > 1:
             rng = random.Random(f"samples-{seed}-{self.epoch}-{rank}-{worker}")
             stages.append(wds.shuffle(data.shuffle_buffer, min(100, data.shuffle_buffer), rng=rng))
-        pending = []
+        budget = data.max_tokens if self.train else 0
+        pending, used = [], 0
         for raw in wds.DataPipeline(*stages):
             key = raw.get("__key__", "?")
             try:
-                pending.append(decoder(raw, random.Random(f"{seed}-{self.epoch}-{key}")))
+                sample = decoder(raw, random.Random(f"{seed}-{self.epoch}-{key}"))
             except BadSample as e:
                 skips(e.reason, f"{key}: {e}")
                 continue
+            if budget:  # close the row before the sample that would overflow it
+                need = self.decoder_tokens(sample)
+                if need > budget:
+                    skips("over_token_budget", f"{key}: {need} tokens > data.max_tokens={budget}")
+                    continue
+                if used + need > budget:
+                    yield self._collate(pending, decoder, skips)
+                    pending, used = [], 0
+                used += need
+            pending.append(sample)
             if len(pending) == self.batch_size:
                 yield self._collate(pending, decoder, skips)
-                pending = []
+                pending, used = [], 0
         if pending and not self.train:  # eval keeps every sample; train keeps shapes fixed
             yield self._collate(pending, decoder, skips)
+
+    def decoder_tokens(self, sample: dict) -> int:
+        """Tokens the sample adds to the packed decoder row: its caption alone, and its media
+        tokens (every modality present) followed by the caption again."""
+        caption = int(self.tokenizer([sample["text"]])[1][0])
+        media = sum(m in sample for m in self.cfg.model.modalities) * self.cfg.model.fusion.num_latents
+        return 2 * caption + media
 
     def _collate(self, samples, decoder, skips) -> Batch:
         batch = collate(samples, decoder.modalities, self.tokenizer, decoder.media_shapes())
