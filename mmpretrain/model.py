@@ -75,7 +75,8 @@ class MultimodalModel(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Caption alone through the decoder, pooled at eot: (B, L) -> (B, E) normalised."""
-        x, packing, _ = self._pack(tokens, lengths, [])
+        text = self.decoder.embed(tokens)
+        x, packing, _ = self._pack([[(text[i, :n], None)] for i, n in enumerate(lengths.tolist())])
         return self._text_embedding(self.decoder(x, packing), packing, len(tokens))
 
     def _text_embedding(self, h: torch.Tensor, packing: Packing, n: int) -> torch.Tensor:
@@ -83,45 +84,62 @@ class MultimodalModel(nn.Module):
         return F.normalize(self.text_proj(h[eot]), dim=-1)
 
     # ---------------------------------------------------------------- packing
-    def _pack(self, tokens, lengths, prefixes: list[torch.Tensor]):
-        """Caption-only sequences for every sample, then media+caption for len(prefixes) samples.
+    @staticmethod
+    def _pack(seqs: list[list[tuple[torch.Tensor, torch.Tensor | None]]]):
+        """Lay sequences end to end. Each sequence is a list of pieces (embeddings (n, C),
+        targets (n,) or None), where targets[j] is the token id that the *previous* position
+        must predict, or -1 for none (sot, media, caption-only text).
+        -> packed input (T, C), its Packing, (positions that predict a token, those token ids)."""
+        embs, targets, lengths = [], [], []
+        for pieces in seqs:
+            for emb, tgt in pieces:
+                embs.append(emb)
+                targets.append(tgt if tgt is not None else torch.full((len(emb),), -1, device=emb.device))
+            lengths.append(sum(len(emb) for emb, _ in pieces))
+        x, targets = torch.cat(embs), torch.cat(targets)
+        packing = Packing.from_lengths(lengths, device=x.device)
+        predicts = targets.roll(-1) >= 0  # position p predicts the token at p + 1 ...
+        predicts[packing.cu_seqlens[1:] - 1] = False  # ... within its own sequence
+        idx = predicts.nonzero().squeeze(1)
+        return x, packing, (idx, targets[idx + 1])
 
-        prefixes[i]: (K_i, C) media tokens of sample i. Returns the packed input (T, C),
-        its Packing, and the packed index of every caption token that has a next token
-        together with that target.
-        """
-        text = self.decoder.embed(tokens)  # (B, L, C)
-        lengths_list = lengths.tolist()
-        pieces = [text[i, :n] for i, n in enumerate(lengths_list)]
-        seq_lens = list(lengths_list)
-        for i, prefix in enumerate(prefixes):
-            pieces += [prefix, text[i, : lengths_list[i]]]
-            seq_lens.append(len(prefix) + lengths_list[i])
-        packing = Packing.from_lengths(seq_lens, device=tokens.device)
-        starts = packing.cu_seqlens[len(lengths_list) :].tolist()
-        idx, tgt = [], []
-        for i, prefix in enumerate(prefixes):
-            first = starts[i] + len(prefix)  # position of sot
-            n = lengths_list[i]
-            idx.append(torch.arange(first, first + n - 1))
-            tgt.append(tokens[i, 1:n])
-        idx = torch.cat(idx).to(tokens.device) if idx else tokens.new_zeros(0)
-        tgt = torch.cat(tgt) if tgt else tokens.new_zeros(0)
-        return torch.cat(pieces), packing, (idx, tgt)
+    def _document(self, doc, media_tokens) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """An interleaved document: every text token is a target but the leading sot."""
+        pieces = []
+        for kind, value in doc:
+            if kind == "text":
+                tgt = value.clone()
+                if not pieces:
+                    tgt[0] = -1
+                pieces.append((self.decoder.embed(value), tgt))
+            else:
+                pieces.append((next(media_tokens[kind]), None))
+        return pieces
 
     # ---------------------------------------------------------------- forward
     def forward(self, batch: Batch, next_token_samples: int | None = None) -> ModelOutput:
-        b = len(batch)
+        """Packed row: caption-only sequences (all pairs), media+caption sequences (the first
+        `next_token_samples` pairs, 0/None = all), then interleaved documents."""
+        b = len(batch.keys)
         embeddings, media_tokens = {}, {}
         for m in self.modalities:
-            media_tokens[m], embeddings[m] = self.encode_media(m, batch.media[m])
-        n_lm = b if not next_token_samples else min(b, next_token_samples)
-        prefixes = [
-            torch.cat([media_tokens[m][i] for m in self.modalities if batch.present[m][i]]
-                      or [media_tokens[self.modalities[0]][i, :0]])
-            for i in range(n_lm)
-        ]
-        x, packing, (idx, targets) = self._pack(batch.tokens, batch.lengths, prefixes)
+            if b:
+                media_tokens[m], embeddings[m] = self.encode_media(m, batch.media[m])
+            else:
+                embeddings[m] = batch.tokens.new_zeros(0, self.text_proj.out_features, dtype=torch.float)
+        text = self.decoder.embed(batch.tokens)  # (B, L, C)
+        lengths = batch.lengths.tolist()
+        seqs = [[(text[i, :n], None)] for i, n in enumerate(lengths)]
+        for i in range(b if not next_token_samples else min(b, next_token_samples)):
+            caption_targets = batch.tokens[i, : lengths[i]].clone()
+            caption_targets[0] = -1  # sot follows the media; it is given, not predicted
+            seqs.append([(media_tokens[m][i], None) for m in self.modalities if batch.present[m][i]]
+                        + [(text[i, : lengths[i]], caption_targets)])
+        doc_media = {m: [v for doc in batch.documents for k, v in doc if k == m] for m in self.modalities}
+        doc_tokens = {m: iter(self.encode_media(m, torch.stack(items))[0])
+                      for m, items in doc_media.items() if items}
+        seqs += [self._document(doc, doc_tokens) for doc in batch.documents]
+        x, packing, (idx, targets) = self._pack(seqs)
         h = self.decoder(x, packing)
         embeddings["text"] = self._text_embedding(h, packing, b)
         present = {"text": torch.ones(b, dtype=torch.bool, device=h.device), **batch.present}

@@ -1,3 +1,4 @@
+import json
 import io
 import tarfile
 
@@ -175,3 +176,39 @@ def test_sample_over_token_budget_is_skipped(tiny_cfg, tmp_path):
     batches, _ = _budget_batches(tiny_cfg, tmp_path, 30, samples)
     assert [b.keys for b in batches] == [["s00000"], ["s00002"]]  # the last row is dropped (train)
     assert sum(b.skipped.get("over_token_budget", 0) for b in batches) == 1
+
+
+def test_interleaved_documents(tiny_cfg, tmp_path, demo_cache):
+    cfg = tiny_cfg()
+    docs = demo_corpus(demo_cache, variants_per_concept=1)["docs"]
+    good = next(iter(wds.WebDataset(docs, shardshuffle=False)))
+    order = json.loads(good["doc.json"])["interleaved"]
+    broken = {"__key__": "broken", "doc.json": json.dumps({"interleaved": [{"text": "a"}, {"image": "gone.png"}]})}
+    members = [(f"{good['__key__']}.{k}", v) for k, v in good.items() if not k.startswith("__")]
+    members += [("broken.doc.json", broken["doc.json"].encode()), ("pair.txt", b"a red circle"),
+                ("pair.png", png_bytes())]
+    (batch,) = all_eval(cfg, write_tarfile(tmp_path / "docs.tar", members))
+    assert batch.keys == ["pair"] and len(batch) == 2 and batch.skipped == {"bad_document": 1}
+    (doc,) = batch.documents
+    assert [k for k, _ in doc] == [next(iter(seg)) for seg in order]
+    tok = Tokenizer(cfg.model.text)
+    texts = [seg["text"] for seg in order if "text" in seg]
+    assert all(torch.equal(a, b) for a, b in zip([v for k, v in doc if k == "text"], tok.document_ids(texts)))
+    assert tok.decode(torch.cat([v for k, v in doc if k == "text"])).startswith(texts[0][:-1])
+    media = [v for k, v in doc if k != "text"]
+    assert all(v.shape in ((3, 16, 16), (8000,)) for v in media)
+
+
+def test_document_only_batch_trains(tiny_cfg, demo_cache):
+    from mmpretrain.model import MultimodalModel
+    from mmpretrain.objectives import PretrainingLoss
+
+    cfg = tiny_cfg("data.eval_sources=[demo-docs]")
+    tok = Tokenizer(cfg.model.text)
+    batch = next(iter(eval_batches(resolve_sources(cfg.data, "eval"), cfg, tok, batch_size=4)))
+    assert len(batch.keys) == 0 and len(batch.documents) == 4
+    model = MultimodalModel(cfg.model, tok.vocab_size)
+    loss, terms, tokens = PretrainingLoss(model, cfg.objectives)(batch)
+    assert set(terms) == {"next_token"} and torch.isfinite(loss)  # no pairs: nothing to contrast
+    loss.backward()
+    assert model.towers["image"].encoder.vit.blocks[0].attn.qkv.weight.grad is not None

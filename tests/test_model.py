@@ -50,19 +50,32 @@ def test_forward_backward_every_config(path, partial):
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
-def test_next_token_targets_follow_media():
-    cfg = load_config(CONFIGS[0], TINY)
+def test_pack_targets_stay_inside_each_sequence():
+    e = lambda n: torch.zeros(n, 4)  # noqa: E731
+    seqs = [[(e(2), None), (e(3), torch.tensor([-1, 5, 6]))],  # media, then sot + 2 caption tokens
+            [(e(2), None)],                                      # caption only: no targets
+            [(e(1), torch.tensor([-1])), (e(2), None), (e(2), torch.tensor([7, 8]))]]  # a document
+    x, packing, (idx, targets) = MultimodalModel._pack(seqs)
+    assert packing.lengths.tolist() == [5, 2, 5] and len(x) == 12
+    assert idx.tolist() == [2, 3, 9, 10] and targets.tolist() == [5, 6, 7, 8]
+
+
+def test_forward_targets_are_captions_after_media_and_document_text():
+    cfg = load_config(CONFIGS[0], TINY + ["objectives.next_token_max_samples=2"])
     batch, tok = synthetic_batch(cfg, n=3)
+    image = torch.randn(3, cfg.model.image.image_size, cfg.model.image.image_size)
+    batch.documents = [[("text", ids) if k == "text" else (k, image) for k, ids in
+                        zip(["text", "image", "text"], tok.document_ids(["look:", "", "that was red."]))]]
     model = MultimodalModel(cfg.model, tok.vocab_size)
-    prefix = [torch.zeros(2, cfg.model.decoder.width)] * 3
-    x, packing, (idx, targets) = model._pack(batch.tokens, batch.lengths, prefix)
-    lengths = batch.lengths.tolist()
-    assert packing.lengths.tolist() == lengths + [2 + n for n in lengths]
-    assert len(targets) == sum(n - 1 for n in lengths)
-    # the first target of sample 0 is its first word, predicted from the sot position after its media
-    first = packing.cu_seqlens[3].item() + 2
-    assert idx[0].item() == first and targets[0].item() == batch.tokens[0, 1].item()
-    assert torch.equal(x[first], model.decoder.embed.weight[tok.sot_id])
+    out = model(batch, cfg.objectives.next_token_max_samples)
+    captions = [batch.tokens[i, 1 : batch.lengths[i]] for i in range(2)]  # first 2 pairs only
+    doc = [batch.documents[0][0][1][1:], batch.documents[0][2][1]]  # all but the leading sot
+    assert torch.equal(out.lm_targets, torch.cat(captions + doc))
+    k, lengths = cfg.model.fusion.num_latents, batch.lengths.tolist()
+    caption_only = sum(lengths)
+    media_caption = sum(2 * k + n for n in lengths[:2])  # image and audio tokens, then the caption
+    document = sum(len(v) for kind, v in batch.documents[0] if kind == "text") + k
+    assert out.packed_tokens == caption_only + media_caption + document
 
 
 def test_decoder_packed_equals_separate():

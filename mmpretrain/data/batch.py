@@ -15,24 +15,37 @@ class Batch:
     media: dict[str, torch.Tensor]  # "image": (B, 3, H, W), "audio": (B, samples); zeros where absent
     present: dict[str, torch.Tensor]  # modality -> (B,) bool: which samples have it
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples dropped since the last batch
+    # interleaved documents: per document, segments ("text", ids (n,)) or (modality, media tensor)
+    documents: list[list[tuple[str, torch.Tensor]]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        """Samples in the batch: media-caption pairs and documents."""
+        return len(self.keys) + len(self.documents)
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(self.keys, move(self.tokens), move(self.lengths),
                      {k: move(v) for k, v in self.media.items()},
-                     {k: move(v) for k, v in self.present.items()}, dict(self.skipped))
+                     {k: move(v) for k, v in self.present.items()}, dict(self.skipped),
+                     [[(kind, move(t)) for kind, t in doc] for doc in self.documents])
 
 
 def collate(samples: list[dict], modalities: list[str], tokenizer, media_shapes: dict) -> Batch:
-    """samples: dicts with "__key__", "text" and any of `modalities` as tensors."""
-    tokens, lengths = tokenizer([s["text"] for s in samples])
+    """samples: dicts with "__key__", "text" and any of `modalities` as tensors, or with
+    "document" (interleaved segments, see SampleDecoder.document)."""
+    documents = [_document(s["document"], tokenizer) for s in samples if "document" in s]
+    samples = [s for s in samples if "document" not in s]
+    tokens, lengths = tokenizer([s["text"] for s in samples]) if samples else (
+        torch.zeros(0, tokenizer.context_length, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     media, present = {}, {}
     for m in modalities:
-        has = torch.tensor([m in s for s in samples])
+        has = torch.tensor([m in s for s in samples], dtype=torch.bool)
         zero = torch.zeros(media_shapes[m])
-        media[m] = torch.stack([s.get(m, zero) for s in samples])
+        media[m] = torch.stack([s.get(m, zero) for s in samples]) if samples else zero[None][:0]
         present[m] = has
-    return Batch([s["__key__"] for s in samples], tokens, lengths, media, present)
+    return Batch([s["__key__"] for s in samples], tokens, lengths, media, present, documents=documents)
+
+
+def _document(segments, tokenizer) -> list[tuple[str, torch.Tensor]]:
+    ids = iter(tokenizer.document_ids([v for k, v in segments if k == "text"]))
+    return [(k, next(ids) if k == "text" else v) for k, v in segments]

@@ -20,6 +20,7 @@ from mmpretrain.config import AudioEncoderConfig, ImageEncoderConfig
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 AUDIO_EXTS = ("flac", "wav", "mp3", "ogg")
 TEXT_EXTS = ("txt",)
+DOC_KEY = "doc.json"  # marks an interleaved document (see SampleDecoder.document)
 
 
 class BadSample(Exception):

@@ -14,6 +14,10 @@ cannot retrieve the right item. The eval split holds concepts (attribute
 combinations) that never occur in the train split, one sample each with a
 distinct caption, so retrieval on it is zero-shot. Images are PNG (Pillow) and
 audio FLAC (soundfile): the data pipeline decodes them like anyone's shards.
+
+A third split, "docs", holds interleaved documents over train concepts:
+text segments with images and audio between them, ordered by a `doc.json`
+member ("look: <image> that was a red circle in the top left. listen: ...").
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ from PIL import Image, ImageDraw
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 IMAGE_SIZE = 32
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 1.0
 EVAL_CONCEPTS = 100
 SHARD_SIZE = 500
+DOCS_PER_CONCEPT = 2  # interleaved documents (train concepts only)
 
 COLOURS = {  # name -> (RGB, MIDI note of the tone)
     "red": ((230, 40, 40), 57),
@@ -71,7 +76,8 @@ class Concept:
 
     @property
     def caption(self) -> str:
-        return f"a {self.colour} {self.shape} {self.place}"
+        article = "an" if self.colour[0] in "aeiou" else "a"
+        return f"{article} {self.colour} {self.shape} {self.place}"
 
 
 def all_concepts() -> list[Concept]:
@@ -154,6 +160,24 @@ def encode_sample(key: str, c: Concept, rng: random.Random) -> dict:
             "txt": c.caption, "json": json.dumps(meta)}
 
 
+def encode_document(key: str, concepts: list[Concept], rng: random.Random) -> dict:
+    """An interleaved document: each item is introduced, shown (image) or played (audio),
+    then described. `doc.json` lists the order; media are members of the same sample."""
+    sample, segments = {"__key__": key}, []
+    for i, c in enumerate(concepts):
+        if rng.random() < 0.5:
+            name, buf = f"m{i}.png", io.BytesIO()
+            render_image(c, rng).save(buf, format="PNG")
+            segments += [{"text": "look:"}, {"image": name}, {"text": f"that was {c.caption}."}]
+        else:
+            name, buf = f"m{i}.flac", io.BytesIO()
+            sf.write(buf, render_audio(c, rng), SAMPLE_RATE, format="FLAC")
+            segments += [{"text": "listen:"}, {"audio": name}, {"text": f"that was {c.caption}."}]
+        sample[name] = buf.getvalue()
+    sample["doc.json"] = json.dumps({"interleaved": segments})
+    return sample
+
+
 def _write_split(folder: Path, split: str, concepts: list[Concept], variants: int, seed: int) -> str:
     rng = random.Random(f"{seed}-{split}")
     items = [(c, v) for c in concepts for v in range(variants)]
@@ -161,7 +185,10 @@ def _write_split(folder: Path, split: str, concepts: list[Concept], variants: in
     pattern = str(folder / f"{split}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=SHARD_SIZE, verbose=0) as sink:
         for i, (c, _) in enumerate(items):
-            sink.write(encode_sample(f"{split}-{i:06d}", c, rng))
+            if split == "docs":  # a few concepts per document
+                sink.write(encode_document(f"{split}-{i:06d}", rng.sample(concepts, rng.randint(2, 4)), rng))
+            else:
+                sink.write(encode_sample(f"{split}-{i:06d}", c, rng))
     shards = (len(items) + SHARD_SIZE - 1) // SHARD_SIZE
     return str(folder / f"{split}-{{000000..{shards - 1:06d}}}.tar")
 
@@ -180,6 +207,7 @@ def demo_corpus(cache_dir: str, variants_per_concept: int = 16, seed: int = 0) -
         patterns = {
             "train": _write_split(tmp, "train", seen, variants_per_concept, seed),
             "eval": _write_split(tmp, "eval", held, 1, seed),
+            "docs": _write_split(tmp, "docs", seen, DOCS_PER_CONCEPT, seed),
         }
         (tmp / "index.json").write_text(json.dumps(
             {k: Path(p).name for k, p in patterns.items()}, indent=1))

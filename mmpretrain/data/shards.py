@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import logging
 import random
 from pathlib import Path
@@ -25,7 +26,7 @@ import webdataset as wds
 
 from mmpretrain.config import Config, DataConfig
 from mmpretrain.data.batch import Batch, collate
-from mmpretrain.data.decode import (AUDIO_EXTS, IMAGE_EXTS, TEXT_EXTS, BadSample, decode_audio,
+from mmpretrain.data.decode import (AUDIO_EXTS, DOC_KEY, IMAGE_EXTS, TEXT_EXTS, BadSample, decode_audio,
                                     decode_image, decode_text, first_key, ImagePreprocess)
 from mmpretrain.data.demo import demo_corpus
 from mmpretrain.parallel import data_parallel
@@ -38,8 +39,9 @@ def resolve_sources(data: DataConfig, split: str) -> list[str]:
     patterns = data.sources if split == "train" else data.eval_sources
     urls = []
     for p in patterns:
-        if p == "demo":
-            p = demo_corpus(data.demo.cache_dir, data.demo.variants_per_concept, data.demo.seed)[split]
+        if p in ("demo", "demo-docs"):  # the built-in corpus: this role's split, or its documents
+            splits = demo_corpus(data.demo.cache_dir, data.demo.variants_per_concept, data.demo.seed)
+            p = splits[split if p == "demo" else "docs"]
         urls.extend(braceexpand.braceexpand(p))
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
     if missing:
@@ -79,6 +81,8 @@ class SampleDecoder:
         self.image_tf = ImagePreprocess(cfg.model.image, train)
 
     def __call__(self, raw: dict, rng: random.Random) -> dict:
+        if DOC_KEY in raw:
+            return {"__key__": raw["__key__"], "document": self.document(raw, rng)}
         key = first_key(raw, TEXT_EXTS)
         if key is None:
             raise BadSample("missing_text", raw.get("__key__", "?"))
@@ -89,6 +93,31 @@ class SampleDecoder:
             out["audio"] = decode_audio(raw[key], self.cfg.model.audio, rng if self.train else None)
         if not any(m in out for m in self.modalities):
             raise BadSample("no_media", raw["__key__"])
+        return out
+
+    def document(self, raw: dict, rng: random.Random) -> list[tuple[str, object]]:
+        """`doc.json` {"interleaved": [{"text": str} | {"image": member} | {"audio": member}, ...]}
+        -> [("text", str) | (modality, tensor), ...]; media of other modalities are dropped."""
+        try:
+            segments = json.loads(raw[DOC_KEY])["interleaved"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise BadSample("bad_document", repr(e)) from e
+        out = []
+        for seg in segments:
+            (kind, value), = seg.items() if isinstance(seg, dict) and len(seg) == 1 else [(None, None)]
+            if kind == "text" and isinstance(value, str) and value.strip():
+                out.append(("text", value.strip()))
+            elif kind in ("image", "audio") and kind in self.modalities:
+                if value not in raw:
+                    raise BadSample("bad_document", f"missing member {value!r}")
+                if kind == "image":
+                    out.append(("image", self.image_tf(decode_image(raw[value], self.cfg.model.image), rng)))
+                else:
+                    out.append(("audio", decode_audio(raw[value], self.cfg.model.audio, rng if self.train else None)))
+            elif kind not in ("image", "audio"):
+                raise BadSample("bad_document", f"segment {seg!r}")
+        if not any(k == "text" for k, _ in out):
+            raise BadSample("bad_document", "no text segment")
         return out
 
     def media_shapes(self) -> dict[str, tuple]:
@@ -151,9 +180,12 @@ class _EpochDataset(torch.utils.data.IterableDataset):
     def decoder_tokens(self, sample: dict) -> int:
         """Tokens the sample adds to the packed decoder row: its caption alone, and its media
         tokens (every modality present) followed by the caption again."""
+        latents = self.cfg.model.fusion.num_latents
+        if "document" in sample:  # text segments (plus sot and eot) and each media item's tokens
+            return 2 + sum(len(self.tokenizer.encode(v)) if k == "text" else latents
+                           for k, v in sample["document"])
         caption = int(self.tokenizer([sample["text"]])[1][0])
-        media = sum(m in sample for m in self.cfg.model.modalities) * self.cfg.model.fusion.num_latents
-        return 2 * caption + media
+        return 2 * caption + sum(m in sample for m in self.cfg.model.modalities) * latents
 
     def _collate(self, samples, decoder, skips) -> Batch:
         batch = collate(samples, decoder.modalities, self.tokenizer, decoder.media_shapes())

@@ -27,6 +27,17 @@ class Tokenizer:
         lengths = (tokens == self.eot_id).int().argmax(dim=1) + 1
         return tokens, lengths
 
+    def encode(self, text: str) -> list[int]:
+        """BPE ids without sot/eot or truncation (document text segments)."""
+        return self._bpe.encode(text)
+
+    def document_ids(self, texts: list[str]) -> list[torch.Tensor]:
+        """Text segments of one document: sot before the first, eot after the last."""
+        ids = [self.encode(t) for t in texts]
+        ids[0] = [self.sot_id] + ids[0]
+        ids[-1] = ids[-1] + [self.eot_id]
+        return [torch.tensor(i, dtype=torch.long) for i in ids]
+
     def decode(self, tokens: torch.Tensor) -> str:
         ids = [t for t in tokens.tolist() if t not in (self.pad_id, self.sot_id, self.eot_id)]
         return self._bpe.decode(ids).strip()
