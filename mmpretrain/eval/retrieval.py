@@ -61,12 +61,14 @@ def embed_batches(model, batches, device) -> tuple[dict, dict, list[str]]:
     model.eval()
     emb, present, keys = {}, {}, []
     for batch in batches:
+        if not batch.keys:  # only interleaved documents: nothing to retrieve
+            continue
         batch = batch.to(device)
         keys += batch.keys
         parts = {"text": model.encode_text(batch.tokens, batch.lengths)}
         for m in model.modalities:
             has = batch.present[m]
-            vec = torch.zeros(len(batch), model.text_proj.out_features, device=device)
+            vec = torch.zeros(len(batch.keys), model.text_proj.out_features, device=device)
             if has.any():
                 vec[has] = model.encode_media(m, batch.media[m][has])[1].float()
             parts[m] = vec
