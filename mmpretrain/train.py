@@ -120,10 +120,10 @@ class Trainer:
             return
         self.load_state_dict(load_checkpoint(path, map_location=self.device))
         log.info("resumed from %s (step %d)", path, self.step)
-        metrics = self.run_dir / "metrics.jsonl"
-        if self.env.is_main and metrics.exists():  # drop records the checkpoint does not cover
-            keep = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= self.step]
-            metrics.write_text("".join(l + "\n" for l in keep))
+        for records in (self.run_dir / "metrics.jsonl", self.run_dir / "eval" / "history.jsonl"):
+            if self.env.is_main and records.exists():  # drop records the checkpoint does not cover
+                keep = [l for l in records.read_text().splitlines() if json.loads(l)["step"] <= self.step]
+                records.write_text("".join(l + "\n" for l in keep))
 
     def save(self) -> None:
         if self.env.is_main:
@@ -138,7 +138,7 @@ class Trainer:
             batch = next(batches).to(self.device, non_blocking=True)
             with self.autocast:
                 loss, terms, tokens = self.loss(batch)
-            if not torch.isfinite(loss):
+            if parallel.any_rank(~torch.isfinite(loss.detach())):  # every rank takes the same branch
                 bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
                 if cfg.nan_policy == "stop":
                     raise FloatingPointError(f"non-finite loss at step {self.step + 1} in {', '.join(bad)}: "
@@ -148,8 +148,8 @@ class Trainer:
                 log.warning("step %d: non-finite loss in %s, skipped", self.step + 1, ", ".join(bad))
                 return {}
             (loss / cfg.grad_accum).backward()
-            stats = {"loss": loss.detach(), **terms, "tokens": torch.tensor(float(tokens)),
-                     "samples": torch.tensor(float(len(batch)))}
+            counts = torch.tensor([float(tokens), float(len(batch))], device=self.device)
+            stats = {"loss": loss.detach(), **terms, "tokens": counts[0], "samples": counts[1]}
             if self.cfg.data.max_tokens:
                 stats["packing_efficiency"] = stats["tokens"] / self.cfg.data.max_tokens
             for k, v in stats.items():

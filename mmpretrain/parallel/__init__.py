@@ -88,6 +88,14 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def any_rank(flag: torch.Tensor) -> bool:
+    """True on every rank when `flag` (a bool scalar) is true on any rank."""
+    if dist.is_initialized():
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
 def cleanup() -> None:
     global _DATA_PARALLEL
     _DATA_PARALLEL = (0, 1, None)
