@@ -125,8 +125,10 @@ class MultimodalModel(nn.Module):
         for m in self.modalities:
             if b:
                 media_tokens[m], embeddings[m] = self.encode_media(m, batch.media[m])
-            else:
-                embeddings[m] = batch.tokens.new_zeros(0, self.text_proj.out_features, dtype=torch.float)
+            else:  # documents only; still a graph leaf, so that data-parallel gathers of the
+                # embeddings run their backward on every rank alike
+                embeddings[m] = torch.zeros(0, self.text_proj.out_features, device=batch.tokens.device,
+                                            requires_grad=True)
         text = self.decoder.embed(batch.tokens)  # (B, L, C)
         lengths = batch.lengths.tolist()
         seqs = [[(text[i, :n], None)] for i, n in enumerate(lengths)]

@@ -29,14 +29,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, size, group = data_parallel()
     if size == 1:
         return x
-    import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_nn
+    from mmpretrain.parallel.collectives import all_gather
 
-    counts = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(size)]
-    dist.all_gather(counts, torch.tensor(len(x), device=x.device), group=group)
-    counts = [int(c) for c in counts]
+    counts = all_gather(torch.tensor(len(x), device=x.device), group).tolist()
     padded = torch.cat([x, x.new_zeros(max(counts) - len(x), *x.shape[1:])])
-    parts = dist_nn.all_gather(padded, group=group)
+    parts = all_gather(padded, group)  # (world, max count, ...)
     return torch.cat([p[:n] for p, n in zip(parts, counts)], dim=0)
 
 

@@ -53,12 +53,9 @@ def _send(queue, *result):
     queue.put(buf.getvalue())
 
 
-SPLIT = [slice(0, 3), slice(3, 8)]
-
-
-def _gather_worker(rank, world, port, feats, queue):
+def _gather_worker(rank, world, port, feats, split, queue):
     _join(rank, world, port)
-    rows = SPLIT[rank]  # uneven: token-budget batches differ in size across ranks
+    rows = split[rank]  # uneven: token-budget batches differ in size across ranks
     local = {m: f[rows].clone().requires_grad_() for m, f in feats.items()}
     present = {m: torch.ones(len(local[m]), dtype=torch.bool) for m in local}
     scales = nn.ParameterDict({"text-image": nn.Parameter(torch.tensor(2.5, dtype=torch.float64))})
@@ -69,7 +66,9 @@ def _gather_worker(rank, world, port, feats, queue):
     parallel.cleanup()
 
 
-def test_contrastive_gather_equals_single_process_with_uneven_batches():
+@pytest.mark.parametrize("split", [[slice(0, 3), slice(3, 8)], [slice(0, 0), slice(0, 8)]],
+                         ids=["3+5", "documents-only-rank"])
+def test_contrastive_gather_equals_single_process_with_uneven_batches(split):
     torch.manual_seed(0)
     feats = {m: nn.functional.normalize(torch.randn(8, 6, dtype=torch.float64), dim=-1)
              for m in ("text", "image")}
@@ -79,7 +78,7 @@ def test_contrastive_gather_equals_single_process_with_uneven_batches():
     ref = contrastive_losses(ModelOutput(full, present, None, None), scales, 100.0)["contrastive/text-image"]
     ref.backward()
 
-    results = _run_workers(_gather_worker, feats)
+    results = _run_workers(_gather_worker, feats, split)
     for _, loss, _ in results:
         assert abs(loss - ref.item()) < 1e-12  # every rank computes the loss of the global batch
     # The gather's backward sums every rank's (identical) loss gradient, so local rows carry
@@ -161,3 +160,18 @@ def test_torchrun_long_context_sequence_parallel(demo_cache, tmp_path):
     metrics = [json.loads(l) for l in (runs / "long_context" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(0.5 < m["packing_efficiency"] <= 1.0 and m["tokens"] <= 512 for m in metrics)
+
+
+@pytest.mark.slow
+def test_torchrun_four_processes_dp_by_sp(demo_cache, tmp_path):
+    """dp=2 x sp=2 with pairs and documents mixed: ranks' graphs differ, collectives must not."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+           str(_free_port()), "-m", "mmpretrain.train", str(ROOT / "configs" / "long_context.yaml"),
+           f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "train.steps=3", "train.log_every=1",
+           "data.max_tokens=384", "model.decoder.layers=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(l) for l in (runs / "long_context" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]

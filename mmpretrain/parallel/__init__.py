@@ -61,7 +61,11 @@ def init_distributed(device_type: str, cfg: ParallelConfig) -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     env.mesh = init_device_mesh(device_type, (world // cfg.sp, cfg.sp), mesh_dim_names=("dp", "sp"))
-    _DATA_PARALLEL = (env.mesh["dp"].get_local_rank(), world // cfg.sp, env.group("dp"))
+    # The loss's gathers get communicators of their own: their backward runs inside autograd,
+    # where DDP's bucket all-reduces on the mesh's dp group may come in another order on each
+    # rank (graphs differ when batches do), and one communicator must see one order everywhere.
+    gathers = [dist.new_group(list(range(j, world, cfg.sp))) for j in range(cfg.sp)]
+    _DATA_PARALLEL = (env.mesh["dp"].get_local_rank(), world // cfg.sp, gathers[env.rank % cfg.sp])
     return env
 
 

@@ -23,18 +23,10 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
 from mmpretrain.attention import Packing
-
-
-def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
-    """Split x along scatter_dim across ranks, concatenate what arrives along gather_dim."""
-    world = dist.get_world_size(group)
-    inputs = [t.contiguous() for t in x.chunk(world, dim=scatter_dim)]
-    outputs = [torch.empty_like(inputs[0]) for _ in range(world)]
-    return torch.cat(dist_nn.all_to_all(outputs, inputs, group=group), dim=gather_dim)
+from mmpretrain.parallel.collectives import all_to_all
 
 
 class _SliceIn(torch.autograd.Function):
@@ -77,9 +69,9 @@ class UlyssesAttention(nn.Module):
         self.inner, self.group = inner, group
 
     def forward(self, q, k, v, packing: Packing) -> torch.Tensor:
-        q, k, v = (_all_to_all(t, scatter_dim=1, gather_dim=0, group=self.group) for t in (q, k, v))
+        q, k, v = (all_to_all(t, scatter_dim=1, gather_dim=0, group=self.group) for t in (q, k, v))
         out = self.inner(q, k, v, packing)  # (T, H/sp, D) over the whole packed row
-        return _all_to_all(out, scatter_dim=0, gather_dim=1, group=self.group)
+        return all_to_all(out, scatter_dim=0, gather_dim=1, group=self.group)
 
 
 def apply_ulysses(decoder: nn.Module, group) -> nn.Module:

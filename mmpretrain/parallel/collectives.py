@@ -1,0 +1,55 @@
+"""Differentiable collectives over a process group.
+
+Written here rather than taken from torch.distributed.nn.functional: on gloo
+that module emulates all-to-all (also the backward of its all_gather) with
+scatters whose source is a group rank passed as a global one, which fails in
+every subgroup that does not hold those global ranks (any dp x sp mesh).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _AllToAll(torch.autograd.Function):
+    """Chunk j goes to rank j; the backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, group, *chunks):
+        ctx.group = group
+        out = [torch.empty_like(c) for c in chunks]
+        dist.all_to_all(out, [c.contiguous() for c in chunks], group=group)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *_AllToAll.apply(ctx.group, *grads))
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's tensor, stacked; the backward sums all ranks' gradients for the local one."""
+
+    @staticmethod
+    def forward(ctx, group, x):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return None, grad[dist.get_rank(ctx.group)]
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    """Split x along scatter_dim across the group's ranks, concatenate what arrives along gather_dim."""
+    chunks = x.chunk(dist.get_world_size(group), dim=scatter_dim)
+    return torch.cat(_AllToAll.apply(group, *chunks), dim=gather_dim)
+
+
+def all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """(N, ...) on each rank -> (world, N, ...), differentiable."""
+    return _AllGather.apply(group, x)
