@@ -212,3 +212,18 @@ def test_document_only_batch_trains(tiny_cfg, demo_cache):
     assert set(terms) == {"next_token"} and torch.isfinite(loss)  # no pairs: nothing to contrast
     loss.backward()
     assert model.towers["image"].encoder.vit.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_worker_processes_split_shards_deterministically(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("data.num_workers=2", "data.shuffle_buffer=8")
+    cfg.data.sources = [write_shardwriter(tmp_path, [sample_dict(i) for i in range(24)], maxcount=6)]
+    tok = Tokenizer(cfg.model.text)
+    urls = resolve_sources(cfg.data, "train")
+
+    def epoch_keys():
+        it = iter(BatchStream(urls, cfg, tok, 4))
+        return [next(it).keys for _ in range(6)]  # 24 samples, 4 shards over 2 workers
+
+    first = epoch_keys()
+    assert epoch_keys() == first
+    assert sorted(k for keys in first for k in keys) == [f"s{i:05d}" for i in range(24)]

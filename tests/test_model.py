@@ -103,3 +103,24 @@ def test_bad_geometry_is_a_clear_error():
         ImageEncoder(load_config(None, ["model.image.image_size=30"]).model.image)
     with pytest.raises(ValueError, match="width 30 must split into 4 heads"):
         Decoder(load_config(None, ["model.decoder.width=30"]).model.decoder, 10)
+
+
+def test_packed_samples_never_see_each_other():
+    """Perturb one sample of a packed batch: every other sample's embeddings and logits are
+    bit-identical (no attention across packed sequences, positions restart per sample)."""
+    cfg = load_config(CONFIGS[0], TINY)
+    batch, tok = synthetic_batch(cfg, n=4)
+    model = MultimodalModel(cfg.model, tok.vocab_size).eval()
+    with torch.no_grad():
+        base = model(batch)
+        batch.tokens[2, 1:4] = torch.tensor([320, 1746, 2368])  # another caption for sample 2
+        batch.media["image"][2] += 1.0
+        out = model(batch)
+    others = torch.tensor([0, 1, 3])
+    for m in ("text", "image", "audio"):
+        assert torch.equal(out.embeddings[m][others], base.embeddings[m][others])
+        assert not torch.equal(out.embeddings[m][2], base.embeddings[m][2]) or m == "audio"
+    lengths = batch.lengths.tolist()
+    spans = torch.split(torch.arange(len(base.lm_targets)), [n - 1 for n in lengths])
+    for i in (0, 1, 3):
+        assert torch.equal(out.lm_logits[spans[i]], base.lm_logits[spans[i]])
