@@ -19,8 +19,9 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> to
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All data-parallel ranks' rows, keeping gradients for the local ones (open_clip's gather).
+def gather_with_grad(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every data-parallel rank's rows of each tensor (all with this rank's row count), keeping
+    gradients for the local ones (open_clip's gather).
 
     Ranks may hold different numbers of rows (token-budget batches): rows are padded to the
     largest count for the collective and the padding is dropped again."""
@@ -28,19 +29,24 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
     _, size, group = data_parallel()
     if size == 1:
-        return x
+        return rows
     from mmpretrain.parallel.collectives import all_gather
 
-    counts = all_gather(torch.tensor(len(x), device=x.device), group).tolist()
-    padded = torch.cat([x, x.new_zeros(max(counts) - len(x), *x.shape[1:])])
-    parts = all_gather(padded, group)  # (world, max count, ...)
-    return torch.cat([p[:n] for p, n in zip(parts, counts)], dim=0)
+    n = len(next(iter(rows.values())))
+    counts = all_gather(torch.tensor(n, device=next(iter(rows.values())).device), group).tolist()
+    out = {}
+    for name, x in rows.items():
+        parts = all_gather(torch.cat([x, x.new_zeros(max(counts) - n, *x.shape[1:])]), group)
+        out[name] = torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+    return out
 
 
 def contrastive_losses(out: ModelOutput, logit_scales, max_logit_scale: float) -> dict[str, torch.Tensor]:
     """One loss per pair in `logit_scales` ("text-image", ...), over samples that have both sides."""
-    feats = {m: gather_with_grad(e) for m, e in out.embeddings.items()}
-    present = {m: gather_with_grad(p.float()).bool() for m, p in out.present.items()}
+    rows = gather_with_grad({**{f"emb/{m}": e for m, e in out.embeddings.items()},
+                             **{f"has/{m}": p.float() for m, p in out.present.items()}})
+    feats = {m: rows[f"emb/{m}"] for m in out.embeddings}
+    present = {m: rows[f"has/{m}"].bool() for m in out.present}
     losses = {}
     for pair, param in logit_scales.items():
         a, b = pair.split("-")

@@ -190,7 +190,8 @@ class Trainer:
                           "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
                           "skipped_samples": dict(self.stream.skipped)}
                 t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
-                bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}")
+                bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
+                                refresh=False)
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
