@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written."""
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: parallel.DistEnv, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
@@ -96,6 +101,7 @@ class Trainer:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.step = 0
         self.nonfinite_skips = 0
+        self.signalled: int | None = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -173,10 +179,31 @@ class Trainer:
         cfg = self.cfg.train
         (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
-        replicas = cfg.grad_accum * self.env.world_size // self.env.sp  # micro-batches per step
-        batches = iter(self.stream)
+        handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         bar = _progress(cfg, self.step, self.env.is_main)
         metrics = open(self.run_dir / "metrics.jsonl", "a") if self.env.is_main else None
+        try:
+            self._loop(bar, metrics)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            bar.close()
+            if metrics:
+                metrics.close()
+        self.save()
+        if self.stream.skipped:
+            log.warning("bad samples skipped: %s", dict(self.stream.skipped))
+        return self.evaluate()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signalled is not None:  # asked twice: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self.signalled = signum  # acted on at the next step boundary, on every rank at once
+
+    def _loop(self, bar, metrics) -> None:
+        cfg = self.cfg.train
+        replicas = cfg.grad_accum * self.env.world_size // self.env.sp  # micro-batches per step
+        batches = iter(self.stream)
         t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
         while self.step < cfg.steps:
             values = self.train_step(batches)
@@ -200,13 +227,10 @@ class Trainer:
                 bar.write(f"step {self.step}: " + "  ".join(f"{k} R@1={v['R@1']:.2f}" for k, v in r.items()))
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
-        bar.close()
-        if metrics:
-            metrics.close()
-        self.save()
-        if self.stream.skipped:
-            log.warning("bad samples skipped: %s", dict(self.stream.skipped))
-        return self.evaluate()
+            if parallel.any_rank(torch.tensor(self.signalled is not None, device=self.device)):
+                self.save()
+                raise Preempted(f"stopped by a signal after step {self.step}; checkpoint written, "
+                                f"run the same command again to resume")
 
 
 def _progress(cfg: TrainConfig, initial: int, enabled: bool):
@@ -267,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    run(cfg)
+    try:
+        run(cfg)
+    except Preempted as e:
+        log.warning("%s", e)
+        return 143  # 128 + SIGTERM: interrupted, but resumable
     return 0
 
 

@@ -110,3 +110,26 @@ def test_nonfinite_loss_stops_with_step_and_term(tiny_cfg, monkeypatch):
     monkeypatch.setattr(objectives, "total_loss", poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 in next_token"):
         train.run(cfg)
+
+
+def test_sigterm_checkpoints_the_last_step_and_resumes(demo_cache, tmp_path):
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
+           f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "run.name=pre", "train.steps=100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = runs / "pre" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "run the same command again to resume" in err
+    last = read_metrics(runs / "pre")[-1]["step"]
+    assert latest_checkpoint(runs / "pre").name == f"step_{last:08d}"
+    cfg_args = [a for a in cmd[3:] if not a.startswith("train.steps")] + [f"train.steps={last + 2}"]
+    assert train.main(cfg_args) == 0
+    assert [m["step"] for m in read_metrics(runs / "pre")][-3:] == [last, last + 1, last + 2]
