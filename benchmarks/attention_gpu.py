@@ -63,7 +63,7 @@ def main() -> int:
     for name in kernels:
         out = packed_causal_attention(q, k, v, packing, name)
         err = (out.float() - ref.float()).abs().max().item()
-        t = bench(lambda: packed_causal_attention(q, k, v, packing, name).sum().backward())
+        t = bench(lambda name=name: packed_causal_attention(q, k, v, packing, name).sum().backward())
         print(f"packed {name:<9}: {t * 1e3:8.2f} ms  {flops / t / 1e12:6.1f} TFLOP/s  "
               f"ratio vs peer {peer / t:5.2f}  max|diff vs sdpa| {err:.3g}")
     return 0

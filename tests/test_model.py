@@ -39,7 +39,7 @@ def test_forward_backward_every_config(path, partial):
     batch, tok = synthetic_batch(cfg, partial=partial)
     model = MultimodalModel(cfg.model, tok.vocab_size)
     out = model(batch, cfg.objectives.next_token_max_samples)
-    for m, e in out.embeddings.items():
+    for e in out.embeddings.values():
         assert e.shape == (len(batch), cfg.model.fusion.embed_dim)
         torch.testing.assert_close(e.norm(dim=-1), torch.ones(len(batch)))
     loss, terms = total_loss(out, model, cfg.objectives)
@@ -64,8 +64,8 @@ def test_forward_targets_are_captions_after_media_and_document_text():
     cfg = load_config(CONFIGS[0], TINY + ["objectives.next_token_max_samples=2"])
     batch, tok = synthetic_batch(cfg, n=3)
     image = torch.randn(3, cfg.model.image.image_size, cfg.model.image.image_size)
-    batch.documents = [[("text", ids) if k == "text" else (k, image) for k, ids in
-                        zip(["text", "image", "text"], tok.document_ids(["look:", "", "that was red."]))]]
+    first, last = tok.document_ids(["look:", "that was red."])
+    batch.documents = [[("text", first), ("image", image), ("text", last)]]
     model = MultimodalModel(cfg.model, tok.vocab_size)
     out = model(batch, cfg.objectives.next_token_max_samples)
     captions = [batch.tokens[i, 1 : batch.lengths[i]] for i in range(2)]  # first 2 pairs only
