@@ -14,10 +14,11 @@ def test_defaults_and_overrides():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_load(path):
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
     cfg = load_config(path)
-    assert load_config(None, []) is not cfg
-    assert to_yaml(cfg)
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(to_yaml(cfg))  # what a run writes as runs/<name>/config.yaml
+    assert load_config(resolved) == cfg
 
 
 def test_unknown_key_suggests_closest():
