@@ -227,3 +227,27 @@ def test_worker_processes_split_shards_deterministically(tiny_cfg, tmp_path):
     first = epoch_keys()
     assert epoch_keys() == first
     assert sorted(k for keys in first for k in keys) == [f"s{i:05d}" for i in range(24)]
+
+
+def test_several_captions_per_item_clip_benchmark_layout(tiny_cfg, tmp_path):
+    path = write_tarfile(tmp_path / "multi.tar", [
+        ("a.txt", b"a red circle\nthe circle is red, said\\nwith a newline\n\n"), ("a.png", png_bytes()),
+        ("b.txt", b"one caption"), ("b.png", png_bytes())])
+    (batch,) = all_eval(tiny_cfg(), path)
+    assert batch.captions == [["a red circle", "the circle is red, said with a newline"], ["one caption"]]
+    tok = Tokenizer(tiny_cfg().model.text)
+    assert torch.equal(batch.tokens[0], tok(["a red circle"])[0][0])  # eval: the first caption
+
+
+def test_eval_counts_every_caption_as_a_query(tiny_cfg, tmp_path):
+    from mmpretrain.eval.retrieval import evaluate
+    from mmpretrain.model import MultimodalModel
+
+    cfg = tiny_cfg()
+    samples = [sample_dict(i, colour=c) for i, c in enumerate(["red", "green", "blue"])]
+    samples[0]["txt"] += "\nanother caption\nand a third"
+    cfg.data.eval_sources = [write_shardwriter(tmp_path, samples)]
+    tok = Tokenizer(cfg.model.text)
+    model = MultimodalModel(cfg.model, tok.vocab_size)
+    r = evaluate(model, cfg, tok, resolve_sources(cfg.data, "eval"), "cpu")
+    assert r["text->image"]["n"] == 5 and r["image->text"]["n"] == 3 and r["image->audio"]["n"] == 3

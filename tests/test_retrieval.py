@@ -37,3 +37,9 @@ def test_media_pairs_only_over_items_with_both():
     r = retrieval_metrics(emb, present)
     assert r["image->audio"]["n"] == 1 and r["text->audio"]["n"] == 2
     assert all(v["R@1"] == 1.0 for v in r.values())
+
+
+def test_absent_modality_is_left_out_not_nan():
+    emb = {"text": torch.eye(2), "image": torch.eye(2), "audio": torch.zeros(2, 2)}
+    present = {"image": torch.tensor([True, True]), "audio": torch.tensor([False, False])}
+    assert set(retrieval_metrics(emb, present)) == {"text->image", "image->text"}

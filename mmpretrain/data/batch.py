@@ -17,6 +17,7 @@ class Batch:
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples dropped since the last batch
     # interleaved documents: per document, segments ("text", ids (n,)) or (modality, media tensor)
     documents: list[list[tuple[str, torch.Tensor]]] = field(default_factory=list)
+    captions: list[list[str]] = field(default_factory=list)  # every caption of each pair (eval)
 
     def __len__(self) -> int:
         """Samples in the batch: media-caption pairs and documents."""
@@ -27,7 +28,7 @@ class Batch:
         return Batch(self.keys, move(self.tokens), move(self.lengths),
                      {k: move(v) for k, v in self.media.items()},
                      {k: move(v) for k, v in self.present.items()}, dict(self.skipped),
-                     [[(kind, move(t)) for kind, t in doc] for doc in self.documents])
+                     [[(kind, move(t)) for kind, t in doc] for doc in self.documents], self.captions)
 
 
 def collate(samples: list[dict], modalities: list[str], tokenizer, media_shapes: dict) -> Batch:
@@ -43,7 +44,8 @@ def collate(samples: list[dict], modalities: list[str], tokenizer, media_shapes:
         zero = torch.zeros(media_shapes[m])
         media[m] = torch.stack([s.get(m, zero) for s in samples]) if samples else zero[None][:0]
         present[m] = has
-    return Batch([s["__key__"] for s in samples], tokens, lengths, media, present, documents=documents)
+    return Batch([s["__key__"] for s in samples], tokens, lengths, media, present, documents=documents,
+                 captions=[s.get("captions", [s["text"]]) for s in samples])
 
 
 def _document(segments, tokenizer) -> list[tuple[str, torch.Tensor]]:

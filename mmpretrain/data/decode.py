@@ -93,11 +93,15 @@ def decode_audio(data: bytes, cfg: AudioEncoderConfig, rng: random.Random | None
     return torch.nn.functional.pad(wave, (0, n - wave.numel()))
 
 
-def decode_text(data: bytes) -> str:
+def decode_captions(data: bytes) -> list[str]:
+    """A `.txt` member -> its captions, one per line (CLIP_benchmark's webdataset layout for
+    retrieval sets, which writes a caption's own newlines as a literal backslash-n)."""
     try:
-        text = data.decode("utf-8").strip()
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadSample("bad_text", repr(e)) from e
-    if not text:
+    captions = [line.replace("\\n", " ").strip() for line in text.splitlines()]
+    captions = [c for c in captions if c]
+    if not captions:
         raise BadSample("empty_text")
-    return text
+    return captions

@@ -27,7 +27,7 @@ import webdataset as wds
 from mmpretrain.config import Config, DataConfig
 from mmpretrain.data.batch import Batch, collate
 from mmpretrain.data.decode import (AUDIO_EXTS, DOC_KEY, IMAGE_EXTS, TEXT_EXTS, BadSample, decode_audio,
-                                    decode_image, decode_text, first_key, ImagePreprocess)
+                                    decode_captions, decode_image, first_key, ImagePreprocess)
 from mmpretrain.data.demo import demo_corpus
 from mmpretrain.parallel import data_parallel
 
@@ -86,7 +86,9 @@ class SampleDecoder:
         key = first_key(raw, TEXT_EXTS)
         if key is None:
             raise BadSample("missing_text", raw.get("__key__", "?"))
-        out = {"__key__": raw["__key__"], "text": decode_text(raw[key])}
+        captions = decode_captions(raw[key])
+        text = rng.choice(captions) if self.train else captions[0]  # a random caption per epoch
+        out = {"__key__": raw["__key__"], "text": text, "captions": captions}
         if "image" in self.modalities and (key := first_key(raw, IMAGE_EXTS)):
             out["image"] = self.image_tf(decode_image(raw[key], self.cfg.model.image), rng)
         if "audio" in self.modalities and (key := first_key(raw, AUDIO_EXTS)):

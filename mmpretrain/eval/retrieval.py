@@ -39,6 +39,8 @@ def retrieval_metrics(emb: dict[str, torch.Tensor], present: dict[str, torch.Ten
     out = {}
     for m in media:
         items = present[m].nonzero().squeeze(1)  # candidate items that have m
+        if len(items) == 0:
+            continue  # e.g. audio in an image-text benchmark
         if "text" in emb:
             caps = present[m][caption_item].nonzero().squeeze(1)
             pos = caption_item[caps][:, None] == items[None]  # (captions, items)
@@ -48,6 +50,8 @@ def retrieval_metrics(emb: dict[str, torch.Tensor], present: dict[str, torch.Ten
         for other in media:
             if other != m:
                 both = (present[m] & present[other]).nonzero().squeeze(1)
+                if len(both) == 0:
+                    continue
                 sim = emb[m][both] @ emb[other][both].t()
                 out[f"{m}->{other}"] = {**recall_at_k(sim, torch.eye(len(both), dtype=torch.bool)),
                                         "n": len(both)}
@@ -55,17 +59,21 @@ def retrieval_metrics(emb: dict[str, torch.Tensor], present: dict[str, torch.Ten
 
 
 @torch.no_grad()
-def embed_batches(model, batches, device) -> tuple[dict, dict, list[str]]:
-    """Run the model's encoders over eval batches -> embeddings, presence masks, keys."""
+def embed_batches(model, tokenizer, batches, device) -> tuple[dict, dict, torch.Tensor, list[str]]:
+    """Run the model's encoders over eval batches -> item embeddings (text: one row per
+    caption), presence masks, the item of each caption, keys."""
     was_training = model.training
     model.eval()
-    emb, present, keys = {}, {}, []
+    emb, present, caption_item, keys = {}, {}, [], []
     for batch in batches:
         if not batch.keys:  # only interleaved documents: nothing to retrieve
             continue
         batch = batch.to(device)
+        captions = [c for caps in batch.captions for c in caps]
+        caption_item += [len(keys) + i for i, caps in enumerate(batch.captions) for _ in caps]
         keys += batch.keys
-        parts = {"text": model.encode_text(batch.tokens, batch.lengths)}
+        tokens, lengths = tokenizer(captions)
+        parts = {"text": model.encode_text(tokens.to(device), lengths.to(device))}
         for m in model.modalities:
             has = batch.present[m]
             vec = torch.zeros(len(batch.keys), model.text_proj.out_features, device=device)
@@ -78,14 +86,14 @@ def embed_batches(model, batches, device) -> tuple[dict, dict, list[str]]:
     model.train(was_training)
     emb = {m: torch.cat(v) for m, v in emb.items()}
     present = {m: torch.cat(v) for m, v in present.items()}
-    return emb, present, keys
+    return emb, present, torch.tensor(caption_item, dtype=torch.long), keys
 
 
 def evaluate(model, cfg, tokenizer, urls: list[str], device) -> dict[str, dict]:
     from mmpretrain.data import eval_batches
 
-    emb, present, _ = embed_batches(model, eval_batches(urls, cfg, tokenizer), device)
-    return retrieval_metrics(emb, present)
+    emb, present, caption_item, _ = embed_batches(model, tokenizer, eval_batches(urls, cfg, tokenizer), device)
+    return retrieval_metrics(emb, present, caption_item)
 
 
 def format_table(results: dict[str, dict]) -> str:
