@@ -12,6 +12,13 @@ import torch
 import torch.distributed as dist
 
 
+def gathered(x: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every rank's `x` (same shape on all ranks), in rank order; not differentiable."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return parts
+
+
 class _AllToAll(torch.autograd.Function):
     """Chunk j goes to rank j; the backward sends the gradients back the same way."""
 
@@ -33,9 +40,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, x):
         ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.stack(parts)
+        return torch.stack(gathered(x, group))
 
     @staticmethod
     def backward(ctx, grad):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from mmpretrain.attention import Packing
-from mmpretrain.parallel.collectives import all_to_all
+from mmpretrain.parallel.collectives import all_to_all, gathered
 
 
 class _SliceIn(torch.autograd.Function):
@@ -40,9 +40,7 @@ class _SliceIn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(ctx.group))]
-        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
-        return torch.cat(parts), None
+        return torch.cat(gathered(grad, ctx.group)), None
 
 
 class _GatherOut(torch.autograd.Function):
@@ -51,9 +49,7 @@ class _GatherOut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
+        return torch.cat(gathered(x, group))
 
     @staticmethod
     def backward(ctx, grad):
