@@ -21,15 +21,17 @@ TINY = ["model.image.width=32", "model.image.depth=1", "model.image.heads=2",
 
 def synthetic_batch(cfg, n=6, partial=False):
     tok = Tokenizer(cfg.model.text)
-    shapes = SampleDecoder(cfg, train=False).media_shapes()
+    shapes = SampleDecoder(cfg, False, tok).media_shapes()
     samples = []
     for i in range(n):
-        s = {"__key__": str(i), "text": " ".join(["a red circle"] * (1 + i % 3))}
+        text = " ".join(["a red circle"] * (1 + i % 3))
+        tokens, length = tok([text])
+        s = {"__key__": str(i), "tokens": tokens[0], "length": int(length[0]), "captions": [text]}
         for j, m in enumerate(cfg.model.modalities):
             if not partial or (i + j) % 3:
                 s[m] = torch.randn(shapes[m])
         samples.append(s)
-    return collate(samples, cfg.model.modalities, tok, shapes), tok
+    return collate(samples, cfg.model.modalities, shapes, tok.context_length), tok
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -31,13 +31,14 @@ class Batch:
                      [[(kind, move(t)) for kind, t in doc] for doc in self.documents], self.captions)
 
 
-def collate(samples: list[dict], modalities: list[str], tokenizer, media_shapes: dict) -> Batch:
-    """samples: dicts with "__key__", "text" and any of `modalities` as tensors, or with
-    "document" (interleaved segments, see SampleDecoder.document)."""
-    documents = [_document(s["document"], tokenizer) for s in samples if "document" in s]
+def collate(samples: list[dict], modalities: list[str], media_shapes: dict, context_length: int) -> Batch:
+    """samples: dicts with "__key__", caption "tokens" (context_length,) and "length", "captions"
+    and any of `modalities` as tensors; or with "document" (segments, text as token ids)."""
+    documents = [s["document"] for s in samples if "document" in s]
     samples = [s for s in samples if "document" not in s]
-    tokens, lengths = tokenizer([s["text"] for s in samples]) if samples else (
-        torch.zeros(0, tokenizer.context_length, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    tokens = (torch.stack([s["tokens"] for s in samples]) if samples
+              else torch.zeros(0, context_length, dtype=torch.long))
+    lengths = torch.tensor([s["length"] for s in samples], dtype=torch.long)
     media, present = {}, {}
     for m in modalities:
         has = torch.tensor([m in s for s in samples], dtype=torch.bool)
@@ -45,9 +46,4 @@ def collate(samples: list[dict], modalities: list[str], tokenizer, media_shapes:
         media[m] = torch.stack([s.get(m, zero) for s in samples]) if samples else zero[None][:0]
         present[m] = has
     return Batch([s["__key__"] for s in samples], tokens, lengths, media, present, documents=documents,
-                 captions=[s.get("captions", [s["text"]]) for s in samples])
-
-
-def _document(segments, tokenizer) -> list[tuple[str, torch.Tensor]]:
-    ids = iter(tokenizer.document_ids([v for k, v in segments if k == "text"]))
-    return [(k, next(ids) if k == "text" else v) for k, v in segments]
+                 captions=[s["captions"] for s in samples])

@@ -73,29 +73,38 @@ class SkipCounter:
 
 
 class SampleDecoder:
-    """Raw sample (bytes by extension) -> dict of tensors for the model's modalities."""
+    """Raw sample (bytes by extension) -> dict of tensors for the model's modalities, with the
+    caption (or a document's text) tokenized once, here."""
 
-    def __init__(self, cfg: Config, train: bool):
-        self.cfg, self.train = cfg, train
+    def __init__(self, cfg: Config, train: bool, tokenizer):
+        self.cfg, self.train, self.tokenizer = cfg, train, tokenizer
         self.modalities = list(cfg.model.modalities)
         self.image_tf = ImagePreprocess(cfg.model.image, train)
 
     def __call__(self, raw: dict, rng: random.Random) -> dict:
         if DOC_KEY in raw:
-            return {"__key__": raw["__key__"], "document": self.document(raw, rng)}
+            segments = self.document(raw, rng)
+            ids = iter(self.tokenizer.document_ids([v for k, v in segments if k == "text"]))
+            return {"__key__": raw["__key__"],
+                    "document": [(k, next(ids) if k == "text" else v) for k, v in segments]}
         key = first_key(raw, TEXT_EXTS)
         if key is None:
             raise BadSample("missing_text", raw.get("__key__", "?"))
         captions = decode_captions(raw[key])
         text = rng.choice(captions) if self.train else captions[0]  # a random caption per epoch
-        out = {"__key__": raw["__key__"], "text": text, "captions": captions}
-        if "image" in self.modalities and (key := first_key(raw, IMAGE_EXTS)):
-            out["image"] = self.image_tf(decode_image(raw[key], self.cfg.model.image), rng)
-        if "audio" in self.modalities and (key := first_key(raw, AUDIO_EXTS)):
-            out["audio"] = decode_audio(raw[key], self.cfg.model.audio, rng if self.train else None)
+        tokens, length = self.tokenizer([text])
+        out = {"__key__": raw["__key__"], "tokens": tokens[0], "length": int(length[0]), "captions": captions}
+        for m, exts in (("image", IMAGE_EXTS), ("audio", AUDIO_EXTS)):
+            if m in self.modalities and (key := first_key(raw, exts)):
+                out[m] = self.media(m, raw[key], rng)
         if not any(m in out for m in self.modalities):
             raise BadSample("no_media", raw["__key__"])
         return out
+
+    def media(self, modality: str, data: bytes, rng: random.Random) -> torch.Tensor:
+        if modality == "image":
+            return self.image_tf(decode_image(data, self.cfg.model.image), rng)
+        return decode_audio(data, self.cfg.model.audio, rng if self.train else None)
 
     def document(self, raw: dict, rng: random.Random) -> list[tuple[str, object]]:
         """`doc.json` {"interleaved": [{"text": str} | {"image": member} | {"audio": member}, ...]}
@@ -112,10 +121,7 @@ class SampleDecoder:
             elif kind in ("image", "audio") and kind in self.modalities:
                 if value not in raw:
                     raise BadSample("bad_document", f"missing member {value!r}")
-                if kind == "image":
-                    out.append(("image", self.image_tf(decode_image(raw[value], self.cfg.model.image), rng)))
-                else:
-                    out.append(("audio", decode_audio(raw[value], self.cfg.model.audio, rng if self.train else None)))
+                out.append((kind, self.media(kind, raw[value], rng)))
             elif kind not in ("image", "audio"):
                 raise BadSample("bad_document", f"segment {seg!r}")
         if not any(k == "text" for k, _ in out):
@@ -142,7 +148,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         rank, world, _ = data_parallel() if self.train else (0, 1, None)  # all ranks evaluate all
         part, parts = rank * workers + worker, world * workers
         skips = SkipCounter(data.max_bad_sample_logs)
-        decoder = SampleDecoder(self.cfg, self.train)
+        decoder = SampleDecoder(self.cfg, self.train, self.tokenizer)
         urls = list(self.urls)
         if self.train:
             random.Random(f"shards-{seed}-{self.epoch}").shuffle(urls)
@@ -183,14 +189,12 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         """Tokens the sample adds to the packed decoder row: its caption alone, and its media
         tokens (every modality present) followed by the caption again."""
         latents = self.cfg.model.fusion.num_latents
-        if "document" in sample:  # text segments (plus sot and eot) and each media item's tokens
-            return 2 + sum(len(self.tokenizer.encode(v)) if k == "text" else latents
-                           for k, v in sample["document"])
-        caption = int(self.tokenizer([sample["text"]])[1][0])
-        return 2 * caption + sum(m in sample for m in self.cfg.model.modalities) * latents
+        if "document" in sample:  # text segments (sot and eot included) and each media item's tokens
+            return sum(len(v) if k == "text" else latents for k, v in sample["document"])
+        return 2 * sample["length"] + sum(m in sample for m in self.cfg.model.modalities) * latents
 
     def _collate(self, samples, decoder, skips) -> Batch:
-        batch = collate(samples, decoder.modalities, self.tokenizer, decoder.media_shapes())
+        batch = collate(samples, decoder.modalities, decoder.media_shapes(), self.tokenizer.context_length)
         batch.skipped = skips.take()
         return batch
 
