@@ -75,9 +75,14 @@ class MultimodalModel(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Caption alone through the decoder, pooled at eot: (B, L) -> (B, E) normalised."""
-        text = self.decoder.embed(tokens)
-        x, packing, _ = self._pack([[(text[i, :n], None)] for i, n in enumerate(lengths.tolist())])
+        _, seqs = self._captions(tokens, lengths)
+        x, packing, _ = self._pack(seqs)
         return self._text_embedding(self.decoder(x, packing), packing, len(tokens))
+
+    def _captions(self, tokens: torch.Tensor, lengths: torch.Tensor):
+        """-> caption embeddings (B, L, C), and one caption-only sequence per sample (no targets)."""
+        text = self.decoder.embed(tokens)
+        return text, [[(text[i, :n], None)] for i, n in enumerate(lengths.tolist())]
 
     def _text_embedding(self, h: torch.Tensor, packing: Packing, n: int) -> torch.Tensor:
         eot = packing.cu_seqlens[1 : n + 1] - 1  # last token of the first n (caption-only) sequences
@@ -129,9 +134,8 @@ class MultimodalModel(nn.Module):
                 # embeddings run their backward on every rank alike
                 embeddings[m] = torch.zeros(0, self.text_proj.out_features, device=batch.tokens.device,
                                             requires_grad=True)
-        text = self.decoder.embed(batch.tokens)  # (B, L, C)
+        text, seqs = self._captions(batch.tokens, batch.lengths)
         lengths = batch.lengths.tolist()
-        seqs = [[(text[i, :n], None)] for i, n in enumerate(lengths)]
         for i in range(b if not next_token_samples else min(b, next_token_samples)):
             caption_targets = batch.tokens[i, : lengths[i]].clone()
             caption_targets[0] = -1  # sot follows the media; it is given, not predicted
