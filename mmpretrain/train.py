@@ -100,7 +100,6 @@ class Trainer:
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.step = 0
-        self.nonfinite_skips = 0
         self.signalled: int | None = None
 
     # ------------------------------------------------------------------ state
@@ -150,7 +149,6 @@ class Trainer:
                     raise FloatingPointError(f"non-finite loss at step {self.step + 1} in {', '.join(bad)}: "
                                              f"{ {k: float(v) for k, v in terms.items()} }")
                 self.optimizer.zero_grad(set_to_none=True)
-                self.nonfinite_skips += 1
                 log.warning("step %d: non-finite loss in %s, skipped", self.step + 1, ", ".join(bad))
                 return {}
             (loss / cfg.grad_accum).backward()

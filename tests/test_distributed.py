@@ -88,18 +88,24 @@ def test_contrastive_gather_equals_single_process_with_uneven_batches(split):
         torch.testing.assert_close(local[m], full[m].grad, rtol=1e-10, atol=1e-12)
 
 
-def test_torchrun_two_processes(demo_cache, tmp_path):
-    runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
-           f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "run.name=ddp", "train.steps=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+def _torchrun(nproc: int, config: str, demo_cache, run_dir, *overrides) -> tuple[str, list[dict]]:
+    """`torchrun -m mmpretrain.train` on CPU -> (stderr, metrics.jsonl records); must exit 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), "-m", "mmpretrain.train", str(ROOT / "configs" / config),
+           f"data.demo.cache_dir={demo_cache}", f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
+           *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = [json.loads(l) for l in (runs / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    return proc.stderr, [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_two_processes(demo_cache, tmp_path):
+    run = tmp_path / "runs" / "ddp"
+    stderr, metrics = _torchrun(2, "tiny.yaml", demo_cache, run, "train.steps=2")
     assert [m["step"] for m in metrics] == [1, 2]
-    assert "2 process(es)" in proc.stderr
-    assert json.loads((runs / "ddp" / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
+    assert "2 process(es)" in stderr
+    assert json.loads((run / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
 
 
 SP_CFG = ["model.decoder.heads=4", "model.decoder.width=32", "model.decoder.layers=2",
@@ -149,15 +155,8 @@ def test_ulysses_matches_single_process(ckpt):
 
 def test_torchrun_long_context_sequence_parallel(demo_cache, tmp_path):
     """configs/long_context.yaml as shipped: token-budget rows, sp=2, checkpointed blocks."""
-    runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "mmpretrain.train", str(ROOT / "configs" / "long_context.yaml"),
-           f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "train.steps=2", "train.log_every=1",
-           "data.max_tokens=512", "model.decoder.layers=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = [json.loads(l) for l in (runs / "long_context" / "metrics.jsonl").read_text().splitlines()]
+    _, metrics = _torchrun(2, "long_context.yaml", demo_cache, tmp_path / "runs" / "lc", "train.steps=2",
+                           "train.log_every=1", "data.max_tokens=512", "model.decoder.layers=2")
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(0.5 < m["packing_efficiency"] <= 1.0 and m["tokens"] <= 512 for m in metrics)
 
@@ -165,13 +164,6 @@ def test_torchrun_long_context_sequence_parallel(demo_cache, tmp_path):
 @pytest.mark.slow
 def test_torchrun_four_processes_dp_by_sp(demo_cache, tmp_path):
     """dp=2 x sp=2 with pairs and documents mixed: ranks' graphs differ, collectives must not."""
-    runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
-           str(_free_port()), "-m", "mmpretrain.train", str(ROOT / "configs" / "long_context.yaml"),
-           f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "train.steps=3", "train.log_every=1",
-           "data.max_tokens=384", "model.decoder.layers=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = [json.loads(l) for l in (runs / "long_context" / "metrics.jsonl").read_text().splitlines()]
+    _, metrics = _torchrun(4, "long_context.yaml", demo_cache, tmp_path / "runs" / "lc4", "train.steps=3",
+                           "train.log_every=1", "data.max_tokens=384", "model.decoder.layers=1")
     assert [m["step"] for m in metrics] == [1, 2, 3]
