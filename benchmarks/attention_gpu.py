@@ -18,7 +18,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from mmpretrain.attention import Packing, packed_causal_attention, xformers_status
+from mmpretrain.attention import packed_causal_attention, xformers_status
+from mmpretrain.packing import Packing
 
 
 def bench(fn, iters=10) -> float:

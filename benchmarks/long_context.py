@@ -29,10 +29,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mmpretrain.attention import Packing
 from mmpretrain.config import DecoderConfig
 from mmpretrain.decoder import Decoder
-from mmpretrain.parallel.checkpointing import apply_activation_checkpointing
+from mmpretrain.packing import Packing
+from mmpretrain.parallel.activation_checkpointing import apply_activation_checkpointing
 
 CPU_MODEL = DecoderConfig(width=128, layers=4, heads=2)
 GPU_MODEL = DecoderConfig(width=2048, layers=20, heads=16)

@@ -1,7 +1,7 @@
 """The one place that picks the attention kernel.
 
 Every caller hands over *packed* sequences: tokens of many sequences laid end
-to end, shape (T, heads, head_dim), described by `Packing` (cumulative
+to end, shape (T, heads, head_dim), described by `packing.Packing` (cumulative
 sequence lengths). Attention is causal inside each sequence and never crosses
 sequences. Kernels:
 
@@ -26,42 +26,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmpretrain.packing import Packing
+
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "xformers", "varlen", "sdpa")
-
-
-@dataclass
-class Packing:
-    """Layout of packed sequences; built once per forward and shared by all layers."""
-
-    cu_seqlens: torch.Tensor  # (N + 1,) int64, cu_seqlens[i] = start of sequence i
-    max_len: int
-    positions: torch.Tensor  # (T,) position of each token inside its own sequence
-    pad_index: torch.Tensor  # (T,) flat index of each token in an (N, max_len) grid
-
-    @classmethod
-    def from_lengths(cls, lengths: torch.Tensor | list[int], device=None) -> Packing:
-        lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
-        cu = F.pad(lengths.cumsum(0), (1, 0))
-        starts = torch.repeat_interleave(cu[:-1], lengths)
-        positions = torch.arange(int(cu[-1]), device=lengths.device) - starts
-        seq_id = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-        max_len = int(lengths.max())
-        return cls(cu, max_len, positions, seq_id * max_len + positions)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.cu_seqlens.diff()
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.cu_seqlens) - 1
 
 
 def _sdpa_packed(q, k, v, packing: Packing) -> torch.Tensor:

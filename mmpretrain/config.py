@@ -93,6 +93,11 @@ class AudioEncoderConfig:
     mel_mean: float = -4.0
     mel_std: float = 4.0
 
+    @property
+    def clip_samples(self) -> int:
+        """Samples in one clip at sample_rate."""
+        return int(round(self.sample_rate * self.clip_seconds))
+
 
 @dataclass
 class TextConfig:

@@ -1,7 +1,7 @@
 """The shared causal decoder: pre-norm blocks of RMSNorm, rotary attention and SwiGLU.
 
 It works on packed sequences (tokens of many sequences end to end, see
-`attention.Packing`), so media+caption rows, caption-only rows and, later,
+`packing.Packing`), so media+caption rows, caption-only rows and, later,
 long interleaved documents all go through the same code.
 """
 
@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmpretrain.attention import PackedAttention, Packing
+from mmpretrain.attention import PackedAttention
 from mmpretrain.config import DecoderConfig
+from mmpretrain.packing import Packing
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,10 @@ class Decoder(nn.Module):
         inv_freq = cfg.rope_theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.init_weights()
+
+    def no_weight_decay(self) -> set[str]:
+        """The token embedding (tied to the output head) takes no weight decay."""
+        return {"embed.weight"}
 
     def init_weights(self):
         nn.init.normal_(self.embed.weight, std=0.02)

@@ -1,4 +1,10 @@
-"""Training objectives: symmetric InfoNCE between modality pairs, and next-token captioning."""
+"""Training objectives: symmetric InfoNCE between modality pairs, and next-token captioning.
+
+The objectives own their state: which pairs are contrasted and each pair's
+learnable temperature. `PretrainingTask` puts model and objectives in one
+module (open_clip calls it a training task), so that a data-parallel wrapper
+sees every parameter, the temperatures included, used inside its forward.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mmpretrain.batch import Batch
 from mmpretrain.config import ObjectivesConfig
-from mmpretrain.model import ModelOutput
+from mmpretrain.model import ModelOutput, MultimodalModel
+from mmpretrain.packing import RowLayout
+
+
+def contrastive_pairs(modalities: list[str], media_pairs: bool) -> list[tuple[str, str]]:
+    pairs = [("text", m) for m in modalities]
+    if media_pairs:
+        pairs += [(a, b) for i, a in enumerate(modalities) for b in modalities[i + 1 :]]
+    return pairs
 
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -19,16 +34,13 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> to
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def gather_with_grad(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every data-parallel rank's rows of each tensor (all with this rank's row count), keeping
-    gradients for the local ones (open_clip's gather).
+def gather_with_grad(rows: dict[str, torch.Tensor], group) -> dict[str, torch.Tensor]:
+    """Every rank of `group`'s rows of each tensor (all with this rank's row count), keeping
+    gradients for the local ones (open_clip's gather). `group` None: this process alone.
 
     Ranks may hold different numbers of rows (token-budget batches): rows are padded to the
     largest count for the collective and the padding is dropped again."""
-    from mmpretrain.parallel import data_parallel
-
-    _, size, group = data_parallel()
-    if size == 1:
+    if group is None:
         return rows
     from mmpretrain.parallel.collectives import all_gather
 
@@ -41,10 +53,12 @@ def gather_with_grad(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def contrastive_losses(out: ModelOutput, logit_scales, max_logit_scale: float) -> dict[str, torch.Tensor]:
-    """One loss per pair in `logit_scales` ("text-image", ...), over samples that have both sides."""
+def contrastive_losses(out: ModelOutput, logit_scales, max_logit_scale: float,
+                       group=None) -> dict[str, torch.Tensor]:
+    """One loss per pair in `logit_scales` ("text-image", ...), over the samples of every rank in
+    the data-parallel `group` that have both sides."""
     rows = gather_with_grad({**{f"emb/{m}": e for m, e in out.embeddings.items()},
-                             **{f"has/{m}": p.float() for m, p in out.present.items()}})
+                             **{f"has/{m}": p.float() for m, p in out.present.items()}}, group)
     feats = {m: rows[f"emb/{m}"] for m in out.embeddings}
     present = {m: rows[f"has/{m}"].bool() for m in out.present}
     losses = {}
@@ -63,27 +77,39 @@ def next_token_loss(out: ModelOutput) -> torch.Tensor:
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), out.lm_targets)
 
 
-def total_loss(out: ModelOutput, model, cfg: ObjectivesConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the objectives -> (loss, {term: value}) for logging."""
-    terms = contrastive_losses(out, model.logit_scale, cfg.max_logit_scale) if cfg.contrastive_weight else {}
-    loss = out.lm_logits.new_zeros(())
-    if terms:
-        loss = loss + cfg.contrastive_weight * sum(terms.values()) / len(terms)
-    if cfg.next_token_weight and len(out.lm_targets):
-        terms["next_token"] = next_token_loss(out)
-        loss = loss + cfg.next_token_weight * terms["next_token"]
-    return loss, {k: v.detach() for k, v in terms.items()}
+class Objectives(nn.Module):
+    """Weighted contrastive + next-token loss, with one learnable temperature per pair."""
 
-
-class PretrainingLoss(nn.Module):
-    """Model + objectives as one module, so that a data-parallel wrapper sees every parameter
-    (the temperatures included) used inside its forward."""
-
-    def __init__(self, model: nn.Module, cfg: ObjectivesConfig):
+    def __init__(self, modalities: list[str], cfg: ObjectivesConfig):
         super().__init__()
-        self.model, self.cfg = model, cfg
+        self.cfg = cfg
+        # stored as log(1/T) as in CLIP
+        self.logit_scale = nn.ParameterDict({
+            f"{a}-{b}": nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+            for a, b in contrastive_pairs(modalities, cfg.media_pairs)})
+        self.gather_group = None  # the data-parallel group, handed over by parallel.parallelize
 
-    def forward(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """-> loss, its terms, and the packed decoder row length."""
-        out = self.model(batch, self.cfg.next_token_max_samples)
-        return *total_loss(out, self.model, self.cfg), out.packed_tokens
+    def forward(self, out: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> (loss, {term: detached value}) for logging."""
+        cfg = self.cfg
+        terms = (contrastive_losses(out, self.logit_scale, cfg.max_logit_scale, self.gather_group)
+                 if cfg.contrastive_weight else {})
+        loss = out.lm_logits.new_zeros(())
+        if terms:
+            loss = loss + cfg.contrastive_weight * sum(terms.values()) / len(terms)
+        if cfg.next_token_weight and len(out.lm_targets):
+            terms["next_token"] = next_token_loss(out)
+            loss = loss + cfg.next_token_weight * terms["next_token"]
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+
+class PretrainingTask(nn.Module):
+    """Model + objectives: batch -> (loss, terms). Its parameters are the model's, then the
+    temperatures."""
+
+    def __init__(self, model: MultimodalModel, objectives: Objectives, layout: RowLayout):
+        super().__init__()
+        self.model, self.objectives, self.layout = model, objectives, layout
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.objectives(self.model(batch, self.layout))

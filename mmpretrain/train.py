@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import signal
 import sys
@@ -25,35 +24,17 @@ from mmpretrain import parallel
 from mmpretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_yaml
 from mmpretrain.data import BatchStream, resolve_sources
-from mmpretrain.encoders.text import Tokenizer
 from mmpretrain.eval.retrieval import evaluate, format_table
 from mmpretrain.export import export_model
 from mmpretrain.model import MultimodalModel
-from mmpretrain.objectives import PretrainingLoss
+from mmpretrain.objectives import Objectives, PretrainingTask
+from mmpretrain.optim import build_optimizer, build_scheduler
+from mmpretrain.packing import RowLayout
 from mmpretrain.plots import plot_curves
+from mmpretrain.runlog import RunLog
+from mmpretrain.tokenizer import Tokenizer
 
 log = logging.getLogger("mmpretrain")
-
-# parameters that never take weight decay besides biases and norms (all 1-D)
-NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "decoder.embed.weight", "latent", "modality_embed")
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,27 +70,37 @@ class Trainer:
         self.tokenizer = Tokenizer(cfg.model.text)
         self.train_urls = resolve_sources(cfg.data, "train")
         self.eval_urls = resolve_sources(cfg.data, "eval")
-        self.stream = BatchStream(self.train_urls, cfg, self.tokenizer, cfg.train.batch_size)
+        self.stream = BatchStream(self.train_urls, cfg, self.tokenizer, cfg.train.batch_size,
+                                  env.dp_rank, env.dp_size)
         torch.manual_seed(cfg.run.seed)
-        self.model = MultimodalModel(cfg.model, self.tokenizer.vocab_size, cfg.objectives.media_pairs,
-                                     cfg.objectives.init_temperature).to(device)
-        self.loss = parallel.parallelize(self.model, PretrainingLoss(self.model, cfg.objectives), env,
-                                         cfg.parallel)
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.train))
+        self.model = MultimodalModel(cfg.model, self.tokenizer.vocab_size)
+        self.task = PretrainingTask(self.model, Objectives(self.model.modalities, cfg.objectives),
+                                    RowLayout.from_config(cfg)).to(device)
+        self.loss = parallel.parallelize(self.task, env, cfg.parallel)
+        self.optimizer = build_optimizer(self.task, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.log = RunLog(self.run_dir, env.is_main)
         self.step = 0
         self.signalled: int | None = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step,
-                "data": self.stream.state_dict(), "rng": rng_state()}
+        return {"model": self.model.state_dict(), "objectives": self.task.objectives.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step, "data": self.stream.state_dict(), "rng": rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        if "objectives" not in state:  # before 0.2 the temperatures lived in the model
+            model = state["model"]
+            state["objectives"] = {k: model.pop(k) for k in list(model) if k.startswith("logit_scale.")}
+        try:
+            self.model.load_state_dict(state["model"])
+            self.task.objectives.load_state_dict(state["objectives"])
+        except RuntimeError as e:
+            raise RuntimeError(f"the checkpoint does not fit this run's model/objectives config "
+                               f"(train.resume=none starts afresh): {str(e).splitlines()[0]}") from e
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])
@@ -125,10 +116,7 @@ class Trainer:
             return
         self.load_state_dict(load_checkpoint(path, map_location=self.device))
         log.info("resumed from %s (step %d)", path, self.step)
-        for records in (self.run_dir / "metrics.jsonl", self.run_dir / "eval" / "history.jsonl"):
-            if self.env.is_main and records.exists():  # drop records the checkpoint does not cover
-                keep = [l for l in records.read_text().splitlines() if json.loads(l)["step"] <= self.step]
-                records.write_text("".join(l + "\n" for l in keep))
+        self.log.trim(self.step)
 
     def save(self) -> None:
         if self.env.is_main:
@@ -142,7 +130,7 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             batch = next(batches).to(self.device, non_blocking=True)
             with self.autocast:
-                loss, terms, tokens = self.loss(batch)
+                loss, terms = self.loss(batch)
             if parallel.any_rank(~torch.isfinite(loss.detach())):  # every rank takes the same branch
                 bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
                 if cfg.nan_policy == "stop":
@@ -152,14 +140,14 @@ class Trainer:
                 log.warning("step %d: non-finite loss in %s, skipped", self.step + 1, ", ".join(bad))
                 return {}
             (loss / cfg.grad_accum).backward()
-            counts = torch.tensor([float(tokens), float(len(batch))], device=self.device)
+            counts = torch.tensor([float(batch.row_tokens), float(len(batch))], device=self.device)
             stats = {"loss": loss.detach(), **terms, "tokens": counts[0], "samples": counts[1]}
-            if self.cfg.data.max_tokens:
-                stats["packing_efficiency"] = stats["tokens"] / self.cfg.data.max_tokens
+            if batch.row_budget:
+                stats["packing_efficiency"] = stats["tokens"] / batch.row_budget
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0) + v / cfg.grad_accum
         if cfg.grad_clip > 0:
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.task.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -167,27 +155,22 @@ class Trainer:
 
     def evaluate(self) -> dict:
         results = evaluate(self.model, self.cfg, self.tokenizer, self.eval_urls, self.device)
-        if self.env.is_main:
-            with open(self.run_dir / "eval" / "history.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **results}) + "\n")
+        self.log.eval(self.step, results)
         return results
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         cfg = self.cfg.train
-        (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         bar = _progress(cfg, self.step, self.env.is_main)
-        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.env.is_main else None
         try:
-            self._loop(bar, metrics)
+            self._loop(bar)
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             bar.close()
-            if metrics:
-                metrics.close()
+            self.log.close()
         self.save()
         if self.stream.skipped:
             log.warning("bad samples skipped: %s", dict(self.stream.skipped))
@@ -198,7 +181,7 @@ class Trainer:
             raise KeyboardInterrupt
         self.signalled = signum  # acted on at the next step boundary, on every rank at once
 
-    def _loop(self, bar, metrics) -> None:
+    def _loop(self, bar) -> None:
         cfg = self.cfg.train
         replicas = cfg.grad_accum * self.env.world_size // self.env.sp  # micro-batches per step
         batches = iter(self.stream)
@@ -217,9 +200,7 @@ class Trainer:
                 t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
                 bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
                                 refresh=False)
-                if metrics:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
+                self.log.metrics(record)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 r = self.evaluate()
                 bar.write(f"step {self.step}: " + "  ".join(f"{k} R@1={v['R@1']:.2f}" for k, v in r.items()))

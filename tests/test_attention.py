@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmpretrain.attention import Packing, packed_causal_attention, resolve_backend, xformers_status
+from mmpretrain.attention import packed_causal_attention, resolve_backend, xformers_status
+from mmpretrain.packing import Packing
 
 
 def per_sequence_reference(q, k, v, lengths):

@@ -7,7 +7,7 @@ import webdataset as wds
 
 from mmpretrain.data import BatchStream, eval_batches, resolve_sources
 from mmpretrain.data.demo import EVAL_CONCEPTS, demo_corpus, split_concepts
-from mmpretrain.encoders.text import Tokenizer
+from mmpretrain.tokenizer import Tokenizer
 
 from conftest import flac_bytes, png_bytes, sample_dict
 
@@ -150,7 +150,7 @@ def test_demo_corpus_is_zero_shot(demo_cache):
 
 
 def _budget_batches(tiny_cfg, tmp_path, budget, samples):
-    from mmpretrain.data.shards import _EpochDataset
+    from mmpretrain.data.stream import _EpochDataset
 
     cfg = tiny_cfg(f"data.max_tokens={budget}", "train.batch_size=100", "data.shuffle_buffer=0")
     cfg.data.sources = [write_shardwriter(tmp_path, samples, maxcount=20)]
@@ -201,14 +201,15 @@ def test_interleaved_documents(tiny_cfg, tmp_path, demo_cache):
 
 def test_document_only_batch_trains(tiny_cfg, demo_cache):
     from mmpretrain.model import MultimodalModel
-    from mmpretrain.objectives import PretrainingLoss
+    from mmpretrain.objectives import Objectives, PretrainingTask
+    from mmpretrain.packing import RowLayout
 
     cfg = tiny_cfg("data.eval_sources=[demo-docs]")
     tok = Tokenizer(cfg.model.text)
     batch = next(iter(eval_batches(resolve_sources(cfg.data, "eval"), cfg, tok, batch_size=4)))
     assert len(batch.keys) == 0 and len(batch.documents) == 4
     model = MultimodalModel(cfg.model, tok.vocab_size)
-    loss, terms, tokens = PretrainingLoss(model, cfg.objectives)(batch)
+    loss, terms = PretrainingTask(model, Objectives(model.modalities, cfg.objectives), RowLayout.from_config(cfg))(batch)
     assert set(terms) == {"next_token"} and torch.isfinite(loss)  # no pairs: nothing to contrast
     loss.backward()
     assert model.towers["image"].encoder.vit.blocks[0].attn.qkv.weight.grad is not None

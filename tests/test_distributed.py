@@ -15,9 +15,10 @@ import torch.nn as nn
 from mmpretrain import parallel
 from mmpretrain.config import ParallelConfig, load_config
 from mmpretrain.model import ModelOutput, MultimodalModel
-from mmpretrain.objectives import PretrainingLoss, contrastive_losses
+from mmpretrain.objectives import Objectives, PretrainingTask, contrastive_losses
+from mmpretrain.packing import RowLayout
 
-from conftest import ROOT
+from conftest import ROOT, synthetic_batch
 
 
 def _free_port() -> int:
@@ -54,12 +55,13 @@ def _send(queue, *result):
 
 
 def _gather_worker(rank, world, port, feats, split, queue):
-    _join(rank, world, port)
+    env = _join(rank, world, port)
     rows = split[rank]  # uneven: token-budget batches differ in size across ranks
     local = {m: f[rows].clone().requires_grad_() for m, f in feats.items()}
     present = {m: torch.ones(len(local[m]), dtype=torch.bool) for m in local}
     scales = nn.ParameterDict({"text-image": nn.Parameter(torch.tensor(2.5, dtype=torch.float64))})
-    loss = contrastive_losses(ModelOutput(local, present, None, None), scales, 100.0)["contrastive/text-image"]
+    loss = contrastive_losses(ModelOutput(local, present, None, None), scales, 100.0,
+                              env.gather_group)["contrastive/text-image"]
     loss.backward()
     # DDP averages gradients over ranks; the sum over ranks of grad/world is the full-batch gradient
     _send(queue, rank, loss.item(), {m: t.grad for m, t in local.items()})
@@ -113,38 +115,36 @@ SP_CFG = ["model.decoder.heads=4", "model.decoder.width=32", "model.decoder.laye
 
 
 def _sp_setup(ckpt="none"):
-    from test_model import synthetic_batch
-
     cfg = load_config(ROOT / "configs" / "tiny.yaml", SP_CFG + [f"parallel.activation_checkpointing={ckpt}"])
     torch.manual_seed(0)
     batch, tok = synthetic_batch(cfg, n=5, partial=True)  # packed rows of uneven lengths
     torch.manual_seed(1)
     model = MultimodalModel(cfg.model, tok.vocab_size)
-    return cfg, batch, model
+    return cfg, batch, PretrainingTask(model, Objectives(model.modalities, cfg.objectives),
+                                       RowLayout.from_config(cfg))
 
 
-def _loss_and_grads(cfg, batch, model, loss_module):
+def _loss_and_grads(batch, task, loss_module):
     captured = {}
-    model.decoder.register_forward_hook(lambda m, a, out: captured.setdefault("h", out.detach()))
-    loss, _, _ = loss_module(batch)
+    task.model.decoder.register_forward_hook(lambda m, a, out: captured.setdefault("h", out.detach()))
+    loss, _ = loss_module(batch)
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
     return loss.item(), captured["h"], grads
 
 
 def _sp_worker(rank, world, port, ckpt, queue):
     env = _join(rank, world, port, sp=2)
-    cfg, batch, model = _sp_setup(ckpt)
-    loss_module = parallel.parallelize(model, PretrainingLoss(model, cfg.objectives), env, cfg.parallel)
-    _send(queue, rank, *_loss_and_grads(cfg, batch, model, loss_module))
+    cfg, batch, task = _sp_setup(ckpt)
+    _send(queue, rank, *_loss_and_grads(batch, task, parallel.parallelize(task, env, cfg.parallel)))
     parallel.cleanup()
 
 
 @pytest.mark.parametrize("ckpt", ["none", "full"])
 def test_ulysses_matches_single_process(ckpt):
     """sp=2 over packed variable-length rows: same decoder output, loss and every gradient."""
-    cfg, batch, model = _sp_setup()
-    ref_loss, ref_h, ref_grads = _loss_and_grads(cfg, batch, model, PretrainingLoss(model, cfg.objectives))
+    _, batch, task = _sp_setup()
+    ref_loss, ref_h, ref_grads = _loss_and_grads(batch, task, task)
     for rank, loss, h, grads in _run_workers(_sp_worker, ckpt):
         assert abs(loss - ref_loss) < 1e-5
         torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)

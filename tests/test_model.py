@@ -2,37 +2,15 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from mmpretrain.attention import Packing
+from mmpretrain import packing
 from mmpretrain.config import load_config
-from mmpretrain.data.batch import collate
-from mmpretrain.data.shards import SampleDecoder
 from mmpretrain.decoder import Decoder
-from mmpretrain.encoders import ImageEncoder, Tokenizer
+from mmpretrain.encoders import ImageEncoder
 from mmpretrain.model import MultimodalModel
-from mmpretrain.objectives import total_loss
+from mmpretrain.objectives import Objectives
+from mmpretrain.packing import Packing, RowLayout
 
-from conftest import CONFIGS
-
-TINY = ["model.image.width=32", "model.image.depth=1", "model.image.heads=2",
-        "model.audio.width=32", "model.audio.depth=1", "model.audio.heads=2",
-        "model.fusion.heads=2", "model.fusion.embed_dim=16",
-        "model.decoder.width=32", "model.decoder.layers=1", "model.decoder.heads=2"]
-
-
-def synthetic_batch(cfg, n=6, partial=False):
-    tok = Tokenizer(cfg.model.text)
-    shapes = SampleDecoder(cfg, False, tok).media_shapes()
-    samples = []
-    for i in range(n):
-        text = " ".join(["a red circle"] * (1 + i % 3))
-        tokens, length = tok([text])
-        s = {"__key__": str(i), "tokens": tokens[0], "length": int(length[0]), "captions": [text]}
-        for j, m in enumerate(cfg.model.modalities):
-            if not partial or (i + j) % 3:
-                s[m] = torch.randn(shapes[m])
-        samples.append(s)
-    return collate(samples, cfg.model.modalities, shapes, tok.context_length), tok
-
+from conftest import CONFIGS, TINY, synthetic_batch
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 @pytest.mark.parametrize("partial", [False, True], ids=["paired", "partly-paired"])
@@ -40,11 +18,11 @@ def test_forward_backward_every_config(path, partial):
     cfg = load_config(path, TINY)
     batch, tok = synthetic_batch(cfg, partial=partial)
     model = MultimodalModel(cfg.model, tok.vocab_size)
-    out = model(batch, cfg.objectives.next_token_max_samples)
+    out = model(batch, RowLayout.from_config(cfg))
     for e in out.embeddings.values():
         assert e.shape == (len(batch), cfg.model.fusion.embed_dim)
         torch.testing.assert_close(e.norm(dim=-1), torch.ones(len(batch)))
-    loss, terms = total_loss(out, model, cfg.objectives)
+    loss, terms = Objectives(model.modalities, cfg.objectives)(out)
     assert torch.isfinite(loss) and "next_token" in terms
     loss.backward()
     for name, p in model.named_parameters():
@@ -57,8 +35,8 @@ def test_pack_targets_stay_inside_each_sequence():
     seqs = [[(e(2), None), (e(3), torch.tensor([-1, 5, 6]))],  # media, then sot + 2 caption tokens
             [(e(2), None)],                                      # caption only: no targets
             [(e(1), torch.tensor([-1])), (e(2), None), (e(2), torch.tensor([7, 8]))]]  # a document
-    x, packing, (idx, targets) = MultimodalModel._pack(seqs)
-    assert packing.lengths.tolist() == [5, 2, 5] and len(x) == 12
+    x, row, idx, targets = packing.pack(seqs)
+    assert row.lengths.tolist() == [5, 2, 5] and len(x) == 12
     assert idx.tolist() == [2, 3, 9, 10] and targets.tolist() == [5, 6, 7, 8]
 
 
@@ -69,7 +47,7 @@ def test_forward_targets_are_captions_after_media_and_document_text():
     first, last = tok.document_ids(["look:", "that was red."])
     batch.documents = [[("text", first), ("image", image), ("text", last)]]
     model = MultimodalModel(cfg.model, tok.vocab_size)
-    out = model(batch, cfg.objectives.next_token_max_samples)
+    out = model(batch, RowLayout.from_config(cfg))
     captions = [batch.tokens[i, 1 : batch.lengths[i]] for i in range(2)]  # first 2 pairs only
     doc = [batch.documents[0][0][1][1:], batch.documents[0][2][1]]  # all but the leading sot
     assert torch.equal(out.lm_targets, torch.cat(captions + doc))
@@ -113,11 +91,12 @@ def test_packed_samples_never_see_each_other():
     cfg = load_config(CONFIGS[0], TINY)
     batch, tok = synthetic_batch(cfg, n=4)
     model = MultimodalModel(cfg.model, tok.vocab_size).eval()
+    layout = RowLayout.from_config(cfg)
     with torch.no_grad():
-        base = model(batch)
+        base = model(batch, layout)
         batch.tokens[2, 1:4] = torch.tensor([320, 1746, 2368])  # another caption for sample 2
         batch.media["image"][2] += 1.0
-        out = model(batch)
+        out = model(batch, layout)
     others = torch.tensor([0, 1, 3])
     for m in ("text", "image", "audio"):
         assert torch.equal(out.embeddings[m][others], base.embeddings[m][others])

@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 from open_clip.loss import ClipLoss
 
-from mmpretrain.model import ModelOutput
-from mmpretrain.objectives import clip_loss, contrastive_losses, total_loss
 from mmpretrain.config import ObjectivesConfig
+from mmpretrain.model import ModelOutput
+from mmpretrain.objectives import Objectives, clip_loss, contrastive_losses
 
 
 def unit(n, d=16):
@@ -54,9 +54,9 @@ def test_total_loss_weights_terms():
     out = _out(4, {m: torch.ones(4, dtype=torch.bool) for m in ("text", "image", "audio")})
     out.lm_logits = torch.randn(5, 7, dtype=torch.float64)
     out.lm_targets = torch.tensor([1, 2, 3, 4, 5])
-    model = nn.Module()
-    model.logit_scale = nn.ParameterDict({"text-image": nn.Parameter(torch.tensor(2.0, dtype=torch.float64))})
-    loss, terms = total_loss(out, model, ObjectivesConfig(contrastive_weight=2.0, next_token_weight=0.5))
+    objectives = Objectives(["image"], ObjectivesConfig(contrastive_weight=2.0, next_token_weight=0.5)).double()
+    assert list(objectives.logit_scale) == ["text-image"]
+    loss, terms = objectives(out)
     expected = 2.0 * terms["contrastive/text-image"] + 0.5 * terms["next_token"]
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(terms["next_token"], nn.functional.cross_entropy(out.lm_logits, out.lm_targets))

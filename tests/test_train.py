@@ -60,7 +60,7 @@ def test_load_pretrained_and_single_encoders(tiny_cfg):
         torch.testing.assert_close(e.norm(dim=-1), torch.ones(2))
     image_tower = mmpretrain.load_encoder(export / "image")
     with torch.no_grad():
-        alone = image_tower(image_tower.preprocess(img)[None])[1]
+        alone = image_tower(image_tower.preprocess([img]))[1]
     torch.testing.assert_close(alone[0], e_img[0])
     text_only = mmpretrain.load_encoder(export / "text")
     torch.testing.assert_close(text_only.encode_text(["a blue ring"])[0], e_txt[1])
@@ -99,15 +99,15 @@ def test_resume_is_exact(tiny_cfg, monkeypatch):
 
 def test_nonfinite_loss_stops_with_step_and_term(tiny_cfg, monkeypatch):
     cfg = tiny_cfg("run.name=nan")
-    from mmpretrain import objectives
-    real = objectives.total_loss
+    from mmpretrain.objectives import Objectives
+    real = Objectives.forward
 
-    def poisoned(out, model, obj):
-        loss, terms = real(out, model, obj)
+    def poisoned(self, out):
+        loss, terms = real(self, out)
         terms["next_token"] = terms["next_token"] * float("nan")
         return loss * float("nan"), terms
 
-    monkeypatch.setattr(objectives, "total_loss", poisoned)
+    monkeypatch.setattr(Objectives, "forward", poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 in next_token"):
         train.run(cfg)
 

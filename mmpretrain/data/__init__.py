@@ -1,4 +1,6 @@
-from mmpretrain.data.batch import Batch, collate
-from mmpretrain.data.shards import BatchStream, eval_batches, resolve_sources
+"""The data pipeline: shard sources, sample parsing, the resumable batch stream, the demo corpus."""
 
-__all__ = ["Batch", "BatchStream", "collate", "eval_batches", "resolve_sources"]
+from mmpretrain.data.sources import resolve_sources
+from mmpretrain.data.stream import BatchStream, eval_batches
+
+__all__ = ["BatchStream", "eval_batches", "resolve_sources"]

@@ -1,7 +1,10 @@
-from mmpretrain.encoders.audio import AudioEncoder
-from mmpretrain.encoders.image import ImageEncoder
-from mmpretrain.encoders.text import Tokenizer
+"""Modality encoders, each declared once by its `ModalitySpec`; this registry lists them."""
 
-ENCODERS = {"image": ImageEncoder, "audio": AudioEncoder}
+from mmpretrain.encoders.audio import AUDIO, AudioEncoder
+from mmpretrain.encoders.image import IMAGE, ImageEncoder
+from mmpretrain.encoders.spec import BadSample, ModalitySpec
 
-__all__ = ["AudioEncoder", "ENCODERS", "ImageEncoder", "Tokenizer"]
+# Registry order is the order in which a sample's media are decoded (and draw from its RNG).
+MODALITIES: dict[str, ModalitySpec] = {spec.name: spec for spec in (IMAGE, AUDIO)}
+
+__all__ = ["AudioEncoder", "BadSample", "ImageEncoder", "MODALITIES", "ModalitySpec"]

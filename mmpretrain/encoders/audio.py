@@ -1,18 +1,24 @@
-"""Audio encoder: log-mel filterbank -> time x frequency patches -> transformer (AST-style).
+"""Audio: decoding (soundfile), clip fitting, and an AST-style encoder.
 
-As in AST, the spectrogram is treated as a one-channel image, so the patch
-embedding and blocks are timm's VisionTransformer with a (mel, frame) input
-size and a (frequency, time) patch size.
+Log-mel filterbank -> time x frequency patches -> transformer. As in AST, the
+spectrogram is treated as a one-channel image, so the patch embedding and
+blocks are timm's VisionTransformer with a (mel, frame) input size and a
+(frequency, time) patch size.
 """
 
 from __future__ import annotations
 
+import io
+import random
+
 import torch
 import torch.nn as nn
 import torchaudio
+import torchaudio.functional as AF
 from timm.models.vision_transformer import VisionTransformer
 
 from mmpretrain.config import AudioEncoderConfig
+from mmpretrain.encoders.spec import BadSample, ModalitySpec
 
 
 class LogMel(nn.Module):
@@ -27,8 +33,7 @@ class LogMel(nn.Module):
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=cfg.sample_rate, n_fft=n_fft, win_length=win, hop_length=self.hop,
             n_mels=cfg.n_mels, power=2.0)
-        samples = int(round(cfg.sample_rate * cfg.clip_seconds))
-        frames = samples // self.hop + 1  # center=True framing
+        frames = cfg.clip_samples // self.hop + 1  # center=True framing
         self.frames = frames - frames % cfg.patch_time  # whole time patches only
         if self.frames == 0:
             raise ValueError(f"model.audio: clip of {cfg.clip_seconds}s is shorter than one time patch")
@@ -56,3 +61,42 @@ class AudioEncoder(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """wave: (B, samples) at cfg.sample_rate -> tokens (B, 1 + patches, width)."""
         return self.vit.forward_features(self.frontend(wave))
+
+
+def to_clip(wave: torch.Tensor, sample_rate: int, cfg: AudioEncoderConfig,
+            rng: random.Random | None = None) -> torch.Tensor:
+    """(..., samples) mono at `sample_rate` -> (..., cfg.clip_samples) at cfg.sample_rate: resampled,
+    cropped (at a random start with rng, else from the start) and zero-padded."""
+    if sample_rate != cfg.sample_rate:
+        wave = AF.resample(wave, sample_rate, cfg.sample_rate)
+    n = cfg.clip_samples
+    if wave.shape[-1] > n:
+        start = rng.randint(0, wave.shape[-1] - n) if rng else 0
+        wave = wave[..., start : start + n]
+    return torch.nn.functional.pad(wave, (0, n - wave.shape[-1]))
+
+
+def decode(data: bytes, cfg: AudioEncoderConfig, rng: random.Random | None) -> torch.Tensor:
+    """Any soundfile format, sample rate and channel count -> one mono clip (clip_samples,)."""
+    import soundfile as sf  # the shard decoders' dependency, not the model's
+
+    try:
+        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise BadSample("bad_audio", repr(e)) from e
+    if wave.shape[0] == 0:
+        raise BadSample("empty_audio")
+    return to_clip(torch.from_numpy(wave).mean(dim=1), sr, cfg, rng)
+
+
+def preprocess(waves: torch.Tensor, cfg: AudioEncoderConfig, sample_rate: int | None = None) -> torch.Tensor:
+    """(B, samples) mono waveforms at `sample_rate` (default: the model's) -> (B, clip_samples)."""
+    return to_clip(waves, sample_rate or cfg.sample_rate, cfg)
+
+
+def media_shape(cfg: AudioEncoderConfig) -> tuple[int, ...]:
+    return (cfg.clip_samples,)
+
+
+AUDIO = ModalitySpec("audio", AudioEncoderConfig, AudioEncoder, ("flac", "wav", "mp3", "ogg"), decode,
+                     preprocess, media_shape)

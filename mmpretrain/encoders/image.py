@@ -1,12 +1,18 @@
-"""Image encoder: timm's VisionTransformer, returning its token sequence."""
+"""Images: decoding (Pillow), preprocessing and the encoder (timm's VisionTransformer)."""
 
 from __future__ import annotations
 
+import io
+import random
+
 import torch
 import torch.nn as nn
+from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
+from torchvision.transforms.v2 import functional as TF
 
 from mmpretrain.config import ImageEncoderConfig
+from mmpretrain.encoders.spec import BadSample, ModalitySpec
 
 
 class ImageEncoder(nn.Module):
@@ -24,3 +30,66 @@ class ImageEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, S, S) normalised -> tokens (B, 1 + patches, width)."""
         return self.vit.forward_features(images)
+
+
+class ImagePreprocess:
+    """PIL image -> normalised float tensor (3, S, S).
+
+    Train adds a mild random resized crop whose parameters come from the caller's
+    `random.Random`, so augmentation is reproducible per sample without touching
+    torch's global RNG (which is slow to reseed and shared with the model).
+    """
+
+    def __init__(self, cfg: ImageEncoderConfig, train: bool):
+        self.size, self.train = cfg.image_size, train
+        self.mean, self.std = cfg.mean, cfg.std
+
+    def crop_box(self, w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
+        area = w * h * rng.uniform(0.85, 1.0)
+        aspect = rng.uniform(0.9, 1.1)
+        cw = min(w, round((area * aspect) ** 0.5))
+        ch = min(h, round((area / aspect) ** 0.5))
+        return rng.randint(0, h - ch), rng.randint(0, w - cw), ch, cw
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        x = TF.pil_to_tensor(img)
+        if self.train and rng is not None:
+            x = TF.resized_crop(x, *self.crop_box(img.width, img.height, rng), [self.size, self.size],
+                                antialias=True)
+        else:
+            x = TF.center_crop(TF.resize(x, [self.size], antialias=True), [self.size, self.size])
+        return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), self.mean, self.std)
+
+
+def open_image(data: bytes, cfg: ImageEncoderConfig) -> Image.Image:
+    """Bytes -> RGB image, refusing decompression bombs from the header before decoding pixels."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > cfg.max_pixels:
+            raise BadSample("image_too_large", f"{w}x{h}")
+        return img.convert("RGB")
+    except BadSample:
+        raise
+    except Exception as e:  # PIL raises many types for bad files
+        raise BadSample("bad_image", repr(e)) from e
+
+
+def decode(data: bytes, cfg: ImageEncoderConfig, rng: random.Random | None) -> torch.Tensor:
+    return ImagePreprocess(cfg, train=rng is not None)(open_image(data, cfg), rng)
+
+
+def preprocess(images: torch.Tensor | list[Image.Image], cfg: ImageEncoderConfig) -> torch.Tensor:
+    """Preprocessed (B, 3, S, S) tensors pass through; PIL images get the eval transform."""
+    if isinstance(images, torch.Tensor):
+        return images
+    tf = ImagePreprocess(cfg, train=False)
+    return torch.stack([tf(im.convert("RGB")) for im in images])
+
+
+def media_shape(cfg: ImageEncoderConfig) -> tuple[int, ...]:
+    return (3, cfg.image_size, cfg.image_size)
+
+
+IMAGE = ModalitySpec("image", ImageEncoderConfig, ImageEncoder, ("jpg", "jpeg", "png", "webp"), decode,
+                     preprocess, media_shape)

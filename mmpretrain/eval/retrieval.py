@@ -76,7 +76,7 @@ def embed_batches(model, tokenizer, batches, device) -> tuple[dict, dict, torch.
         parts = {"text": model.encode_text(tokens.to(device), lengths.to(device))}
         for m in model.modalities:
             has = batch.present[m]
-            vec = torch.zeros(len(batch.keys), model.text_proj.out_features, device=device)
+            vec = torch.zeros(len(batch.keys), model.embed_dim, device=device)
             if has.any():
                 vec[has] = model.encode_media(m, batch.media[m][has])[1].float()
             parts[m] = vec
@@ -105,10 +105,9 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import braceexpand
-
     from mmpretrain.config import load_config
-    from mmpretrain.export import load_pretrained
+    from mmpretrain.data.sources import expand, resolve_sources
+    from mmpretrain.pretrained import load_pretrained
 
     p = argparse.ArgumentParser(prog="python -m mmpretrain.eval.retrieval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,16 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
     pretrained = load_pretrained(run / "export", device=args.device)
     cfg = load_config(run / "config.yaml")
-    if args.shards:
-        urls = list(braceexpand.braceexpand(args.shards))
-        missing = [u for u in urls if not Path(u).exists()]
-        if missing:
-            print(f"error: shard not found: {missing[0]}", file=sys.stderr)
-            return 2
-    else:
-        from mmpretrain.data import resolve_sources
-
-        urls = resolve_sources(cfg.data, "eval")
+    try:
+        urls = expand([args.shards], "--shards") if args.shards else resolve_sources(cfg.data, "eval")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     results = evaluate(pretrained.model, cfg, pretrained.tokenizer, urls, args.device)
     print(format_table(results))
     out = Path(args.out) if args.out else run / "eval" / "retrieval.json"

@@ -1,3 +1,3 @@
-from mmpretrain.fusion.resampler import Resampler
+from mmpretrain.fusion.resampler import ResamplerFusion
 
-__all__ = ["Resampler"]
+__all__ = ["ResamplerFusion"]

@@ -1,4 +1,5 @@
-"""Fusion: encoder tokens -> a fixed number of decoder-width tokens, plus a pooled embedding.
+"""Fusion: encoder tokens -> a fixed number of decoder-width tokens, and the modality's
+contrastive embedding pooled from the same latents.
 
 Why a resampler and not a per-token projector: a projector passes every
 encoder token to the decoder, so a 224 px image costs 196+ decoder tokens and
@@ -19,7 +20,9 @@ from timm.layers import AttentionPoolLatent
 from mmpretrain.config import FusionConfig
 
 
-class Resampler(nn.Module):
+class ResamplerFusion(nn.Module):
+    """A perceiver-style resampler feeding the decoder, with the contrastive embedding head."""
+
     def __init__(self, in_width: int, out_width: int, cfg: FusionConfig):
         super().__init__()
         if in_width % cfg.heads:
@@ -30,6 +33,11 @@ class Resampler(nn.Module):
         self.modality_embed = nn.Parameter(torch.zeros(out_width))
         self.embed_norm = nn.LayerNorm(in_width)
         self.to_embedding = nn.Linear(in_width, cfg.embed_dim, bias=False)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters (relative names) that take no weight decay: the latent queries and the
+        modality embedding are positions in input space, not weights (as timm's ViT tokens)."""
+        return {"pool.latent", "modality_embed"}
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens: (B, N, in_width) -> decoder tokens (B, K, out_width), embedding (B, embed_dim)."""

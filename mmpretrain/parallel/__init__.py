@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from mmpretrain.config import ConfigError, ParallelConfig
-from mmpretrain.parallel.checkpointing import apply_activation_checkpointing
+from mmpretrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from mmpretrain.parallel.sequence import apply_ulysses
 
 
@@ -28,6 +28,9 @@ class DistEnv:
     local_rank: int = 0
     sp: int = 1
     mesh: object = None  # torch DeviceMesh with dims ("dp", "sp") when distributed
+    dp_rank: int = 0  # data-parallel coordinates: who reads which data
+    dp_size: int = 1
+    gather_group: object = None  # the contrastive gather's own dp communicator (None: dp_size 1)
 
     @property
     def is_main(self) -> bool:
@@ -37,17 +40,8 @@ class DistEnv:
         return self.mesh.get_group(dim) if self.mesh is not None else None
 
 
-_DATA_PARALLEL: tuple[int, int, object] = (0, 1, None)  # rank, size, group
-
-
-def data_parallel() -> tuple[int, int, object]:
-    """(rank, size, process group) of the data-parallel dimension: who reads which data."""
-    return _DATA_PARALLEL
-
-
 def init_distributed(device_type: str, cfg: ParallelConfig) -> DistEnv:
     """Join the process group torchrun describes (a no-op when alone) and build the mesh."""
-    global _DATA_PARALLEL
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % cfg.sp:
         raise ConfigError(f"parallel.sp: {cfg.sp} does not divide the {world} process(es)")
@@ -65,22 +59,27 @@ def init_distributed(device_type: str, cfg: ParallelConfig) -> DistEnv:
     # where DDP's bucket all-reduces on the mesh's dp group may come in another order on each
     # rank (graphs differ when batches do), and one communicator must see one order everywhere.
     gathers = [dist.new_group(list(range(j, world, cfg.sp))) for j in range(cfg.sp)]
-    _DATA_PARALLEL = (env.mesh["dp"].get_local_rank(), world // cfg.sp, gathers[env.rank % cfg.sp])
+    env.dp_rank, env.dp_size = env.mesh["dp"].get_local_rank(), world // cfg.sp
+    if env.dp_size > 1:
+        env.gather_group = gathers[env.rank % cfg.sp]
     return env
 
 
-def parallelize(model: nn.Module, loss: nn.Module, env: DistEnv, cfg: ParallelConfig) -> nn.Module:
-    """Sequence parallelism and checkpointing on `model.decoder`, then DDP over the dp dimension
-    around `loss` (the module whose forward uses every parameter). Returns what to call."""
+def parallelize(task: nn.Module, env: DistEnv, cfg: ParallelConfig) -> nn.Module:
+    """Sequence parallelism and checkpointing on `task.model.decoder`, the objectives' gather
+    group, then DDP over the dp dimension around `task` (the module whose forward uses every
+    parameter). Returns what to call."""
+    decoder = task.model.decoder
     if env.sp > 1:  # before checkpointing, which wraps the blocks this reaches into
-        apply_ulysses(model.decoder, env.group("sp"))
-    apply_activation_checkpointing(model.decoder, cfg.activation_checkpointing)
-    if env.world_size // env.sp == 1:
-        return loss
-    ids = [env.local_rank] if next(model.parameters()).is_cuda else None
+        apply_ulysses(decoder, env.group("sp"))
+    apply_activation_checkpointing(decoder, cfg.activation_checkpointing)
+    task.objectives.gather_group = env.gather_group
+    if env.dp_size == 1:
+        return task
+    ids = [env.local_rank] if next(task.parameters()).is_cuda else None
     # find_unused_parameters: a batch may lack a modality pair, leaving that pair's temperature
     # (and a tower) without gradient on some steps.
-    return nn.parallel.DistributedDataParallel(loss, device_ids=ids, process_group=env.group("dp"),
+    return nn.parallel.DistributedDataParallel(task, device_ids=ids, process_group=env.group("dp"),
                                                find_unused_parameters=True)
 
 
@@ -101,7 +100,5 @@ def any_rank(flag: torch.Tensor) -> bool:
 
 
 def cleanup() -> None:
-    global _DATA_PARALLEL
-    _DATA_PARALLEL = (0, 1, None)
     if dist.is_initialized():
         dist.destroy_process_group()

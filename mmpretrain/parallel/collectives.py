@@ -49,6 +49,34 @@ class _AllGather(torch.autograd.Function):
         return None, grad[dist.get_rank(ctx.group)]
 
 
+class SliceIn(torch.autograd.Function):
+    """Forward: this rank's token slice. Backward: every rank's slice gradient, concatenated."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        return x.chunk(world, dim=0)[rank].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.cat(gathered(grad, ctx.group)), None
+
+
+class GatherOut(torch.autograd.Function):
+    """Forward: all ranks' slices, concatenated. Backward: the local slice (same loss on every rank)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return torch.cat(gathered(x, group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        return grad.chunk(world, dim=0)[rank].contiguous(), None
+
+
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
     """Split x along scatter_dim across the group's ranks, concatenate what arrives along gather_dim."""
     chunks = x.chunk(dist.get_world_size(group), dim=scatter_dim)

@@ -25,36 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from mmpretrain.attention import Packing
-from mmpretrain.parallel.collectives import all_to_all, gathered
-
-
-class _SliceIn(torch.autograd.Function):
-    """Forward: this rank's token slice. Backward: every rank's slice gradient, concatenated."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        return x.chunk(world, dim=0)[rank].contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.cat(gathered(grad, ctx.group)), None
-
-
-class _GatherOut(torch.autograd.Function):
-    """Forward: all ranks' slices, concatenated. Backward: the local slice (same loss on every rank)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return torch.cat(gathered(x, group))
-
-    @staticmethod
-    def backward(ctx, grad):
-        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        return grad.chunk(world, dim=0)[rank].contiguous(), None
+from mmpretrain.packing import Packing
+from mmpretrain.parallel.collectives import GatherOut, SliceIn, all_to_all
 
 
 class UlyssesAttention(nn.Module):
@@ -89,10 +61,10 @@ def apply_ulysses(decoder: nn.Module, group) -> nn.Module:
         rank = dist.get_rank(group)
         local = dataclasses.replace(packing, positions=packing.positions.chunk(sp)[rank])
         module._sp_total = len(x) - pad
-        return _SliceIn.apply(x, group), local
+        return SliceIn.apply(x, group), local
 
     def gather_output(module, args, out):
-        return _GatherOut.apply(out, group)[: module._sp_total]
+        return GatherOut.apply(out, group)[: module._sp_total]
 
     decoder.register_forward_pre_hook(shard_input)
     decoder.register_forward_hook(gather_output)

@@ -1,4 +1,4 @@
-"""Text tokenization: open_clip's BPE tokenizer (it ships its vocabulary, so it works offline)."""
+"""Caption and document tokenization: open_clip's BPE tokenizer (it ships its vocabulary, so it works offline)."""
 
 from __future__ import annotations
 

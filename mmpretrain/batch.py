@@ -1,4 +1,4 @@
-"""The typed batch that flows from the data pipeline into the model."""
+"""The typed batch that flows from the data pipeline into the model (ground floor: both use it)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ class Batch:
     # interleaved documents: per document, segments ("text", ids (n,)) or (modality, media tensor)
     documents: list[list[tuple[str, torch.Tensor]]] = field(default_factory=list)
     captions: list[list[str]] = field(default_factory=list)  # every caption of each pair (eval)
+    row_tokens: int = 0  # length of the packed decoder row this batch becomes (packing.RowLayout)
+    row_budget: int = 0  # the token budget it was packed under (data.max_tokens), 0 for none
 
     def __len__(self) -> int:
         """Samples in the batch: media-caption pairs and documents."""
@@ -28,21 +30,23 @@ class Batch:
         return Batch(self.keys, move(self.tokens), move(self.lengths),
                      {k: move(v) for k, v in self.media.items()},
                      {k: move(v) for k, v in self.present.items()}, dict(self.skipped),
-                     [[(kind, move(t)) for kind, t in doc] for doc in self.documents], self.captions)
+                     [[(kind, move(t)) for kind, t in doc] for doc in self.documents], self.captions,
+                     self.row_tokens, self.row_budget)
 
 
-def collate(samples: list[dict], modalities: list[str], media_shapes: dict, context_length: int) -> Batch:
+def collate(samples: list[dict], media_shapes: dict[str, tuple], context_length: int) -> Batch:
     """samples: dicts with "__key__", caption "tokens" (context_length,) and "length", "captions"
-    and any of `modalities` as tensors; or with "document" (segments, text as token ids)."""
+    and any of the modalities in `media_shapes` as tensors; or with "document" (segments, text as
+    token ids). Absent media are zeros of their modality's shape."""
     documents = [s["document"] for s in samples if "document" in s]
     samples = [s for s in samples if "document" not in s]
     tokens = (torch.stack([s["tokens"] for s in samples]) if samples
               else torch.zeros(0, context_length, dtype=torch.long))
     lengths = torch.tensor([s["length"] for s in samples], dtype=torch.long)
     media, present = {}, {}
-    for m in modalities:
+    for m, shape in media_shapes.items():
         has = torch.tensor([m in s for s in samples], dtype=torch.bool)
-        zero = torch.zeros(media_shapes[m])
+        zero = torch.zeros(shape)
         media[m] = torch.stack([s.get(m, zero) for s in samples]) if samples else zero[None][:0]
         present[m] = has
     return Batch([s["__key__"] for s in samples], tokens, lengths, media, present, documents=documents,

@@ -1,0 +1,104 @@
+"""Structure the rest of the code relies on: import layering, the one owner of the packed row,
+weight-decay declarations, old checkpoints."""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmpretrain.config import load_config
+from mmpretrain.data.sources import resolve_sources
+from mmpretrain.data.stream import _EpochDataset
+from mmpretrain.model import MultimodalModel
+from mmpretrain.optim import build_optimizer
+from mmpretrain.packing import RowLayout
+from mmpretrain.tokenizer import Tokenizer
+
+from conftest import CONFIGS, ROOT, TINY
+
+
+def _modules_after(imports: str) -> set[str]:
+    code = f"import sys\n{imports}\nimport json; print(json.dumps(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return set(json.loads(proc.stdout.splitlines()[-1]))
+
+
+def test_model_and_downstream_imports_load_no_data_pipeline_or_parallel_code():
+    loaded = _modules_after("import mmpretrain.model, mmpretrain.pretrained, mmpretrain.encoders\n"
+                            "from mmpretrain import load_pretrained, load_encoder")
+    for name in ("webdataset", "soundfile", "mmpretrain.data", "mmpretrain.data.demo", "mmpretrain.parallel",
+                 "mmpretrain.objectives", "mmpretrain.train"):
+        assert name not in loaded, name
+
+
+def test_data_pipeline_imports_no_model_or_parallel_code():
+    loaded = _modules_after("import mmpretrain.data, mmpretrain.data.stream, mmpretrain.data.samples")
+    for name in ("mmpretrain.model", "mmpretrain.decoder", "mmpretrain.parallel", "mmpretrain.objectives",
+                 "mmpretrain.fusion"):
+        assert name not in loaded, name
+
+
+VARIANTS = {"as-shipped": [], "budget+captioned-limit": ["data.max_tokens=300",
+                                                          "objectives.next_token_max_samples=3"]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=list(VARIANTS))
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_budgeted_rows_are_the_rows_the_model_builds(path, variant, demo_cache):
+    """For every shipped config, the data side's count of each row's tokens (what the token
+    budget packs against) equals the length of the row the model builds from that batch."""
+    cfg = load_config(path, TINY + VARIANTS[variant] + [
+        f"data.demo.cache_dir={demo_cache}", "data.demo.variants_per_concept=1", "data.shuffle_buffer=0",
+        "train.batch_size=12", "model.decoder.heads=2"])
+    tok = Tokenizer(cfg.model.text)
+    ds = _EpochDataset(resolve_sources(cfg.data, "train"), cfg, tok, cfg.train.batch_size, 0, train=True)
+    model = MultimodalModel(cfg.model, tok.vocab_size).eval()
+    layout = RowLayout.from_config(cfg)
+    batches = list(itertools.islice(iter(ds), 6))
+    assert batches
+    with torch.no_grad():
+        for batch in batches:
+            assert model(batch, layout).packed_tokens == batch.row_tokens
+            assert batch.row_budget == cfg.data.max_tokens
+            if cfg.data.max_tokens:
+                assert batch.row_tokens <= cfg.data.max_tokens
+
+
+def test_captioned_limit_counts_only_captioned_pairs():
+    layout = RowLayout(num_latents=4, captioned=2)
+    assert [layout.pair_tokens(10, 2, i) for i in range(4)] == [28, 28, 10, 10]
+    assert RowLayout(num_latents=4).pair_tokens(10, 1, 99) == 24
+
+
+def test_weight_decay_follows_module_declarations():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    model = MultimodalModel(cfg.model, Tokenizer(cfg.model.text).vocab_size)
+    decay, no_decay = build_optimizer(model, cfg.train).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    declared = {names[id(p)] for p in no_decay["params"] if p.ndim >= 2}
+    assert declared == {"decoder.embed.weight"} | {
+        f"towers.{m}.{n}" for m in ("image", "audio")
+        for n in ("encoder.vit.cls_token", "encoder.vit.pos_embed", "fusion.pool.latent")}
+    assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+def test_checkpoint_from_before_the_objectives_owned_temperatures_loads(tiny_cfg):
+    from mmpretrain import parallel, train
+
+    trainer = train.Trainer(tiny_cfg(), parallel.DistEnv(), torch.device("cpu"))
+    state = trainer.state_dict()
+    with torch.no_grad():
+        for p in trainer.task.objectives.logit_scale.values():
+            p.fill_(1.25)
+    old = {**state, "model": {**state["model"], **{f"logit_scale.{k}": v.clone().fill_(3.5)
+                                                   for k, v in trainer.task.objectives.logit_scale.items()}}}
+    del old["objectives"]
+    trainer.load_state_dict(old)
+    assert all(float(p.detach()) == 3.5 for p in trainer.task.objectives.logit_scale.values())
+    other = train.Trainer(tiny_cfg("model.decoder.width=64"), parallel.DistEnv(), torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="does not fit this run's model/objectives config"):
+        other.load_state_dict(state)
