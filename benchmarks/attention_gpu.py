@@ -3,8 +3,8 @@
     python benchmarks/attention_gpu.py [--tokens 65536] [--doc-len 2048] [--heads 16] [--head-dim 128]
 
 For one row of `tokens` packed documents of `doc-len` tokens (bf16, forward +
-backward) it prints, per kernel our attention module offers (xformers where its
-kernels load, SDPA's padded path), the time and TFLOP/s of useful (causal,
+backward) it prints, per kernel our attention module offers (SDPA's padded path, torch varlen_attn,
+xformers where its kernels load), the time and TFLOP/s of useful (causal,
 within-document) work, and the ratio against the peer: plain SDPA `is_causal`
 over the same documents laid out as a (docs, doc-len) batch, which packing
 cannot beat. On CPU it says so and exits 0 (nothing to measure).
@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from mmpretrain.attention import packed_causal_attention, xformers_status
+from mmpretrain.attention import packed_causal_attention, varlen_status, xformers_status
 from mmpretrain.packing import Packing
 
 
@@ -58,9 +58,12 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}: {docs} docs x {a.doc_len} tokens, "
           f"{a.heads} heads x {a.head_dim}")
     print(f"peer  sdpa is_causal (batched docs): {peer * 1e3:8.2f} ms  {flops / peer / 1e12:6.1f} TFLOP/s")
-    kernels = ["sdpa"] + (["xformers"] if xformers_status("cuda")[0] else [])
-    if "xformers" not in kernels:
-        print(f"xformers: {xformers_status('cuda')[1]}")
+    kernels = ["sdpa"]
+    for name, (ok, why) in (("varlen", varlen_status("cuda")), ("xformers", xformers_status("cuda"))):
+        if ok:
+            kernels.append(name)
+        else:
+            print(f"{name}: {why}")
     for name in kernels:
         out = packed_causal_attention(q, k, v, packing, name)
         err = (out.float() - ref.float()).abs().max().item()

@@ -98,7 +98,7 @@ def cpu_table(lengths: list[int], peer_max: int) -> None:
               f"{c['mib'] * 1024 / seq:>10.1f} {peer_cols} {a['s']:>8.1f}", flush=True)
 
 
-def gpu_report(seq: int, peak: float | None) -> None:
+def gpu_report(seq: int, peak: float | None, max_seq: int) -> None:
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()
     peak = peak or next((v for k, v in PEAK_BF16.items() if k in name), None)
@@ -127,7 +127,7 @@ def gpu_report(seq: int, peak: float | None) -> None:
         del dec, x
         torch.cuda.empty_cache()
     longest = 0
-    for s in (16_384, 32_768, 65_536, 131_072, 262_144, 524_288):
+    for s in (n for n in (16_384, 32_768, 65_536, 131_072, 262_144, 524_288) if n <= max_seq):
         try:
             dec = build(cfg, "full", False, dev, torch.bfloat16)
             x = torch.randn(s, cfg.width, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -155,12 +155,13 @@ def main() -> int:
     p.add_argument("--peer-max", type=int, default=8192)
     p.add_argument("--seq", type=int, default=8192, help="GPU throughput sequence length")
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--max-seq", type=int, default=524_288, help="longest sequence to try on the GPU")
     a = p.parse_args()
     if a.gpu:
         if not torch.cuda.is_available():
-            print("--gpu: no CUDA device here")
-            return 1
-        gpu_report(a.seq, a.peak_tflops * 1e12 if a.peak_tflops else None)
+            print("--gpu: no CUDA device here, nothing to measure")
+            return 0
+        gpu_report(a.seq, a.peak_tflops * 1e12 if a.peak_tflops else None, a.max_seq)
     else:
         cpu_table([int(x) for x in a.lengths.split(",")], a.peer_max)
     return 0

@@ -20,6 +20,12 @@ one sequence per row goes to SDPA `is_causal` (cuDNN, the fastest measured);
 packed rows go to xformers where its kernels load, else `varlen_attn` on CUDA,
 else SDPA's padded path. It logs once which kernel runs and why. Tests force
 each path with the `backend` argument.
+
+Dtypes: each kernel declares what it accepts (`KERNEL_DTYPES`; flash-based
+`varlen_attn` takes only fp16/bf16). Inputs in another dtype (fp32 evaluation
+or downstream `encode_*` without autocast) are cast to bf16 for the kernel and
+the output cast back, here and nowhere else, logged once per (kernel, dtype).
+Training under bf16 autocast never needs the cast.
 """
 
 from __future__ import annotations
@@ -72,6 +78,17 @@ def _varlen_packed(q, k, v, packing: Packing) -> torch.Tensor:
 
 
 KERNELS = {"xformers": _xformers_packed, "varlen": _varlen_packed, "sdpa": _sdpa_packed}
+KERNEL_DTYPES = {"xformers": (torch.float16, torch.bfloat16, torch.float32),
+                 "varlen": (torch.float16, torch.bfloat16),
+                 "sdpa": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+@functools.cache
+def _log_cast(kernel: str, dtype: torch.dtype) -> None:
+    log.info("attention kernel %s takes %s, not %s: its inputs are cast to bfloat16 and its output "
+             "back (bf16 precision inside attention)", kernel,
+             "/".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES[kernel]),
+             str(dtype).removeprefix("torch."))
 
 
 @functools.cache
@@ -125,7 +142,11 @@ def packed_causal_attention(q, k, v, packing: Packing, backend: str = "auto") ->
     kernel = resolve_backend(backend, q.device.type)
     if backend == "auto" and packing.num_seqs == 1:
         kernel = "sdpa"
-    return KERNELS[kernel](q, k, v, packing)
+    if q.dtype in KERNEL_DTYPES[kernel]:
+        return KERNELS[kernel](q, k, v, packing)
+    _log_cast(kernel, q.dtype)
+    out = KERNELS[kernel](q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), packing)
+    return out.to(q.dtype)
 
 
 class PackedAttention(nn.Module):

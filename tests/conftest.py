@@ -1,10 +1,14 @@
 import io
+import os
 import random
+import signal
+import subprocess
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from mmpretrain.batch import collate
@@ -15,6 +19,24 @@ from mmpretrain.tokenizer import Tokenizer
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def run(cmd: list[str], timeout: float, env: dict | None = None, cpu_only: bool = False,
+        **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run that cannot hang a test: on timeout the child's whole process group (torchrun
+    and its workers included) is killed and the test fails. `cpu_only` hides every GPU from it."""
+    env = {**os.environ, **(env or {})}
+    if cpu_only:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +55,8 @@ def demo_cache(tmp_path_factory):
 def tiny_cfg(demo_cache, tmp_path):
     def make(*overrides):
         return load_config(ROOT / "configs" / "tiny.yaml",
-                           [f"data.demo.cache_dir={demo_cache}", f"run.dir={tmp_path / 'runs'}", *overrides])
+                           [f"data.demo.cache_dir={demo_cache}", f"run.dir={tmp_path / 'runs'}",
+                            "train.device=cpu", *overrides])  # CPU tests stay on CPU on a GPU machine
     return make
 
 
@@ -62,6 +85,38 @@ def synthetic_batch(cfg, n=6, partial=False):
                 s[m] = torch.randn(shapes[m])
         samples.append(s)
     return collate(samples, shapes, tok.context_length), tok
+
+
+def per_sequence_reference(q, k, v, lengths):
+    """Each sequence alone through SDPA with is_causal (the definition packing must match)."""
+    outs, start = [], 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        o = F.scaled_dot_product_attention(*(t[sl].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True)
+        outs.append(o[0].transpose(0, 1))
+        start += n
+    return torch.cat(outs)
+
+
+@pytest.fixture
+def bf16_only_varlen(monkeypatch):
+    """Stand in for CUDA's flash `varlen_attn` on CPU: "available", and like flash it refuses
+    anything but fp16/bf16 (the error the GPU raised), so the dtype contract is tested here."""
+    from mmpretrain import attention
+
+    calls = []
+
+    def fake(q, k, v, packing):
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
+        calls.append(q.dtype)
+        return attention._sdpa_packed(q, k, v, packing)
+
+    monkeypatch.setitem(attention.KERNELS, "varlen", fake)
+    monkeypatch.setattr(attention, "varlen_status", lambda device_type: (True, "bf16-only stand-in"))
+    attention.resolve_backend.cache_clear()
+    yield calls
+    attention.resolve_backend.cache_clear()
 
 
 def png_bytes(w=8, h=8) -> bytes:

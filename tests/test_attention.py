@@ -1,20 +1,10 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mmpretrain.attention import packed_causal_attention, resolve_backend, xformers_status
 from mmpretrain.packing import Packing
 
-
-def per_sequence_reference(q, k, v, lengths):
-    """Each sequence alone through SDPA with is_causal (the definition packing must match)."""
-    outs, start = [], 0
-    for n in lengths:
-        sl = slice(start, start + n)
-        o = F.scaled_dot_product_attention(*(t[sl].transpose(0, 1)[None] for t in (q, k, v)), is_causal=True)
-        outs.append(o[0].transpose(0, 1))
-        start += n
-    return torch.cat(outs)
+from conftest import per_sequence_reference
 
 
 @pytest.mark.parametrize("lengths", [[5], [3, 7, 1, 4], [1, 1, 1], [16, 2]])
@@ -87,6 +77,22 @@ def test_every_cpu_path_matches_float64_reference(backend, lengths):
     ref = per_sequence_reference(q, k, v, lengths)
     out = packed_causal_attention(q.float(), k.float(), v.float(), Packing.from_lengths(lengths), backend)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_gets_a_dtype_it_supports(bf16_only_varlen, caplog):
+    """fp32 inputs (eval, downstream) reach a bf16-only kernel as bf16 and come back as fp32."""
+    lengths = [5, 1, 9]
+    q, k, v = (torch.randn(sum(lengths), 2, 8, dtype=torch.float64) for _ in range(3))
+    ref = per_sequence_reference(q, k, v, lengths)
+    with caplog.at_level("INFO", logger="mmpretrain.attention"):
+        for _ in range(2):
+            out = packed_causal_attention(q.float(), k.float(), v.float(), Packing.from_lengths(lengths), "varlen")
+    assert out.dtype == torch.float32 and bf16_only_varlen == [torch.bfloat16] * 2
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    assert sum("cast to bfloat16" in r.message for r in caplog.records) == 1  # logged once
+    bf16 = packed_causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), Packing.from_lengths(lengths),
+                                   "varlen")
+    assert bf16.dtype == torch.bfloat16  # what the kernel supports passes through uncast
 
 
 @pytest.mark.cuda

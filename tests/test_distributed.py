@@ -3,8 +3,8 @@
 import io
 import json
 import os
+import queue as queues
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -18,7 +18,7 @@ from mmpretrain.model import ModelOutput, MultimodalModel
 from mmpretrain.objectives import Objectives, PretrainingTask, contrastive_losses
 from mmpretrain.packing import RowLayout
 
-from conftest import ROOT, synthetic_batch
+from conftest import ROOT, run, synthetic_batch
 
 
 def _free_port() -> int:
@@ -28,7 +28,8 @@ def _free_port() -> int:
 
 
 def _join(rank, world, port, sp=1):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+    """Join a gloo group on CPU, with every GPU hidden (the tests must behave alike on a GPU machine)."""
+    os.environ.update(CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     return parallel.init_distributed("cpu", ParallelConfig(sp=sp))
@@ -38,12 +39,18 @@ def _run_workers(target, *args, world=2):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
-    results = sorted((torch.load(io.BytesIO(queue.get(timeout=240))) for _ in procs), key=lambda r: r[0])
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        results = sorted((torch.load(io.BytesIO(queue.get(timeout=240))) for _ in procs), key=lambda r: r[0])
+    except queues.Empty:
+        pytest.fail(f"a worker sent nothing within 240 s (exit codes {[p.exitcode for p in procs]})")
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
     return results
 
 
@@ -91,13 +98,12 @@ def test_contrastive_gather_equals_single_process_with_uneven_batches(split):
 
 
 def _torchrun(nproc: int, config: str, demo_cache, run_dir, *overrides) -> tuple[str, list[dict]]:
-    """`torchrun -m mmpretrain.train` on CPU -> (stderr, metrics.jsonl records); must exit 0."""
+    """`torchrun -m mmpretrain.train` on CPU (GPUs hidden) -> (stderr, metrics.jsonl records); must exit 0."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(_free_port()), "-m", "mmpretrain.train", str(ROOT / "configs" / config),
            f"data.demo.cache_dir={demo_cache}", f"run.dir={run_dir.parent}", f"run.name={run_dir.name}",
-           *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+           "train.device=cpu", *overrides]
+    proc = run(cmd, timeout=300, env={"OMP_NUM_THREADS": "1"}, cpu_only=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr, [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -3,7 +3,6 @@ weight-decay declarations, old checkpoints."""
 
 import itertools
 import json
-import subprocess
 import sys
 
 import pytest
@@ -17,12 +16,12 @@ from mmpretrain.optim import build_optimizer
 from mmpretrain.packing import RowLayout
 from mmpretrain.tokenizer import Tokenizer
 
-from conftest import CONFIGS, ROOT, TINY
+from conftest import CONFIGS, ROOT, TINY, run
 
 
 def _modules_after(imports: str) -> set[str]:
     code = f"import sys\n{imports}\nimport json; print(json.dumps(sorted(sys.modules)))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = run([sys.executable, "-c", code], timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return set(json.loads(proc.stdout.splitlines()[-1]))
 

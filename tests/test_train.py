@@ -9,7 +9,7 @@ import mmpretrain
 from mmpretrain import train
 from mmpretrain.checkpoint import checkpoint_dirs, latest_checkpoint
 
-from conftest import ROOT
+from conftest import ROOT, run
 
 
 def read_metrics(run_dir):
@@ -20,26 +20,26 @@ def test_smoke_run_through_the_real_entry_point(demo_cache, tmp_path):
     """`python -m mmpretrain.train` for 3 steps, then the eval script and load_pretrained on its output."""
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
-           f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "run.name=smoke"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+           f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "run.name=smoke", "train.device=cpu"]
+    proc = run(cmd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "text->image" in proc.stdout and "text->audio" in proc.stdout
-    run = runs / "smoke"
+    run_dir = runs / "smoke"
     for name in ("config.yaml", "metrics.jsonl", "eval/retrieval.json", "curves.png",
                  "export/model.safetensors", "export/image/model.safetensors", "export/text/config.json"):
-        assert (run / name).exists(), name
-    metrics = read_metrics(run)
+        assert (run_dir / name).exists(), name
+    metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for key in ("loss", "lr", "samples_per_s", "next_token", "contrastive/text-image", "contrastive/text-audio"):
         assert key in metrics[0], key
-    results = json.loads((run / "eval" / "retrieval.json").read_text())
+    results = json.loads((run_dir / "eval" / "retrieval.json").read_text())
     assert {"text->image", "image->text", "text->audio", "audio->text"} <= set(results)
     assert set(results["text->image"]) == {"R@1", "R@5", "R@10", "n"} and results["text->image"]["n"] == 100
-    assert latest_checkpoint(run).name == "step_00000003"
+    assert latest_checkpoint(run_dir).name == "step_00000003"
 
     out = tmp_path / "again.json"
-    proc = subprocess.run([sys.executable, "-m", "mmpretrain.eval.retrieval", "--run", str(run),
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = run([sys.executable, "-m", "mmpretrain.eval.retrieval", "--run", str(run_dir), "--out", str(out),
+                "--device", "cpu"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "text->audio" in proc.stdout
     assert json.loads(out.read_text()) == results  # the export reproduces the end-of-run eval
@@ -64,6 +64,23 @@ def test_load_pretrained_and_single_encoders(tiny_cfg):
     torch.testing.assert_close(alone[0], e_img[0])
     text_only = mmpretrain.load_encoder(export / "text")
     torch.testing.assert_close(text_only.encode_text(["a blue ring"])[0], e_txt[1])
+
+
+def test_eval_and_downstream_paths_with_a_bf16_only_kernel(tiny_cfg, bf16_only_varlen):
+    """What crashed on the GPU: fp32 evaluation (mid-training and final) and fp32 `encode_*`
+    through a kernel that takes only bf16 (flash varlen), forced here on CPU."""
+    cfg = tiny_cfg("model.attention.backend=varlen", "train.precision=fp32", "train.steps=2",
+                   "train.eval_every=1", "run.name=bf16only")
+    results = train.run(cfg)
+    assert results["text->image"]["n"] == 100 and bf16_only_varlen
+    model = mmpretrain.load_pretrained(cfg.run_dir / "export")
+    texts = ["a red circle in the centre", "a blue ring in the top left"]
+    fake = model.encode_text(texts)
+    for block in model.model.decoder.blocks:
+        block.attention.backend = "sdpa"  # the same weights through an fp32 kernel
+    torch.testing.assert_close(fake, model.encode_text(texts), rtol=3e-2, atol=3e-2)
+    text_tower = mmpretrain.load_encoder(cfg.run_dir / "export" / "text")
+    assert text_tower.encode_text(texts).dtype == torch.float32
 
 
 class Interrupt(Exception):
@@ -118,14 +135,19 @@ def test_sigterm_checkpoints_the_last_step_and_resumes(demo_cache, tmp_path):
 
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
-           f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "run.name=pre", "train.steps=100000"]
+           f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "run.name=pre", "train.steps=100000",
+           "train.device=cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = runs / "pre" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the run did not stop within 120 s of SIGTERM")
     assert proc.returncode == 143, err[-2000:]
     assert "run the same command again to resume" in err
     last = read_metrics(runs / "pre")[-1]["step"]

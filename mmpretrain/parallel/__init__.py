@@ -51,6 +51,10 @@ def init_distributed(device_type: str, cfg: ParallelConfig) -> DistEnv:
 
     env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), cfg.sp)
     if device_type == "cuda":
+        if env.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"train.device: process {env.rank} has LOCAL_RANK {env.local_rank} but this node "
+                              f"has {torch.cuda.device_count()} CUDA device(s); start at most that many "
+                              f"processes per node, or set train.device=cpu")
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
