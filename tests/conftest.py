@@ -115,6 +115,7 @@ def bf16_only_varlen(monkeypatch):
     monkeypatch.setitem(attention.KERNELS, "varlen", fake)
     monkeypatch.setattr(attention, "varlen_status", lambda device_type: (True, "bf16-only stand-in"))
     attention.resolve_backend.cache_clear()
+    attention._log_cast.cache_clear()  # each test sees its own "logged once"
     yield calls
     attention.resolve_backend.cache_clear()
 
