@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,15 +25,20 @@ class ConfigError(ValueError):
     """A config key, type or value that the schema does not allow."""
 
 
-def _check(minimum=None, maximum=None, **kwargs):
-    """A dataclass field with bounds that `_coerce` enforces."""
-    return field(metadata={"min": minimum, "max": maximum}, **kwargs)
+def _check(minimum=None, maximum=None, below=None, **kwargs):
+    """A dataclass field with bounds that `_coerce` enforces (`below`: an exclusive maximum)."""
+    return field(metadata={"min": minimum, "max": maximum, "below": below}, **kwargs)
+
+
+def _nonempty(default: str):
+    """A string field that must not be empty (a folder or a name)."""
+    return field(default=default, metadata={"nonempty": True})
 
 
 @dataclass
 class RunConfig:
-    name: str = "demo"
-    dir: str = "runs"
+    name: str = _nonempty("demo")
+    dir: str = _nonempty("runs")
     seed: int = 0
 
 
@@ -39,7 +46,7 @@ class RunConfig:
 class DemoCorpusConfig:
     """The built-in corpus, generated once into tar shards (see data/demo.py)."""
 
-    cache_dir: str = "~/.cache/mmpretrain/demo"
+    cache_dir: str = _nonempty("~/.cache/mmpretrain/demo")
     variants_per_concept: int = _check(1, default=16)  # train samples per seen concept
     seed: int = 0
 
@@ -56,6 +63,10 @@ class DataConfig:
     shuffle_buffer: int = _check(0, default=1000)
     num_workers: int = _check(0, default=0)
     max_bad_sample_logs: int = _check(0, default=10)  # log at most this many skips per reason
+    # Where a sample's captions are, in order of preference: a member extension ("txt", "caption")
+    # or a JSON member's field ("json:caption"); a field may hold a string or a list of strings.
+    # The default covers img2dataset, LAION-CLAP / LAION-audio-630k and WebVid exports.
+    caption_keys: list[str] = field(default_factory=lambda: ["txt", "caption", "json:caption", "json:text"])
     demo: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)
 
 
@@ -91,7 +102,8 @@ class AudioEncoderConfig:
     mlp_ratio: float = _check(1.0, default=4.0)
     # log-mel normalisation (AST normalises with data-set statistics)
     mel_mean: float = -4.0
-    mel_std: float = 4.0
+    mel_std: float = _check(1e-6, default=4.0)
+    min_seconds: float = _check(0.0, default=0.1)  # shorter clips are skipped as audio_too_short
 
     @property
     def clip_samples(self) -> int:
@@ -169,7 +181,7 @@ class TrainConfig:
     min_lr_ratio: float = _check(0.0, 1.0, default=0.1)
     warmup_steps: int = _check(0, default=50)
     weight_decay: float = _check(0.0, default=0.05)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # two values in [0, 1)
     grad_clip: float = _check(0.0, default=1.0)  # 0 disables clipping
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
@@ -177,7 +189,7 @@ class TrainConfig:
     eval_every: int = _check(0, default=0)  # 0: evaluate at the end only
     checkpoint_every: int = _check(0, default=200)  # 0: only at the end
     keep_checkpoints: int = _check(1, default=2)
-    resume: str = "auto"  # auto | none | path to a checkpoint folder
+    resume: str = _nonempty("auto")  # auto | none | path to a checkpoint folder
     nan_policy: Literal["stop", "skip"] = "stop"
     progress: bool = True
 
@@ -220,9 +232,11 @@ def _coerce(value: Any, tp, path: str, meta=None):
             raise ConfigError(f"{path}: {value!r} is not allowed; expected {_type_name(tp)}")
         return value
     if origin is list:
+        (item,) = typing.get_args(tp)
+        if item is str and isinstance(value, str):
+            value = [value]  # a single pattern where a list is expected
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-        (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise TypeError("unions are not used in the schema")
@@ -235,9 +249,15 @@ def _coerce(value: Any, tp, path: str, meta=None):
     if not ok:
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     value = tp(value)
-    lo, hi = (meta or {}).get("min"), (meta or {}).get("max")
-    if lo is not None and value < lo or hi is not None and value > hi:
-        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+    meta = meta or {}
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{path}: {value!r} is not allowed; expected a finite number")
+    if meta.get("nonempty") and not value.strip():
+        raise ConfigError(f"{path}: must not be empty")
+    lo, hi, below = meta.get("min"), meta.get("max"), meta.get("below")
+    if lo is not None and value < lo or hi is not None and value > hi or below is not None and value >= below:
+        bounds = (f"between {lo} and {hi}" if hi is not None else f">= {lo} and < {below}" if below is not None
+                  else f">= {lo}")
         raise ConfigError(f"{path}: {value!r} is out of range; expected a value {bounds}")
     return value
 
@@ -254,6 +274,50 @@ def _build(cls, data: dict, path: str = ""):
             raise ConfigError(f"{where}: unknown key{hint} (allowed: {', '.join(fields)})")
         kwargs[key] = _coerce(value, hints[key], where, fields[key].metadata)
     return cls(**kwargs)
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load, plus: 1e-4 is a number (YAML 1.1 wants 1.0e-4), duplicate keys are errors."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def _yaml(text: str, where: str):
+    """Parse YAML text; a syntax error becomes a ConfigError naming `where`, line and column."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        pos = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}{pos}: not valid YAML ({e.problem})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({e})") from None
+
+
+def _override_value(key: str, raw: str):
+    """An override's value as YAML; a [list] whose items YAML cannot read in flow style (brace
+    patterns: [/data/train-{000..127}.tar]) is split on commas."""
+    if not raw.strip():
+        return ""
+    try:
+        return _yaml(raw, f"override {key}")
+    except ConfigError:
+        text = raw.strip()
+        if text.startswith("[") and text.endswith("]") and "{" in text:
+            return [item.strip().strip("'\"") for item in text[1:-1].split(",") if item.strip()]
+        raise
 
 
 def _set_dotted(tree: dict, dotted: str, value):
@@ -273,7 +337,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(tree, key.strip(), _override_value(key.strip(), raw))
     return tree
 
 
@@ -288,12 +352,71 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Read a YAML config file (optional) and apply dotted overrides."""
     tree: dict = {}
     if path is not None:
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+        tree = _yaml(Path(path).read_text(), str(path))
+        if tree is None:  # an empty file: the defaults
+            tree = {}
         if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {tree!r}")
     tree = _merge(tree, parse_overrides(list(overrides)))
-    return _build(Config, tree)
+    return validate(_build(Config, tree))
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> Config:
+    """Checks across fields: what the modules would assert later (geometry, divisibility), here,
+    with the key path, the value and what is allowed."""
+    m = cfg.model
+    _require(len(m.modalities) > 0, "model.modalities: [] has no media modality; expected at least one")
+    dup = sorted({x for x in m.modalities if m.modalities.count(x) > 1})
+    _require(not dup, f"model.modalities: {m.modalities} lists {dup} twice; each modality once")
+    for name in m.modalities:
+        enc = getattr(m, name)
+        _require(enc.width % enc.heads == 0,
+                 f"model.{name}.heads: {enc.heads} does not divide model.{name}.width={enc.width}")
+        _require(enc.width % m.fusion.heads == 0,
+                 f"model.fusion.heads: {m.fusion.heads} does not divide model.{name}.width={enc.width}")
+    if "image" in m.modalities:
+        i = m.image
+        _require(i.image_size % i.patch_size == 0,
+                 f"model.image.patch_size: {i.patch_size} does not divide model.image.image_size={i.image_size}")
+        _require(len(i.mean) == 3 and len(i.std) == 3 and all(x > 0 for x in i.std),
+                 f"model.image.mean/std: {i.mean} / {i.std}; expected 3 values each, std > 0")
+    if "audio" in m.modalities:
+        a = m.audio
+        _require(a.n_mels % a.patch_freq == 0,
+                 f"model.audio.patch_freq: {a.patch_freq} does not divide model.audio.n_mels={a.n_mels}")
+        hop, win = int(a.sample_rate * a.hop_ms / 1000), int(a.sample_rate * a.win_ms / 1000)
+        _require(hop >= 1 and win >= 1, f"model.audio.hop_ms/win_ms: {a.hop_ms}/{a.win_ms} ms is under one "
+                                        f"sample at {a.sample_rate} Hz")
+        frames = a.clip_samples // hop + 1
+        _require(frames >= a.patch_time, f"model.audio.clip_seconds: {a.clip_seconds} s gives {frames} frames, "
+                                         f"fewer than one time patch (patch_time={a.patch_time})")
+    d = m.decoder
+    _require(d.width % d.heads == 0 and (d.width // d.heads) % 2 == 0,
+             f"model.decoder.heads: {d.heads} does not split model.decoder.width={d.width} into heads of "
+             f"even size (rotary embeddings rotate pairs)")
+    _require(d.heads % cfg.parallel.sp == 0,
+             f"parallel.sp: {cfg.parallel.sp} does not divide model.decoder.heads={d.heads}")
+    o = cfg.objectives
+    _require(o.contrastive_weight > 0 or o.next_token_weight > 0,
+             "objectives: contrastive_weight and next_token_weight are both 0; nothing would train")
+    t = cfg.train
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+             f"train.betas: {t.betas}; expected two values in [0, 1)")
+    one_pair = 2 * m.text.context_length + len(m.modalities) * m.fusion.num_latents
+    _require(not cfg.data.max_tokens or cfg.data.max_tokens >= one_pair,
+             f"data.max_tokens: {cfg.data.max_tokens} is below one sample (up to {one_pair} tokens: the caption "
+             f"twice and {m.fusion.num_latents} tokens per modality); expected 0 or >= {one_pair}")
+    _require(bool(cfg.data.sources), "data.sources: [] names no shards")
+    _require(bool(cfg.data.eval_sources), "data.eval_sources: [] names no shards")
+    _require(all(k and (not k.startswith("json:") or k[5:]) for k in cfg.data.caption_keys) and
+             bool(cfg.data.caption_keys), f"data.caption_keys: {cfg.data.caption_keys}; expected extensions "
+                                          f"('txt') or JSON fields ('json:caption')")
+    return cfg
 
 
 def config_from_dict(tree: dict) -> Config:

@@ -56,8 +56,6 @@ class DecoderBlock(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, vocab_size: int, backend: str = "auto"):
         super().__init__()
-        if cfg.width % cfg.heads or (cfg.width // cfg.heads) % 2:
-            raise ValueError(f"model.decoder: width {cfg.width} must split into {cfg.heads} heads of even size")
         self.cfg = cfg
         self.embed = nn.Embedding(vocab_size, cfg.width)
         self.blocks = nn.ModuleList(DecoderBlock(cfg, backend) for _ in range(cfg.layers))

@@ -53,8 +53,7 @@ def gather_with_grad(rows: dict[str, torch.Tensor], group) -> dict[str, torch.Te
     return out
 
 
-def contrastive_losses(out: ModelOutput, logit_scales, max_logit_scale: float,
-                       group=None) -> dict[str, torch.Tensor]:
+def contrastive_losses(out: ModelOutput, logit_scales, group=None) -> dict[str, torch.Tensor]:
     """One loss per pair in `logit_scales` ("text-image", ...), over the samples of every rank in
     the data-parallel `group` that have both sides."""
     rows = gather_with_grad({**{f"emb/{m}": e for m, e in out.embeddings.items()},
@@ -67,7 +66,7 @@ def contrastive_losses(out: ModelOutput, logit_scales, max_logit_scale: float,
         both = present[a] & present[b]
         if int(both.sum()) < 2:
             continue  # no negatives: nothing to contrast
-        scale = param.clamp(max=math.log(max_logit_scale)).exp()
+        scale = param.exp()  # kept within [1, max_logit_scale] by Objectives.clamp_ after each step
         losses[f"contrastive/{pair}"] = clip_loss(feats[a][both], feats[b][both], scale)
     return losses
 
@@ -92,8 +91,7 @@ class Objectives(nn.Module):
     def forward(self, out: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """-> (loss, {term: detached value}) for logging."""
         cfg = self.cfg
-        terms = (contrastive_losses(out, self.logit_scale, cfg.max_logit_scale, self.gather_group)
-                 if cfg.contrastive_weight else {})
+        terms = contrastive_losses(out, self.logit_scale, self.gather_group) if cfg.contrastive_weight else {}
         loss = out.lm_logits.new_zeros(())
         if terms:
             loss = loss + cfg.contrastive_weight * sum(terms.values()) / len(terms)
@@ -101,6 +99,14 @@ class Objectives(nn.Module):
             terms["next_token"] = next_token_loss(out)
             loss = loss + cfg.next_token_weight * terms["next_token"]
         return loss, {k: v.detach() for k, v in terms.items()}
+
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep each log(1/T) in [0, ln(max_logit_scale)], as a parameter after the optimizer step
+        (open_clip's behaviour): clamping inside the loss would zero its gradient at the bound."""
+        for p in self.logit_scale.values():
+            p.clamp_(0, math.log(self.cfg.max_logit_scale))
 
 
 class PretrainingTask(nn.Module):

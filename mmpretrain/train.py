@@ -10,6 +10,7 @@ eval -> export. Everything a run writes goes under runs/<run.name>/.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import random
@@ -23,8 +24,9 @@ import torch
 from mmpretrain import parallel
 from mmpretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_yaml
+from mmpretrain.attention import resolve_backend
 from mmpretrain.data import BatchStream, resolve_sources
-from mmpretrain.eval.retrieval import evaluate, format_table
+from mmpretrain.eval.retrieval import evaluate, format_table, probe_eval
 from mmpretrain.export import export_model
 from mmpretrain.model import MultimodalModel
 from mmpretrain.objectives import Objectives, PretrainingTask
@@ -70,6 +72,12 @@ class Trainer:
         self.tokenizer = Tokenizer(cfg.model.text)
         self.train_urls = resolve_sources(cfg.data, "train")
         self.eval_urls = resolve_sources(cfg.data, "eval")
+        probe_eval(self.eval_urls, cfg, self.tokenizer)  # before step 1, not after the last
+        self.resume_from = resume_path(cfg)
+        try:
+            resolve_backend(cfg.model.attention.backend, device.type)
+        except RuntimeError as e:
+            raise ConfigError(f"model.attention.backend: {e}") from None
         self.stream = BatchStream(self.train_urls, cfg, self.tokenizer, cfg.train.batch_size,
                                   env.dp_rank, env.dp_size)
         torch.manual_seed(cfg.run.seed)
@@ -82,6 +90,7 @@ class Trainer:
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.log = RunLog(self.run_dir, env.is_main)
+        self.skips_logged: collections.Counter = collections.Counter()  # skips already in metrics.jsonl
         self.step = 0
         self.signalled: int | None = None
 
@@ -95,27 +104,28 @@ class Trainer:
         if "objectives" not in state:  # before 0.2 the temperatures lived in the model
             model = state["model"]
             state["objectives"] = {k: model.pop(k) for k in list(model) if k.startswith("logit_scale.")}
-        try:
-            self.model.load_state_dict(state["model"])
-            self.task.objectives.load_state_dict(state["objectives"])
-        except RuntimeError as e:
-            raise RuntimeError(f"the checkpoint does not fit this run's model/objectives config "
-                               f"(train.resume=none starts afresh): {str(e).splitlines()[0]}") from e
+        for name, module in (("model", self.model), ("objectives", self.task.objectives)):
+            if differ := state_differences(module.state_dict(), state[name]):
+                raise ConfigError(f"train.resume: the checkpoint holds another {name} than this config builds "
+                                  f"({differ}); point run.name elsewhere, or train.resume=none to start afresh")
+            module.load_state_dict(state[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])
         self.step = state["step"]
+        self.skips_logged = collections.Counter(self.stream.skipped)
         set_rng_state(state["rng"])
 
     def maybe_resume(self) -> None:
-        resume = self.cfg.train.resume
-        if resume == "none":
-            return
-        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
-        log.info("resumed from %s (step %d)", path, self.step)
+        """Load the checkpoint `train.resume` names, if any; records past its step are dropped
+        (all of them when there is none), so metrics.jsonl holds each step once."""
+        if self.resume_from is not None:
+            self.load_state_dict(load_checkpoint(self.resume_from, map_location=self.device))
+            log.info("resumed from %s (step %d)", self.resume_from, self.step)
+            if self.step >= self.cfg.train.steps:
+                log.warning("the checkpoint is at step %d, at or past train.steps=%d: nothing to train; "
+                            "evaluating and exporting it (raise train.steps to train on)",
+                            self.step, self.cfg.train.steps)
         self.log.trim(self.step)
 
     def save(self) -> None:
@@ -149,6 +159,7 @@ class Trainer:
         if cfg.grad_clip > 0:
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.task.parameters(), cfg.grad_clip)
         self.optimizer.step()
+        self.task.objectives.clamp_()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {k: float(parallel.all_reduce_mean(v.float())) for k, v in sums.items()}
@@ -172,8 +183,9 @@ class Trainer:
             bar.close()
             self.log.close()
         self.save()
-        if self.stream.skipped:
-            log.warning("bad samples skipped: %s", dict(self.stream.skipped))
+        total = parallel.sum_counts(self.stream.skipped, self.env.group("dp"))
+        if total:
+            log.warning("bad samples skipped (all ranks, whole run): %s", dict(total))
         return self.evaluate()
 
     def _on_signal(self, signum, frame) -> None:
@@ -196,7 +208,7 @@ class Trainer:
                 elapsed = time.perf_counter() - t_last
                 record = {"step": self.step, **values, "lr": self.scheduler.get_last_lr()[0],
                           "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
-                          "skipped_samples": dict(self.stream.skipped)}
+                          "skipped_samples": self._new_skips()}
                 t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
                 bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
                                 refresh=False)
@@ -210,6 +222,39 @@ class Trainer:
                 self.save()
                 raise Preempted(f"stopped by a signal after step {self.step}; checkpoint written, "
                                 f"run the same command again to resume")
+
+
+    def _new_skips(self) -> dict[str, int]:
+        """Samples skipped on every data-parallel rank since the previous record (so the records
+        sum to the run's total)."""
+        new = self.stream.skipped - self.skips_logged
+        self.skips_logged = collections.Counter(self.stream.skipped)
+        return dict(parallel.sum_counts(new, self.env.group("dp")))
+
+
+def resume_path(cfg: Config) -> Path | None:
+    """The checkpoint `train.resume` names: auto (the newest complete one, if any), none, or a folder."""
+    resume = cfg.train.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(cfg.run_dir)
+    path = Path(resume)
+    if not (path / "state.pt").is_file():
+        raise ConfigError(f"train.resume: {resume!r} is not a checkpoint folder (one with state.pt, e.g. "
+                          f"{cfg.run_dir}/checkpoints/step_00000100); expected auto, none or such a folder")
+    return path
+
+
+def state_differences(expected: dict, found: dict) -> str:
+    """What keeps `found` from loading where `expected` is: missing, unexpected, reshaped keys."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in found and found[k].shape != v.shape]
+    parts = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+             for what, keys in (("missing", missing), ("unexpected", extra), ("shape", shapes)) if keys]
+    return "; ".join(parts)
 
 
 def _progress(cfg: TrainConfig, initial: int, enabled: bool):
@@ -272,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run(cfg)
+    except ConfigError as e:  # found past the schema: data, environment, checkpoint
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except Preempted as e:
         log.warning("%s", e)
         return 143  # 128 + SIGTERM: interrupted, but resumable

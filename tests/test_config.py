@@ -67,3 +67,174 @@ def test_cli_print_config_and_error(capsys):
     assert "steps: 7" in capsys.readouterr().out
     assert main([str(ROOT / "configs" / "tiny.yaml"), "train.step=7"]) == 2
     assert "did you mean 'steps'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- every bad config
+
+
+def _schema_cases() -> list[tuple[list[str], str]]:
+    """From the schema itself: for every scalar field, a value of the wrong type, a YAML syntax
+    error, and for floats NaN and infinities; every bounded field just past its bound."""
+    import dataclasses
+    import typing
+
+    from mmpretrain.config import Config
+
+    cases = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key, tp = f"{prefix}{f.name}", hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, key + ".")
+                continue
+            cases.append(([f"{key}=[1"], key))  # unterminated flow list
+            if tp in (int, float):
+                cases.append(([f"{key}=abc"], key))
+            if tp is float:
+                cases.extend([([f"{key}=.nan"], key), ([f"{key}=.inf"], key), ([f"{key}=-.inf"], key)])
+            if tp is bool:
+                cases.append(([f"{key}=maybe"], key))
+            if typing.get_origin(tp) is typing.Literal:
+                cases.append(([f"{key}=bogus"], key))
+            lo, hi = f.metadata.get("min"), f.metadata.get("max")
+            if lo is not None:
+                cases.append(([f"{key}={lo - 1}"], key))
+            if hi is not None:
+                cases.append(([f"{key}={hi + 1}"], key))
+            if f.metadata.get("nonempty"):
+                cases.append(([f"{key}="], key))
+
+    walk(Config, "")
+    return cases
+
+
+CROSS_FIELD = [
+    (["model.decoder.width=30", "model.decoder.heads=4"], "model.decoder.heads"),
+    (["model.decoder.width=20", "model.decoder.heads=4"], "model.decoder.heads"),  # odd head size
+    (["model.image.width=31"], "model.image.heads"),
+    (["model.audio.width=31"], "model.audio.heads"),
+    (["model.audio.heads=5"], "model.audio.heads"),
+    (["model.fusion.heads=3"], "model.fusion.heads"),
+    (["model.image.image_size=30"], "model.image.patch_size"),
+    (["model.audio.n_mels=30"], "model.audio.patch_freq"),
+    (["model.audio.clip_seconds=0.1", "model.audio.patch_time=20"], "model.audio.clip_seconds"),
+    (["model.audio.hop_ms=0.01"], "model.audio.hop_ms"),
+    (["model.modalities=[image, image]"], "model.modalities"),
+    (["model.modalities=[]"], "model.modalities"),
+    (["model.modalities=[image, smell]"], "model.modalities[1]"),
+    (["model.image.std=[0.5, 0.5]"], "model.image.mean/std"),
+    (["model.image.std=[0.5, 0.0, 0.5]"], "model.image.mean/std"),
+    (["model.image.std=[.inf, 0.5, 0.5]"], "model.image.std[0]"),
+    (["parallel.sp=3"], "parallel.sp"),
+    (["objectives.contrastive_weight=0", "objectives.next_token_weight=0"], "objectives"),
+    (["train.betas=[0.9]"], "train.betas"),
+    (["train.betas=[0.9, 1.0]"], "train.betas"),
+    (["train.betas=[0.9, .nan]"], "train.betas[1]"),
+    (["train.betas=0.9"], "train.betas"),
+    (["data.max_tokens=10"], "data.max_tokens"),
+    (["data.sources=[]"], "data.sources"),
+    (["data.eval_sources=[]"], "data.eval_sources"),
+    (["data.caption_keys=[]"], "data.caption_keys"),
+    (["data.caption_keys=[json:]"], "data.caption_keys"),
+    (["train.steps=1.5"], "train.steps"),
+    (["train.lr=1e-3x"], "train.lr"),
+    (["model.decoder=5"], "model.decoder"),
+    (["train.steps.value=5"], "train.steps"),
+    (["trian.steps=5"], "trian"),
+    (["run.name='abc"], "run.name"),
+    (["train.steps={a: 1"], "train.steps"),
+]
+
+RUNTIME = [  # found past the schema: data, environment, checkpoint
+    (["data.sources=[/nowhere/train-{000000..000127}.tar]"], "data.sources"),
+    (["data.sources=/nowhere/one.tar"], "data.sources"),
+    (["data.eval_sources=[/nowhere/eval.tar]"], "data.eval_sources"),
+    (["data.sources=['']"], "data.sources"),
+    (["train.device=cuda"], "train.device"),
+    (["model.attention.backend=xformers"], "model.attention.backend"),
+    (["model.attention.backend=varlen"], "model.attention.backend"),
+    (["train.resume=latest"], "train.resume"),
+    (["train.resume=/nowhere/step_00000001"], "train.resume"),
+]
+
+
+def _assert_one_clear_line(code, err, key):
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    lines = [l for l in err.splitlines() if l.startswith("config error:")]
+    assert len(lines) == 1 and key in lines[0], err[-2000:]
+
+
+@pytest.mark.parametrize("overrides,key", _schema_cases() + CROSS_FIELD,
+                         ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_every_bad_override_is_one_clear_line(overrides, key, capsys):
+    code = main([str(ROOT / "configs" / "tiny.yaml"), *overrides, "--print-config"])
+    _assert_one_clear_line(code, capsys.readouterr().err, key)
+
+
+@pytest.mark.parametrize("overrides,key", RUNTIME, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_data_environment_and_resume_mistakes_stop_before_training(overrides, key, tiny_cfg, capsys, tmp_path):
+    if "train.device=cuda" in overrides and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code = main([str(ROOT / "configs" / "tiny.yaml"), f"data.demo.cache_dir={tiny_cfg().data.demo.cache_dir}",
+                 f"run.dir={tmp_path}", "train.device=cpu", *overrides])
+    _assert_one_clear_line(code, capsys.readouterr().err, key)
+    assert not list(tmp_path.glob("*/metrics.jsonl"))  # no step was taken
+
+
+BAD_FILES = [
+    ("[]\n", "top level must be a mapping"), ("0\n", "top level must be a mapping"),
+    ("false\n", "top level must be a mapping"), ("''\n", "top level must be a mapping"),
+    ("train:\n  steps: 3\n  steps: 4\n", "line 3"), ("train: {steps: 3\n", "line 2"),
+    ("train:\n  steps: 3\n   lr: 1\n", "line 3"), ("train:\n\tsteps: 3\n", "line 2"),
+    ("train: [1, 2]\n", "train"), ("train:\n  steps: .nan\n", "train.steps"),
+    ("!!python/object/apply:os.system ['echo hi']\n", "line 1"),
+]
+
+
+@pytest.mark.parametrize("text,where", BAD_FILES, ids=[t for t, _ in BAD_FILES])
+def test_every_bad_yaml_file_is_one_clear_line(text, where, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code = main([str(path), "--print-config"])
+    _assert_one_clear_line(code, capsys.readouterr().err, where)
+
+
+def test_there_are_over_a_hundred_bad_inputs():
+    assert len(_schema_cases()) + len(CROSS_FIELD) + len(RUNTIME) + len(BAD_FILES) >= 100
+
+
+def test_numbers_patterns_and_single_values_as_users_write_them():
+    cfg = load_config(None, ["train.lr=1e-4", "objectives.init_temperature=7E-2",
+                             "data.sources=[/data/train-{000000..000127}.tar]",  # the README's example
+                             "data.eval_sources=/data/eval-{000..003}.tar"])
+    assert cfg.train.lr == 1e-4 and cfg.objectives.init_temperature == 0.07
+    assert cfg.data.sources == ["/data/train-{000000..000127}.tar"]
+    assert cfg.data.eval_sources == ["/data/eval-{000..003}.tar"]
+    assert load_config(None, ["data.sources=[a-{0..1}.tar, 'b-{2..3}.tar']"]).data.sources == \
+        ["a-{0..1}.tar", "b-{2..3}.tar"]
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_keys(tiny_cfg, capsys):
+    from mmpretrain import train
+
+    cfg = tiny_cfg("train.steps=1", "run.name=arch")
+    train.run(cfg)
+    args = [str(ROOT / "configs" / "tiny.yaml"), f"data.demo.cache_dir={cfg.data.demo.cache_dir}",
+            f"run.dir={cfg.run.dir}", "run.name=arch", "train.device=cpu", "train.steps=2"]
+    assert main(args + ["model.decoder.width=64"]) == 2
+    err = capsys.readouterr().err
+    _assert_one_clear_line(2, err, "train.resume")
+    assert "shape: " in err and "decoder" in err
+
+
+def test_resuming_past_the_last_step_says_so(tiny_cfg, caplog):
+    from mmpretrain import train
+
+    cfg = tiny_cfg("train.steps=2", "run.name=done")
+    train.run(cfg)
+    with caplog.at_level("WARNING"):
+        train.run(tiny_cfg("train.steps=1", "run.name=done"))
+    assert any("at or past train.steps=1: nothing to train" in r.message for r in caplog.records)

@@ -171,9 +171,9 @@ def test_token_budget_rows_are_full(tiny_cfg, tmp_path):
 
 
 def test_sample_over_token_budget_is_skipped(tiny_cfg, tmp_path):
-    samples = [sample_dict(i) for i in range(4)]
-    samples[1]["txt"] = "a red circle " * 20
-    batches, _ = _budget_batches(tiny_cfg, tmp_path, 30, samples)
+    samples = [sample_dict(i) for i in range(4)]  # pairs of 20 tokens; a budget fits any pair
+    samples[1] = {"__key__": "s00001", "doc.json": json.dumps({"interleaved": [{"text": "a red circle " * 20}]})}
+    batches, _ = _budget_batches(tiny_cfg, tmp_path, 36, samples)
     assert [b.keys for b in batches] == [["s00000"], ["s00002"]]  # the last row is dropped (train)
     assert sum(b.skipped.get("over_token_budget", 0) for b in batches) == 1
 
@@ -252,3 +252,139 @@ def test_eval_counts_every_caption_as_a_query(tiny_cfg, tmp_path):
     model = MultimodalModel(cfg.model, tok.vocab_size)
     r = evaluate(model, cfg, tok, resolve_sources(cfg.data, "eval"), "cpu")
     assert r["text->image"]["n"] == 5 and r["image->text"]["n"] == 3 and r["image->audio"]["n"] == 3
+
+
+# --------------------------------------------------------------------------- public layouts, counting
+
+
+def jpg_bytes(colour=(0, 0, 255)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 12), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_public_shard_layouts_train_without_skips(tiny_cfg, tmp_path):
+    """img2dataset (jpg + txt + json), LAION-CLAP / audio-630k (flac + json "text", a list or a
+    string, no txt), a json "caption" alone (WebVid exports), `.caption` members, and joint
+    jpg + flac + txt, all in one stream."""
+    img2dataset = [{"__key__": f"i{i}", "jpg": jpg_bytes(), "txt": "a blue square",
+                    "json": json.dumps({"caption": "ignored: txt comes first", "width": 20, "status": "success"})}
+                   for i in range(4)]
+    clap = [{"__key__": f"c{i}", "flac": flac_bytes(), "json": json.dumps(
+        {"text": ["a dog barks", "barking"] if i % 2 else "rain on a roof", "original_data": {"fs": 16000}})}
+        for i in range(4)]
+    caption_json = [{"__key__": f"w{i}", "jpg": jpg_bytes(), "json": json.dumps({"caption": "a red frame"})}
+                    for i in range(4)]
+    dot_caption = [{"__key__": f"d{i}", "png": png_bytes(), "caption": "a caption member"} for i in range(2)]
+    joint = [sample_dict(i) for i in range(4)]
+    cfg = tiny_cfg("data.shuffle_buffer=0")
+    cfg.data.sources = [write_shardwriter(tmp_path, img2dataset + clap + caption_json + dot_caption + joint,
+                                          maxcount=5)]
+    stream = BatchStream(resolve_sources(cfg.data, "train"), cfg, Tokenizer(cfg.model.text), 6)
+    it = iter(stream)
+    batches = [next(it) for _ in range(3)]  # one epoch of 18 samples
+    assert sum(len(b) for b in batches) == 18 and not stream.skipped
+    captions = {k: c for b in batches for k, c in zip(b.keys, b.captions)}
+    assert captions["i0"] == ["a blue square"] and captions["w0"] == ["a red frame"]
+    assert captions["c0"] == ["rain on a roof"] and captions["c1"] == ["a dog barks", "barking"]
+    assert captions["d0"] == ["a caption member"]
+    present = {k: (bool(b.present["image"][j]), bool(b.present["audio"][j]))
+               for b in batches for j, k in enumerate(b.keys)}
+    assert present["i0"] == (True, False) and present["c0"] == (False, True) and present["s00000"] == (True, True)
+
+
+def test_caption_keys_are_configurable(tiny_cfg, tmp_path):
+    path = write_tarfile(tmp_path / "alt.tar", [("a.json", json.dumps({"alt": "from alt"}).encode()),
+                                                ("a.png", png_bytes()), ("a.txt", b"from txt")])
+    (batch,) = all_eval(tiny_cfg("data.caption_keys=[json:alt, txt]"), path)
+    assert batch.captions == [["from alt"]]
+    (batch,) = all_eval(tiny_cfg("data.caption_keys=[json:caption]"), path)  # none of them: skipped
+    assert batch.keys == [] and batch.skipped == {"missing_text": 1}
+
+
+def test_too_short_audio_is_skipped_not_padded_from_nothing(tiny_cfg, tmp_path):
+    path = write_tarfile(tmp_path / "short.tar", [
+        ("a.txt", b"a blip"), ("a.flac", flac_bytes(seconds=0.02)),
+        ("b.txt", b"long enough"), ("b.flac", flac_bytes(seconds=0.3))])
+    batches = all_eval(tiny_cfg(), path)
+    assert [k for b in batches for k in b.keys] == ["b"]
+    assert sum(b.skipped.get("audio_too_short", 0) for b in batches) == 1
+    (batch,) = all_eval(tiny_cfg("model.audio.min_seconds=0.5"), path)
+    assert batch.keys == [] and batch.skipped == {"audio_too_short": 2}
+
+
+def test_skips_are_counted_exactly_once_across_epochs_and_resume(tiny_cfg, tmp_path):
+    """Bad samples after an epoch's last full batch count too, each once per epoch it is read,
+    and a resumed stream neither loses nor repeats them."""
+    samples = [sample_dict(i) for i in range(10)]
+    for i in (2, 8, 9):  # 8 and 9 come after the last full batch of 3 (7 good samples)
+        samples[i]["png"] = b"not an image"
+    samples[5]["txt"] = "   "
+    cfg = tiny_cfg("data.shuffle_buffer=0")
+    cfg.data.sources = [write_shardwriter(tmp_path, samples, maxcount=10)]
+    urls, tok = resolve_sources(cfg.data, "train"), Tokenizer(cfg.model.text)
+    stream = BatchStream(urls, cfg, tok, 3)
+    it = iter(stream)
+    for _ in range(2):  # epoch 0: 6 samples in 2 batches, the 7th good one left over
+        next(it)
+    next(it)  # epoch 1's first batch: epoch 0's trailing skips are in by now
+    per_epoch = {"bad_image": 3, "empty_text": 1}
+    first_batch_skips = {"bad_image": 1}  # sample 2, inside epoch 1's first batch
+    expect = {k: v + first_batch_skips.get(k, 0) for k, v in per_epoch.items()}
+    assert dict(stream.skipped) == expect
+    resumed = BatchStream(urls, cfg, tok, 3)
+    resumed.load_state_dict(stream.state_dict())
+    assert next(iter(resumed)).keys == next(it).keys
+    assert resumed.skipped == stream.skipped  # replayed batches are not counted again
+
+
+def test_metrics_sum_to_the_run_summary_and_hold_each_step_once(tiny_cfg, tmp_path, monkeypatch, caplog):
+    """Killed before the first checkpoint, the rerun starts over and metrics.jsonl holds each step
+    once; its per-record skip counts add up to the end-of-run summary."""
+    from mmpretrain import train
+
+    samples = [sample_dict(i) for i in range(24)]
+    for i in (3, 11, 23):
+        samples[i]["png"] = b"broken"
+    cfg = tiny_cfg("train.steps=6", "train.batch_size=4", "run.name=skips", "data.shuffle_buffer=0")
+    cfg.data.sources = [write_shardwriter(tmp_path, samples, maxcount=24)]
+    original = train.Trainer.train_step
+
+    def killed(self, batches):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return original(self, batches)
+
+    monkeypatch.setattr(train.Trainer, "train_step", killed)
+    try:
+        train.run(cfg)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(train.Trainer, "train_step", original)
+    with caplog.at_level("WARNING"):
+        train.run(cfg)
+    records = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    summed = {}
+    for r in records:
+        for k, v in r["skipped_samples"].items():
+            summed[k] = summed.get(k, 0) + v
+    summary = next(r.message for r in caplog.records if "bad samples skipped" in r.message)
+    assert summed == {"bad_image": 4} and str(summed) in summary  # 3 in epoch 0, 1 in epoch 1 so far
+
+
+def test_retrieval_cli_on_unreadable_shards_is_a_clear_error(tiny_cfg, tmp_path):
+    import sys
+
+    from mmpretrain import train
+    from conftest import run
+
+    cfg = tiny_cfg("train.steps=1", "run.name=cli")
+    train.run(cfg)
+    junk = write_tarfile(tmp_path / "junk.tar", [("a.txt", b"caption"), ("a.png", b"not a png")])
+    proc = run([sys.executable, "-m", "mmpretrain.eval.retrieval", "--run", str(cfg.run_dir), "--shards", junk,
+                "--device", "cpu"], timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--shards: no readable media-caption sample in 1 shard(s) (skipped: {'bad_image': 1})" in proc.stderr

@@ -67,7 +67,7 @@ def _gather_worker(rank, world, port, feats, split, queue):
     local = {m: f[rows].clone().requires_grad_() for m, f in feats.items()}
     present = {m: torch.ones(len(local[m]), dtype=torch.bool) for m in local}
     scales = nn.ParameterDict({"text-image": nn.Parameter(torch.tensor(2.5, dtype=torch.float64))})
-    loss = contrastive_losses(ModelOutput(local, present, None, None), scales, 100.0,
+    loss = contrastive_losses(ModelOutput(local, present, None, None), scales,
                               env.gather_group)["contrastive/text-image"]
     loss.backward()
     # DDP averages gradients over ranks; the sum over ranks of grad/world is the full-batch gradient
@@ -84,7 +84,7 @@ def test_contrastive_gather_equals_single_process_with_uneven_batches(split):
     full = {m: f.clone().requires_grad_() for m, f in feats.items()}
     present = {m: torch.ones(8, dtype=torch.bool) for m in full}
     scales = nn.ParameterDict({"text-image": nn.Parameter(torch.tensor(2.5, dtype=torch.float64))})
-    ref = contrastive_losses(ModelOutput(full, present, None, None), scales, 100.0)["contrastive/text-image"]
+    ref = contrastive_losses(ModelOutput(full, present, None, None), scales)["contrastive/text-image"]
     ref.backward()
 
     results = _run_workers(_gather_worker, feats, split)

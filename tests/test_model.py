@@ -3,7 +3,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from mmpretrain import packing
-from mmpretrain.config import load_config
+from mmpretrain.config import ConfigError, load_config
 from mmpretrain.decoder import Decoder
 from mmpretrain.encoders import ImageEncoder
 from mmpretrain.model import MultimodalModel
@@ -79,10 +79,10 @@ def test_image_encoder_is_timm_vit():
 
 
 def test_bad_geometry_is_a_clear_error():
-    with pytest.raises(ValueError, match="image_size 30 is not a multiple of patch_size 4"):
-        ImageEncoder(load_config(None, ["model.image.image_size=30"]).model.image)
-    with pytest.raises(ValueError, match="width 30 must split into 4 heads"):
-        Decoder(load_config(None, ["model.decoder.width=30"]).model.decoder, 10)
+    with pytest.raises(ConfigError, match="patch_size: 4 does not divide model.image.image_size=30"):
+        load_config(None, ["model.image.image_size=30"])
+    with pytest.raises(ConfigError, match="does not split model.decoder.width=30 into heads"):
+        load_config(None, ["model.decoder.width=30"])
 
 
 def test_packed_samples_never_see_each_other():

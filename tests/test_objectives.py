@@ -34,7 +34,7 @@ def test_partly_paired_batch_uses_only_samples_with_both_sides():
     out = _out(n, present)
     scales = nn.ParameterDict({p: nn.Parameter(torch.tensor(math.log(10.0), dtype=torch.float64))
                                for p in ("text-image", "text-audio", "image-audio")})
-    losses = contrastive_losses(out, scales, 100.0)
+    losses = contrastive_losses(out, scales)
     assert set(losses) == {"contrastive/text-image", "contrastive/text-audio"}  # image-audio: 1 sample
     im = present["image"]
     torch.testing.assert_close(losses["contrastive/text-image"],
@@ -42,12 +42,24 @@ def test_partly_paired_batch_uses_only_samples_with_both_sides():
                                           torch.tensor(10.0, dtype=torch.float64)))
 
 
-def test_logit_scale_is_clamped():
+@pytest.mark.parametrize("start,clamped", [(10.0, math.log(100.0)), (-1.0, 0.0), (2.0, 2.0)])
+def test_logit_scale_is_clamped_as_a_parameter_like_open_clip(start, clamped):
+    """After the optimizer step the parameter is clamped to [0, ln(max_logit_scale)]; the loss at
+    the bound equals ClipLoss at that scale and its gradient is not zero there."""
+    objectives = Objectives(["image"], ObjectivesConfig(max_logit_scale=100.0, next_token_weight=0)).double()
+    with torch.no_grad():
+        objectives.logit_scale["text-image"].fill_(start)
+    objectives.clamp_()
+    param = objectives.logit_scale["text-image"]
+    assert param.item() == pytest.approx(clamped, abs=1e-12)
     out = _out(4, {m: torch.ones(4, dtype=torch.bool) for m in ("text", "image", "audio")})
-    scales = nn.ParameterDict({"text-image": nn.Parameter(torch.tensor(10.0, dtype=torch.float64))})
-    loss = contrastive_losses(out, scales, 100.0)["contrastive/text-image"]
-    ref = ClipLoss()(out.embeddings["text"], out.embeddings["image"], torch.tensor(100.0, dtype=torch.float64))
+    out.lm_logits, out.lm_targets = torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    loss = objectives(out)[0]
+    ref = ClipLoss()(out.embeddings["text"], out.embeddings["image"], torch.tensor(math.exp(clamped),
+                                                                                   dtype=torch.float64))
     torch.testing.assert_close(loss, ref)
+    (grad,) = torch.autograd.grad(loss, param)
+    assert grad.abs() > 0
 
 
 def test_total_loss_weights_terms():

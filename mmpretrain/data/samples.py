@@ -18,7 +18,6 @@ from mmpretrain.encoders import MODALITIES, BadSample
 
 log = logging.getLogger(__name__)
 
-TEXT_EXTS = ("txt",)
 DOC_KEY = "doc.json"  # marks an interleaved document (see SampleParser.document)
 
 
@@ -61,12 +60,36 @@ def decode_captions(data: bytes) -> list[str]:
     return captions
 
 
+def json_captions(data: bytes, field: str) -> list[str]:
+    """A JSON member's `field` -> its captions (a string, or a list of strings); [] when absent."""
+    try:
+        value = json.loads(data).get(field)
+    except (ValueError, AttributeError):
+        return []
+    values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [c.replace("\n", " ").strip() for c in values if isinstance(c, str) and c.strip()]
+
+
+def find_captions(raw: dict, keys: list[str]) -> list[str]:
+    """The captions of the first of `keys` (data.caption_keys) the sample has: a member extension
+    (one caption per line) or "json:<field>". Raises BadSample("missing_text") when none has any."""
+    for key in keys:
+        if key.startswith("json:"):
+            if "json" in raw and (captions := json_captions(raw["json"], key[5:])):
+                return captions
+        elif key in raw:
+            return decode_captions(raw[key])
+    raise BadSample("missing_text", f"{raw.get('__key__', '?')}: none of data.caption_keys {keys} "
+                                    f"(members: {sorted(k for k in raw if not k.startswith('__'))})")
+
+
 class SampleParser:
     """Raw sample -> {"__key__", "tokens", "length", "captions", <modality>: tensor, ...} for the
     model's modalities, or {"__key__", "document"}; text is tokenized once, here."""
 
     def __init__(self, cfg: Config, train: bool, tokenizer):
         self.train, self.tokenizer = train, tokenizer
+        self.caption_keys = cfg.data.caption_keys
         # registry order, which fixes the order in which media draw from the sample's RNG
         self.specs = {m: spec for m, spec in MODALITIES.items() if m in cfg.model.modalities}
         self.sections = {m: spec.section(cfg.model) for m, spec in self.specs.items()}
@@ -80,10 +103,7 @@ class SampleParser:
             ids = iter(self.tokenizer.document_ids([v for k, v in segments if k == "text"]))
             return {"__key__": raw["__key__"],
                     "document": [(k, next(ids) if k == "text" else v) for k, v in segments]}
-        key = first_key(raw, TEXT_EXTS)
-        if key is None:
-            raise BadSample("missing_text", raw.get("__key__", "?"))
-        captions = decode_captions(raw[key])
+        captions = find_captions(raw, self.caption_keys)
         text = rng.choice(captions) if self.train else captions[0]  # a random caption per epoch
         tokens, length = self.tokenizer([text])
         out = {"__key__": raw["__key__"], "tokens": tokens[0], "length": int(length[0]), "captions": captions}

@@ -6,22 +6,24 @@ from pathlib import Path
 
 import braceexpand
 
-from mmpretrain.config import DataConfig
+from mmpretrain.config import ConfigError, DataConfig
 
 
 def expand(patterns: list[str], what: str) -> list[str]:
-    """Brace-expand shard patterns; local shards must exist. `what` names them in errors."""
-    urls = [u for p in patterns for u in braceexpand.braceexpand(p)]
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+    """Brace-expand shard patterns; local shards must be readable files. `what` names them in errors."""
+    urls = [u for p in patterns for u in braceexpand.braceexpand(p) if u.strip()]
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
     if missing:
-        raise FileNotFoundError(f"{what}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+        raise ConfigError(f"{what}: {len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[0]!r}")
     if not urls:
-        raise ValueError(f"{what}: no shards given")
+        raise ConfigError(f"{what}: {patterns} names no shards")
     return urls
 
 
 def resolve_sources(data: DataConfig, split: str) -> list[str]:
     """Shard URLs for `split` ("train" or "eval"): expands braces, resolves "demo"."""
+    key = "data.sources" if split == "train" else "data.eval_sources"
     patterns = []
     for p in data.sources if split == "train" else data.eval_sources:
         if p in ("demo", "demo-docs"):  # the built-in corpus: this role's split, or its documents
@@ -30,4 +32,4 @@ def resolve_sources(data: DataConfig, split: str) -> list[str]:
             splits = demo_corpus(data.demo.cache_dir, data.demo.variants_per_concept, data.demo.seed)
             p = splits[split if p == "demo" else "docs"]
         patterns.append(p)
-    return expand(patterns, f"data ({split})")
+    return expand(patterns, key)

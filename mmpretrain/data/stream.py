@@ -84,6 +84,9 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                 pending, used, pairs = [], 0, 0
         if pending and not self.train:  # eval keeps every sample; train keeps shapes fixed
             yield close()
+        elif skips.pending:  # skips after the last batch still count: an empty batch carries them
+            pending, used, pairs = [], 0, 0
+            yield close()
 
 
 def _loader(dataset, num_workers: int):
@@ -103,10 +106,11 @@ class BatchStream:
         self.skipped = collections.Counter()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.skipped = collections.Counter(state.get("skipped", {}))
 
     def __iter__(self):
         while True:
@@ -114,10 +118,13 @@ class BatchStream:
                                self.rank, self.world)
             produced = 0
             for i, batch in enumerate(_loader(ds, self.cfg.data.num_workers)):
-                produced += 1
-                self.skipped.update(batch.skipped)
-                if i < self.batch_in_epoch:  # replaying a resumed epoch
+                if i < self.batch_in_epoch:  # replaying a resumed epoch: its skips are in the state
+                    produced += 1
                     continue
+                self.skipped.update(batch.skipped)  # each skip counted once, when it is reached
+                if not len(batch):  # the epoch's trailing skips only
+                    continue
+                produced += 1
                 self.batch_in_epoch = i + 1
                 yield batch
             if produced == 0:

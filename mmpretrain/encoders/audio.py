@@ -34,9 +34,7 @@ class LogMel(nn.Module):
             sample_rate=cfg.sample_rate, n_fft=n_fft, win_length=win, hop_length=self.hop,
             n_mels=cfg.n_mels, power=2.0)
         frames = cfg.clip_samples // self.hop + 1  # center=True framing
-        self.frames = frames - frames % cfg.patch_time  # whole time patches only
-        if self.frames == 0:
-            raise ValueError(f"model.audio: clip of {cfg.clip_seconds}s is shorter than one time patch")
+        self.frames = frames - frames % cfg.patch_time  # whole time patches only (config.validate: >= 1)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         with torch.autocast(wave.device.type, enabled=False):  # the FFT wants fp32
@@ -48,8 +46,6 @@ class LogMel(nn.Module):
 class AudioEncoder(nn.Module):
     def __init__(self, cfg: AudioEncoderConfig):
         super().__init__()
-        if cfg.n_mels % cfg.patch_freq:
-            raise ValueError(f"model.audio: n_mels {cfg.n_mels} is not a multiple of patch_freq {cfg.patch_freq}")
         self.cfg = cfg
         self.width = cfg.width
         self.frontend = LogMel(cfg)
@@ -86,6 +82,9 @@ def decode(data: bytes, cfg: AudioEncoderConfig, rng: random.Random | None) -> t
         raise BadSample("bad_audio", repr(e)) from e
     if wave.shape[0] == 0:
         raise BadSample("empty_audio")
+    shortest = max(cfg.min_seconds, cfg.win_ms / 1000)  # and never less than one spectrogram frame
+    if wave.shape[0] < shortest * sr:
+        raise BadSample("audio_too_short", f"{wave.shape[0] / sr:.3f} s < {shortest} s")
     return to_clip(torch.from_numpy(wave).mean(dim=1), sr, cfg, rng)
 
 

@@ -18,9 +18,6 @@ from mmpretrain.encoders.spec import BadSample, ModalitySpec
 class ImageEncoder(nn.Module):
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
-        if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"model.image: image_size {cfg.image_size} is not a multiple of "
-                             f"patch_size {cfg.patch_size}")
         self.cfg = cfg
         self.width = cfg.width
         self.vit = VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, num_classes=0,

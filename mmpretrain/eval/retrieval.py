@@ -11,6 +11,7 @@ top k. Media-to-media queries are found when the same item is in the top k.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 from pathlib import Path
@@ -96,6 +97,21 @@ def evaluate(model, cfg, tokenizer, urls: list[str], device) -> dict[str, dict]:
     return retrieval_metrics(emb, present, caption_item)
 
 
+def probe_eval(urls: list[str], cfg, tokenizer, what: str = "data.eval_sources") -> None:
+    """Read eval shards until one media-caption sample decodes: an unusable eval set is a config
+    error before training, not a crash after it."""
+    from mmpretrain.config import ConfigError
+    from mmpretrain.data import eval_batches
+
+    skipped = collections.Counter()
+    for batch in eval_batches(urls, cfg, tokenizer, batch_size=1):
+        skipped.update(batch.skipped)
+        if batch.keys:
+            return
+    detail = f" (skipped: {dict(skipped)})" if skipped else ""
+    raise ConfigError(f"{what}: no readable media-caption sample in {len(urls)} shard(s){detail}")
+
+
 def format_table(results: dict[str, dict]) -> str:
     lines = [f"{'direction':<16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'n':>7}{'chance@1':>10}"]
     for name, r in results.items():
@@ -105,7 +121,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mmpretrain.config import load_config
+    from mmpretrain.config import ConfigError, load_config
     from mmpretrain.data.sources import expand, resolve_sources
     from mmpretrain.pretrained import load_pretrained
 
@@ -123,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(run / "config.yaml")
     try:
         urls = expand([args.shards], "--shards") if args.shards else resolve_sources(cfg.data, "eval")
-    except (FileNotFoundError, ValueError) as e:
+        probe_eval(urls, cfg, pretrained.tokenizer, "--shards" if args.shards else "data.eval_sources")
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = evaluate(pretrained.model, cfg, pretrained.tokenizer, urls, args.device)

@@ -25,8 +25,6 @@ class ResamplerFusion(nn.Module):
 
     def __init__(self, in_width: int, out_width: int, cfg: FusionConfig):
         super().__init__()
-        if in_width % cfg.heads:
-            raise ValueError(f"model.fusion: heads {cfg.heads} do not divide encoder width {in_width}")
         self.pool = AttentionPoolLatent(in_width, num_heads=cfg.heads, latent_len=cfg.num_latents,
                                         pool_type="")
         self.to_decoder = nn.Linear(in_width, out_width)

@@ -9,6 +9,7 @@ files stay single-device.
 
 from __future__ import annotations
 
+import collections
 import os
 from dataclasses import dataclass
 
@@ -101,6 +102,15 @@ def any_rank(flag: torch.Tensor) -> bool:
         flag = flag.to(torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
+
+
+def sum_counts(counts: collections.Counter, group) -> collections.Counter:
+    """A Counter summed over the ranks of `group` (every rank gets the sum)."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return collections.Counter(counts)
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, dict(counts), group=group)
+    return sum((collections.Counter(p) for p in parts), collections.Counter())
 
 
 def cleanup() -> None:
