@@ -99,5 +99,6 @@ def test_checkpoint_from_before_the_objectives_owned_temperatures_loads(tiny_cfg
     trainer.load_state_dict(old)
     assert all(float(p.detach()) == 3.5 for p in trainer.task.objectives.logit_scale.values())
     other = train.Trainer(tiny_cfg("model.decoder.width=64"), parallel.DistEnv(), torch.device("cpu"))
-    with pytest.raises(ConfigError, match=r"train.resume: the checkpoint holds another model .*shape: towers.image.fusion.modality_embed \(32,\) vs \(64,\)"):
+    differ = r"train.resume: the checkpoint holds another model .*shape: towers.image.fusion.modality_embed \(32,\)"
+    with pytest.raises(ConfigError, match=differ):
         other.load_state_dict(state)

@@ -19,7 +19,7 @@ import random
 import torch
 import webdataset as wds
 
-from mmpretrain.batch import Batch, collate
+from mmpretrain.batch import collate
 from mmpretrain.config import Config
 from mmpretrain.data.samples import BadSample, SampleParser, SkipCounter
 from mmpretrain.packing import RowLayout
