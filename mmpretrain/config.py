@@ -67,6 +67,9 @@ class DataConfig:
     # or a JSON member's field ("json:caption"); a field may hold a string or a list of strings.
     # The default covers img2dataset, LAION-CLAP / LAION-audio-630k and WebVid exports.
     caption_keys: list[str] = field(default_factory=lambda: ["txt", "caption", "json:caption", "json:text"])
+    # A sample without an audio member takes its audio from its video's own track (AudioSet /
+    # VGGSound exports); a video without a track leaves the sample without audio.
+    video_audio: bool = False
     demo: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)
 
 
@@ -112,6 +115,31 @@ class AudioEncoderConfig:
 
 
 @dataclass
+class VideoEncoderConfig:
+    """A frame sampler (PyAV decoding of only the span needed) and a space-time ViT."""
+
+    frame_size: int = _check(8, default=32)
+    patch_size: int = _check(1, default=8)
+    num_frames: int = _check(1, default=8)
+    tubelet: int = _check(1, default=2)  # frames per space-time patch
+    # segments: the span split into num_frames equal segments, a random frame of each in training,
+    # the middle one in evaluation (TSN); fps: num_frames at `fps` from a random (train) or
+    # centred (eval) start. Clips shorter than needed repeat their last frame.
+    mode: Literal["segments", "fps"] = "segments"
+    fps: float = _check(0.1, default=4.0)
+    span_seconds: float = _check(0.0, default=0.0)  # segments: 0 = the whole clip
+    width: int = _check(8, default=128)
+    depth: int = _check(1, default=4)
+    heads: int = _check(1, default=4)
+    mlp_ratio: float = _check(1.0, default=4.0)
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    max_pixels: int = _check(1, default=8_294_400)  # per frame (4K), read from metadata before decoding
+    max_seconds: float = _check(0.1, default=3600.0)  # longer videos are refused before decoding
+    init_from_image: bool = False  # start from the image encoder's weights (temporal embedding at 0)
+
+
+@dataclass
 class TextConfig:
     tokenizer: Literal["openclip"] = "openclip"
     context_length: int = _check(4, 77, default=24)
@@ -143,9 +171,10 @@ class AttentionConfig:
 
 @dataclass
 class ModelConfig:
-    modalities: list[Literal["image", "audio"]] = field(default_factory=lambda: ["image", "audio"])
+    modalities: list[Literal["image", "audio", "video"]] = field(default_factory=lambda: ["image", "audio"])
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -385,6 +414,21 @@ def validate(cfg: Config) -> Config:
                  f"model.image.patch_size: {i.patch_size} does not divide model.image.image_size={i.image_size}")
         _require(len(i.mean) == 3 and len(i.std) == 3 and all(x > 0 for x in i.std),
                  f"model.image.mean/std: {i.mean} / {i.std}; expected 3 values each, std > 0")
+    if "video" in m.modalities:
+        v = m.video
+        _require(v.frame_size % v.patch_size == 0,
+                 f"model.video.patch_size: {v.patch_size} does not divide model.video.frame_size={v.frame_size}")
+        _require(v.num_frames % v.tubelet == 0,
+                 f"model.video.tubelet: {v.tubelet} does not divide model.video.num_frames={v.num_frames}")
+        _require(len(v.mean) == 3 and len(v.std) == 3 and all(x > 0 for x in v.std),
+                 f"model.video.mean/std: {v.mean} / {v.std}; expected 3 values each, std > 0")
+        if v.init_from_image:
+            i = m.image
+            same = (v.width, v.depth, v.heads, v.mlp_ratio, v.patch_size, v.frame_size) == \
+                (i.width, i.depth, i.heads, i.mlp_ratio, i.patch_size, i.image_size)
+            _require("image" in m.modalities and same,
+                     "model.video.init_from_image: needs the image modality with the same width, depth, heads, "
+                     "mlp_ratio, patch_size and image_size (= frame_size)")
     if "audio" in m.modalities:
         a = m.audio
         _require(a.n_mels % a.patch_freq == 0,

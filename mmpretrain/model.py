@@ -53,6 +53,10 @@ class MultimodalModel(nn.Module):
         self.cfg = cfg
         self.modalities = list(cfg.modalities)
         self.towers = nn.ModuleDict({m: MediaTower(m, cfg) for m in self.modalities})
+        encoders = {m: tower.encoder for m, tower in self.towers.items()}
+        for encoder in encoders.values():
+            if hasattr(encoder, "init_from"):  # an encoder that starts from another's weights
+                encoder.init_from(encoders)
         self.decoder = Decoder(cfg.decoder, vocab_size, cfg.attention.backend)
         self.text_proj = nn.Linear(cfg.decoder.width, cfg.fusion.embed_dim, bias=False)
 

@@ -57,6 +57,11 @@ class Pretrained(nn.Module):
         """(B, samples) mono waveforms; resampled and cropped/padded to the training clip."""
         return self.encode("audio", waves, sample_rate=sample_rate)
 
+    def encode_video(self, videos) -> torch.Tensor:
+        """Video files (paths or bytes; frames sampled as in evaluation), or frames (B, T, 3, H, W)
+        uint8 (resized and cropped here), or preprocessed float (B, num_frames, 3, S, S)."""
+        return self.encode("video", videos)
+
 
 def _drop_training_state(state: dict) -> dict:
     """Exports written before 0.2 also held the objectives' temperatures; they are training-only."""
@@ -67,7 +72,7 @@ def _drop_training_state(state: dict) -> dict:
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """`load_pretrained("runs/demo/export")` -> a `Pretrained` with encode_text/image/audio."""
+    """`load_pretrained("runs/demo/export")` -> a `Pretrained` with encode_text / encode_<modality>."""
     path = Path(path)
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"{path}: no model.safetensors here (expected a run's export/ folder)")

@@ -68,6 +68,7 @@ def sample_dict(i: int, colour="red", shape="circle", place="in the centre") -> 
 TINY = ["model.image.width=32", "model.image.depth=1", "model.image.heads=2",
         "model.audio.width=32", "model.audio.depth=1", "model.audio.heads=2",
         "model.fusion.heads=2", "model.fusion.embed_dim=16",
+        "model.video.width=32", "model.video.depth=1", "model.video.heads=2",
         "model.decoder.width=32", "model.decoder.layers=1", "model.decoder.heads=2"]
 
 

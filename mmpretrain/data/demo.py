@@ -108,22 +108,26 @@ def render_image(c: Concept, rng: random.Random) -> Image.Image:
     cy = (fy + rng.uniform(-0.05, 0.05)) * s
     r = s * rng.uniform(0.15, 0.2)
     rgb = tuple(int(np.clip(v + rng.randint(-20, 20), 0, 255)) for v in COLOURS[c.colour][0])
+    draw_shape(draw, c.shape, cx, cy, r, rgb)
+    return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb: tuple) -> None:
     box = (cx - r, cy - r, cx + r, cy + r)
-    if c.shape == "circle":
+    if shape == "circle":
         draw.ellipse(box, fill=rgb)
-    elif c.shape == "ring":
+    elif shape == "ring":
         draw.ellipse(box, outline=rgb, width=int(r * 0.35))
-    elif c.shape == "square":
+    elif shape == "square":
         draw.rectangle(box, fill=rgb)
-    elif c.shape == "triangle":
+    elif shape == "triangle":
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=rgb)
-    elif c.shape == "diamond":
+    elif shape == "diamond":
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=rgb)
-    elif c.shape == "cross":
+    elif shape == "cross":
         w = r * 0.35
         draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=rgb)
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=rgb)
-    return img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
 
 
 def render_audio(c: Concept, rng: random.Random) -> np.ndarray:

@@ -15,6 +15,7 @@ import random
 
 from mmpretrain.config import Config
 from mmpretrain.encoders import MODALITIES, BadSample
+from mmpretrain.encoders.video import decode_audio_track
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class SampleParser:
         # registry order, which fixes the order in which media draw from the sample's RNG
         self.specs = {m: spec for m, spec in MODALITIES.items() if m in cfg.model.modalities}
         self.sections = {m: spec.section(cfg.model) for m, spec in self.specs.items()}
+        self.video_audio = cfg.data.video_audio and "audio" in self.specs
 
     def media_shapes(self) -> dict[str, tuple]:
         return {m: spec.media_shape(self.sections[m]) for m, spec in self.specs.items()}
@@ -110,6 +112,10 @@ class SampleParser:
         for m, spec in self.specs.items():
             if ext := first_key(raw, spec.extensions):
                 out[m] = self.media(m, raw[ext], rng)
+        if self.video_audio and "audio" not in out and (ext := first_key(raw, MODALITIES["video"].extensions)):
+            track = decode_audio_track(raw[ext], self.sections["audio"], rng if self.train else None)
+            if track is not None:  # no track: the sample simply has no audio
+                out["audio"] = track
         if not any(m in out for m in self.specs):
             raise BadSample("no_media", raw["__key__"])
         return out

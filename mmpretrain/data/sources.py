@@ -1,4 +1,4 @@
-"""Where the shards are: patterns (brace expansion) and the built-in demo corpus -> shard URLs."""
+"""Where the shards are: patterns (brace expansion) and the built-in demo corpora -> shard URLs."""
 
 from __future__ import annotations
 
@@ -31,5 +31,9 @@ def resolve_sources(data: DataConfig, split: str) -> list[str]:
 
             splits = demo_corpus(data.demo.cache_dir, data.demo.variants_per_concept, data.demo.seed)
             p = splits[split if p == "demo" else "docs"]
+        elif p == "demo-video":  # the built-in video corpus (clips with audio tracks and stills)
+            from mmpretrain.data.demo_video import demo_video_corpus
+
+            p = demo_video_corpus(data.demo.cache_dir, data.demo.variants_per_concept, data.demo.seed)[split]
         patterns.append(p)
     return expand(patterns, key)

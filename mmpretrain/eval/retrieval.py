@@ -59,10 +59,16 @@ def retrieval_metrics(emb: dict[str, torch.Tensor], present: dict[str, torch.Ten
     return out
 
 
+def static_frames(video: torch.Tensor) -> torch.Tensor:
+    """(B, T, ...) clips -> each clip's first frame repeated T times: the control that shows
+    whether a video model uses motion (its retrieval should drop) or single frames."""
+    return video[:, :1].expand_as(video).contiguous()
+
+
 @torch.no_grad()
-def embed_batches(model, tokenizer, batches, device) -> tuple[dict, dict, torch.Tensor, list[str]]:
+def embed_batches(model, tokenizer, batches, device, static: bool = False) -> tuple[dict, dict, torch.Tensor, list]:
     """Run the model's encoders over eval batches -> item embeddings (text: one row per
-    caption), presence masks, the item of each caption, keys."""
+    caption), presence masks, the item of each caption, keys. `static`: video as static_frames."""
     was_training = model.training
     model.eval()
     emb, present, caption_item, keys = {}, {}, [], []
@@ -70,6 +76,8 @@ def embed_batches(model, tokenizer, batches, device) -> tuple[dict, dict, torch.
         if not batch.keys:  # only interleaved documents: nothing to retrieve
             continue
         batch = batch.to(device)
+        if static and "video" in batch.media:
+            batch.media["video"] = static_frames(batch.media["video"])
         captions = [c for caps in batch.captions for c in caps]
         caption_item += [len(keys) + i for i, caps in enumerate(batch.captions) for _ in caps]
         keys += batch.keys
@@ -90,10 +98,11 @@ def embed_batches(model, tokenizer, batches, device) -> tuple[dict, dict, torch.
     return emb, present, torch.tensor(caption_item, dtype=torch.long), keys
 
 
-def evaluate(model, cfg, tokenizer, urls: list[str], device) -> dict[str, dict]:
+def evaluate(model, cfg, tokenizer, urls: list[str], device, static: bool = False) -> dict[str, dict]:
     from mmpretrain.data import eval_batches
 
-    emb, present, caption_item, _ = embed_batches(model, tokenizer, eval_batches(urls, cfg, tokenizer), device)
+    emb, present, caption_item, _ = embed_batches(model, tokenizer, eval_batches(urls, cfg, tokenizer), device,
+                                                  static)
     return retrieval_metrics(emb, present, caption_item)
 
 
@@ -132,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="shard pattern (brace expansion); default: the run's data.eval_sources")
     p.add_argument("--out", default=None, help="JSON output (default: <run>/eval/retrieval.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--static-frames", action="store_true",
+                   help="control: every clip shows its first frame throughout (a model that learned motion "
+                        "should drop); writes retrieval_static.json by default")
     args = p.parse_args(argv)
 
     run = Path(args.run)
@@ -143,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = evaluate(pretrained.model, cfg, pretrained.tokenizer, urls, args.device)
+    results = evaluate(pretrained.model, cfg, pretrained.tokenizer, urls, args.device, args.static_frames)
     print(format_table(results))
-    out = Path(args.out) if args.out else run / "eval" / "retrieval.json"
+    default = "retrieval_static.json" if args.static_frames else "retrieval.json"
+    out = Path(args.out) if args.out else run / "eval" / default
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")

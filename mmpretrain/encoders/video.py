@@ -1,0 +1,230 @@
+"""Video: PyAV decoding of only the frames needed, the frame sampler, and a space-time ViT.
+
+Decoding reads the container's stream metadata first (size, duration, rotation)
+and refuses what is over `max_pixels` or `max_seconds` before decoding a frame;
+then the sampler picks timestamps, the demuxer seeks to the keyframe before the
+first one, and frames are decoded only until the last one is passed. The frame
+shown at time t is the last frame whose timestamp is <= t, which handles
+variable frame rates; times past the end repeat the last frame.
+
+The encoder is a ViT over space-time patches: a tubelet embedding (`tubelet`
+frames x patch x patch, a Conv3d), separate spatial and temporal position
+embeddings, joint attention over all tokens in timm's `Block`s. It can start
+from the image encoder's weights (`init_from_image`: the 2-D patch kernel spread
+over the tubelet, temporal embedding at zero), so an image tower's knowledge
+carries over to frames.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import random
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torchvision.transforms.v2 import functional as TF
+
+from mmpretrain.config import VideoEncoderConfig
+from mmpretrain.encoders.spec import BadSample, ModalitySpec
+
+THREADED_PIXELS = 640 * 360  # decode frames at least this large with threads
+
+
+class VideoEncoder(nn.Module):
+    def __init__(self, cfg: VideoEncoderConfig):
+        super().__init__()
+        self.cfg, self.width = cfg, cfg.width
+        p, t = cfg.patch_size, cfg.tubelet
+        self.patch_embed = nn.Conv3d(3, cfg.width, kernel_size=(t, p, p), stride=(t, p, p))
+        grid = (cfg.frame_size // p) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid, cfg.width))  # cls + spatial, as timm's ViT
+        self.temporal_embed = nn.Parameter(torch.zeros(1, cfg.num_frames // t, 1, cfg.width))
+        self.blocks = nn.Sequential(*[Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True)
+                                      for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(_init_linear)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed", "temporal_embed"}
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames: (B, T, 3, S, S) normalised -> tokens (B, 1 + T/tubelet * patches, width)."""
+        x = self.patch_embed(frames.transpose(1, 2))  # (B, C, T', h, w)
+        x = x.flatten(3).permute(0, 2, 3, 1)  # (B, T', hw, C)
+        x = x + self.pos_embed[:, None, 1:] + self.temporal_embed
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1)
+        x = torch.cat([cls, x.flatten(1, 2)], dim=1)
+        return self.norm(self.blocks(x))
+
+    def init_from(self, encoders: dict[str, nn.Module]) -> None:
+        """Called by the model once every tower is built: `init_from_image` copies the image tower."""
+        if self.cfg.init_from_image:
+            self.init_from_image(encoders["image"].vit)
+
+    @torch.no_grad()
+    def init_from_image(self, vit: nn.Module) -> None:
+        """Copy a timm VisionTransformer of the same geometry (config.validate checks it)."""
+        kernel = vit.patch_embed.proj.weight  # (C, 3, p, p) -> spread evenly over the tubelet
+        self.patch_embed.weight.copy_(kernel[:, :, None].expand_as(self.patch_embed.weight) / self.cfg.tubelet)
+        self.patch_embed.bias.copy_(vit.patch_embed.proj.bias)
+        self.cls_token.copy_(vit.cls_token)
+        self.pos_embed.copy_(vit.pos_embed)
+        self.temporal_embed.zero_()
+        self.blocks.load_state_dict(vit.blocks.state_dict())
+        self.norm.load_state_dict(vit.norm.state_dict())
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):  # timm's ViT initialisation
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def sample_times(duration: float, cfg: VideoEncoderConfig, rng: random.Random | None) -> list[float]:
+    """Timestamps (s) of the num_frames frames to show from a clip of `duration` seconds;
+    rng: random.Random for training, None for evaluation."""
+    n = cfg.num_frames
+    if cfg.mode == "segments":
+        span = min(cfg.span_seconds, duration) if cfg.span_seconds else duration
+        start = rng.uniform(0, duration - span) if rng else (duration - span) / 2
+        seg = span / n
+        return [start + seg * (i + (rng.random() if rng else 0.5)) for i in range(n)]
+    step, need = 1 / cfg.fps, (n - 1) / cfg.fps
+    start = rng.uniform(0, max(0.0, duration - need)) if rng else max(0.0, (duration - need) / 2)
+    return [start + i * step for i in range(n)]
+
+
+def _open(data: bytes):
+    import av
+
+    try:
+        return av.open(io.BytesIO(data), metadata_errors="ignore")
+    except Exception as e:  # av raises InvalidDataError and friends for broken files
+        raise BadSample("bad_video", repr(e)) from e
+
+
+def read_frames(container, stream, times: list[float]) -> tuple[list, int]:
+    """The frames shown at `times` (sorted) -> (VideoFrames, frames decoded). Seeks to the keyframe
+    before times[0] and stops decoding once times[-1] is passed."""
+    if times[0] > 0 and stream.time_base:
+        container.seek(int(times[0] / stream.time_base), stream=stream, backward=True)
+    out, prev, j, decoded = [None] * len(times), None, 0, 0
+    rate = float(stream.average_rate or 25)
+    for frame in container.decode(stream):
+        decoded += 1
+        t = frame.time if frame.time is not None else decoded / rate
+        while j < len(times) and t > times[j] + 1e-6:
+            out[j] = prev if prev is not None else frame
+            j += 1
+        if j == len(times):
+            break
+        prev = frame
+    while j < len(times) and prev is not None:  # past the end: the last frame
+        out[j] = prev
+        j += 1
+    return (out if j == len(times) else []), decoded
+
+
+@functools.cache
+def _reformatter():
+    """One swscale context reused across frames (`frame.to_ndarray(format=...)` sets one up per call,
+    which costs more than decoding a small frame)."""
+    from av.video.reformatter import VideoReformatter
+
+    return VideoReformatter()
+
+
+def _rotate(x: torch.Tensor, degrees: int) -> torch.Tensor:
+    """(…, H, W) turned by the display rotation a phone wrote into the metadata."""
+    return torch.rot90(x, k=round(degrees / 90) % 4, dims=(-2, -1)) if degrees else x
+
+
+def decode(data: bytes, cfg: VideoEncoderConfig, rng: random.Random | None) -> torch.Tensor:
+    """mp4/webm/... bytes -> (num_frames, 3, S, S) normalised frames."""
+    with _open(data) as container:
+        if not container.streams.video:
+            raise BadSample("audio_only" if container.streams.audio else "no_video_stream")
+        stream = container.streams.video[0]
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if w * h > cfg.max_pixels:
+            raise BadSample("video_too_large", f"{w}x{h}")
+        if w * h >= THREADED_PIXELS:  # frame and slice threads; for small frames starting them costs more
+            stream.thread_type = "AUTO"
+        duration = (float(stream.duration * stream.time_base) if stream.duration else
+                    container.duration / 1e6 if container.duration else 0.0)
+        if duration > cfg.max_seconds:
+            raise BadSample("video_too_long", f"{duration:.0f} s")
+        try:
+            frames, _ = read_frames(container, stream, sample_times(duration, cfg, rng))
+            rotation = getattr(frames[0], "rotation", 0) if frames else 0
+            rgb = _reformatter()
+            arrays = {id(f): torch.from_numpy(rgb.reformat(f, format="rgb24").to_ndarray()) for f in frames}
+        except Exception as e:  # truncated or corrupt streams fail while decoding
+            raise BadSample("bad_video", repr(e)) from e
+    if not frames:
+        raise BadSample("no_frames")
+    x = _rotate(torch.stack([arrays[id(f)] for f in frames]).permute(0, 3, 1, 2), rotation)  # (T, 3, H, W)
+    return preprocess_frames(x, cfg, rng)
+
+
+def preprocess_frames(x: torch.Tensor, cfg: VideoEncoderConfig, rng: random.Random | None = None) -> torch.Tensor:
+    """(T, 3, H, W) uint8 -> (T, 3, S, S) normalised; the same crop for every frame (random with rng)."""
+    s = cfg.frame_size
+    if min(x.shape[-2:]) != s:
+        x = TF.resize(x, [s], antialias=True)
+    h, w = x.shape[-2:]
+    top, left = (rng.randint(0, h - s), rng.randint(0, w - s)) if rng else ((h - s) // 2, (w - s) // 2)
+    x = x[..., top : top + s, left : left + s]
+    return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), cfg.mean, cfg.std)
+
+
+def decode_audio_track(data: bytes, audio_cfg, rng: random.Random | None) -> torch.Tensor | None:
+    """A video's own audio track -> one clip like any audio (see encoders/audio.py); None when it
+    has no audio stream."""
+    import av
+    import numpy as np
+
+    from mmpretrain.encoders.audio import to_clip
+
+    with _open(data) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        rate = stream.rate
+        to_mono = av.AudioResampler(format="flt", layout="mono", rate=rate)  # any layout and sample format
+        try:
+            chunks = [r.to_ndarray().reshape(-1) for f in container.decode(stream) for r in to_mono.resample(f)]
+        except Exception as e:
+            raise BadSample("bad_audio", repr(e)) from e
+    if not chunks:
+        return None
+    return to_clip(torch.from_numpy(np.concatenate(chunks)), rate, audio_cfg, rng)
+
+
+def preprocess(videos, cfg: VideoEncoderConfig) -> torch.Tensor:
+    """Downstream: video files (paths or bytes; sampled like evaluation) or frame tensors
+    (B, T, 3, H, W) uint8, or already preprocessed float (B, num_frames, 3, S, S)."""
+    if isinstance(videos, torch.Tensor):
+        if videos.dtype.is_floating_point:
+            return videos
+        return torch.stack([preprocess_frames(v, cfg) for v in videos])
+    return torch.stack([decode(open(v, "rb").read() if not isinstance(v, bytes) else v, cfg, None)
+                        for v in videos])
+
+
+def media_shape(cfg: VideoEncoderConfig) -> tuple[int, ...]:
+    return (cfg.num_frames, 3, cfg.frame_size, cfg.frame_size)
+
+
+VIDEO = ModalitySpec("video", VideoEncoderConfig, VideoEncoder, ("mp4", "webm", "mkv", "mov", "avi"), decode,
+                     preprocess, media_shape)
