@@ -113,26 +113,37 @@ def _open(data: bytes):
         raise BadSample("bad_video", repr(e)) from e
 
 
-def read_frames(container, stream, times: list[float]) -> tuple[list, int]:
+def read_frames(container, stream, times: list[float], seek_gap: float = 2.0) -> tuple[list, int]:
     """The frames shown at `times` (sorted) -> (VideoFrames, frames decoded). Seeks to the keyframe
-    before times[0] and stops decoding once times[-1] is passed."""
-    if times[0] > 0 and stream.time_base:
-        container.seek(int(times[0] / stream.time_base), stream=stream, backward=True)
-    out, prev, j, decoded = [None] * len(times), None, 0, 0
-    rate = float(stream.average_rate or 25)
-    for frame in container.decode(stream):
-        decoded += 1
-        t = frame.time if frame.time is not None else decoded / rate
-        while j < len(times) and t > times[j] + 1e-6:
-            out[j] = prev if prev is not None else frame
-            j += 1
-        if j == len(times):
-            break
-        prev = frame
-    while j < len(times) and prev is not None:  # past the end: the last frame
-        out[j] = prev
-        j += 1
-    return (out if j == len(times) else []), decoded
+    before times[0], decodes forward, and seeks again when the next time is over `seek_gap`
+    seconds ahead (sparse frames from a long clip); no frame after the last time is decoded
+    beyond the first one past it."""
+    tb, rate = stream.time_base, float(stream.average_rate or 25)
+    out, decoded, frames, prev, ahead = [], 0, None, None, None
+
+    def when(frame) -> float:
+        return float(frame.pts * tb) if frame.pts is not None and tb else decoded / rate
+
+    for t in times:
+        here = ahead if ahead is not None else prev
+        if frames is None or (here is not None and t - when(here) > seek_gap):
+            if t > 0 and tb:
+                container.seek(int(t / tb), stream=stream, backward=True)
+            frames, ahead = container.decode(stream), None
+        while True:
+            if ahead is None:
+                ahead = next(frames, None)
+                if ahead is None:  # end of stream: the last frame stands for every later time
+                    break
+                decoded += 1
+            if when(ahead) > t + 1e-6:
+                break
+            prev, ahead = ahead, None
+        chosen = prev if prev is not None else ahead
+        if chosen is None:
+            return [], decoded
+        out.append(chosen)
+    return out, decoded
 
 
 @functools.cache
