@@ -213,3 +213,22 @@ def test_init_from_image_copies_the_image_tower():
     assert torch.equal(video.blocks[0].attn.qkv.weight, image.blocks[0].attn.qkv.weight)
     assert torch.equal(video.patch_embed.weight.sum(2), image.patch_embed.proj.weight)
     assert not video.temporal_embed.any()
+
+
+def test_variable_frame_rate_uses_timestamps_not_frame_counts():
+    from fractions import Fraction
+
+    times = [0.0, 0.1, 0.15, 0.9, 1.0, 1.6, 1.7, 1.95]  # frame i is shown from times[i]
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width = s.height = 32
+        s.pix_fmt, s.time_base, s.codec_context.time_base = "yuv420p", Fraction(1, 1000), Fraction(1, 1000)
+        s.options = {"crf": "0", "preset": "ultrafast", "bf": "0"}
+        for f, t in zip(numbered_frames(len(times)), times):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts, frame.time_base = int(t * 1000), Fraction(1, 1000)
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    frames = decode(buf.getvalue(), video_cfg(), None)  # eval times 0.249, 0.746, 1.244, 1.741 s
+    assert [frame_index(f) for f in frames] == [2, 2, 4, 6]
