@@ -219,6 +219,10 @@ class TrainConfig:
     checkpoint_every: int = _check(0, default=200)  # 0: only at the end
     keep_checkpoints: int = _check(1, default=2)
     resume: str = _nonempty("auto")  # auto | none | path to a checkpoint folder
+    # Continued pretraining: start a new run from the weights of an export folder or a checkpoint
+    # folder (fresh optimizer and schedule); "" starts from scratch. A resumable checkpoint of this
+    # run takes precedence, so an interrupted continued run resumes as usual.
+    init_from: str = ""
     nan_policy: Literal["stop", "skip"] = "stop"
     progress: bool = True
 

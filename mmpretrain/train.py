@@ -70,10 +70,10 @@ class Trainer:
         self.cfg, self.env, self.device = cfg, env, device
         self.run_dir = cfg.run_dir
         self.tokenizer = Tokenizer(cfg.model.text)
+        self.resume_from, self.init_from = resume_path(cfg), init_path(cfg)
         self.train_urls = resolve_sources(cfg.data, "train")
         self.eval_urls = resolve_sources(cfg.data, "eval")
         probe_eval(self.eval_urls, cfg, self.tokenizer)  # before step 1, not after the last
-        self.resume_from = resume_path(cfg)
         try:
             resolve_backend(cfg.model.attention.backend, device.type)
         except RuntimeError as e:
@@ -126,7 +126,29 @@ class Trainer:
                 log.warning("the checkpoint is at step %d, at or past train.steps=%d: nothing to train; "
                             "evaluating and exporting it (raise train.steps to train on)",
                             self.step, self.cfg.train.steps)
+        elif self.init_from is not None:
+            self.load_weights(self.init_from)
         self.log.trim(self.step)
+
+    def load_weights(self, path: Path) -> None:
+        """Continued pretraining: every tensor of the source that this model has (same name and
+        shape) is loaded; the rest of the model keeps its fresh initialisation, and both lists are
+        logged. Optimizer, schedule, data position and step start afresh."""
+        sources = read_weights(path)
+        for name, module in (("model", self.model), ("objectives", self.task.objectives)):
+            own, found = module.state_dict(), sources.get(name, {})
+            reshaped = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                        if k in found and found[k].shape != v.shape]
+            if reshaped:
+                raise ConfigError(f"train.init_from: {path} holds tensors of other shapes than this config "
+                                  f"builds: {', '.join(reshaped[:3])}{' ...' if len(reshaped) > 3 else ''}")
+            module.load_state_dict({**own, **{k: v for k, v in found.items() if k in own}})
+            new = sorted({_module_of(k) for k in own if k not in found})
+            unused = sorted({_module_of(k) for k in found if k not in own})
+            log.info("train.init_from %s: %s: %d of %d tensors loaded%s%s", path, name,
+                     sum(k in found for k in own), len(own),
+                     f"; initialised afresh: {', '.join(new)}" if new else "",
+                     f"; in the source but not in this model: {', '.join(unused)}" if unused else "")
 
     def save(self) -> None:
         if self.env.is_main:
@@ -244,6 +266,35 @@ def resume_path(cfg: Config) -> Path | None:
         raise ConfigError(f"train.resume: {resume!r} is not a checkpoint folder (one with state.pt, e.g. "
                           f"{cfg.run_dir}/checkpoints/step_00000100); expected auto, none or such a folder")
     return path
+
+
+def init_path(cfg: Config) -> Path | None:
+    """The weights `train.init_from` names: an export folder or a checkpoint folder."""
+    if not cfg.train.init_from:
+        return None
+    path = Path(cfg.train.init_from)
+    if not ((path / "model.safetensors").is_file() or (path / "state.pt").is_file()):
+        raise ConfigError(f"train.init_from: {cfg.train.init_from!r} is neither an export folder (model.safetensors) "
+                          f"nor a checkpoint folder (state.pt)")
+    return path
+
+
+def read_weights(path: Path) -> dict[str, dict]:
+    """{"model": ..., "objectives": ...} tensors from an export (model only) or a checkpoint."""
+    if (path / "state.pt").is_file():
+        state = load_checkpoint(path)
+        model = dict(state["model"])
+        objectives = state.get("objectives") or {k: model.pop(k) for k in list(model) if k.startswith("logit_scale.")}
+        return {"model": model, "objectives": objectives}
+    from safetensors.torch import load_file
+
+    model = load_file(path / "model.safetensors")
+    return {"model": {k: v for k, v in model.items() if not k.startswith("logit_scale.")}}
+
+
+def _module_of(key: str) -> str:
+    """A parameter name's module, two levels deep: towers.video, decoder.blocks, ..."""
+    return ".".join(key.split(".")[:2])
 
 
 def state_differences(expected: dict, found: dict) -> str:

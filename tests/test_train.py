@@ -155,3 +155,36 @@ def test_sigterm_checkpoints_the_last_step_and_resumes(demo_cache, tmp_path):
     cfg_args = [a for a in cmd[3:] if not a.startswith("train.steps")] + [f"train.steps={last + 2}"]
     assert train.main(cfg_args) == 0
     assert [m["step"] for m in read_metrics(runs / "pre")][-3:] == [last, last + 1, last + 2]
+
+
+def test_continued_pretraining_from_an_export_or_a_checkpoint(tiny_cfg, caplog):
+    """A new run starts from another run's weights (a new modality initialised afresh, and listed),
+    with a fresh optimizer, schedule and step count."""
+    from safetensors.torch import load_file
+
+    first = tiny_cfg("train.steps=2", "run.name=first")
+    train.run(first)
+    exported = load_file(first.run_dir / "export" / "model.safetensors")
+    video = ["model.modalities=[image, audio, video]", "model.video.num_frames=4", "model.video.width=32",
+             "model.video.heads=2", "model.video.depth=1", "train.steps=1"]
+    cont = tiny_cfg(*video, "run.name=continued", f"train.init_from={first.run_dir / 'export'}",
+                    "train.lr=0", "train.weight_decay=0")  # lr 0: the weights stay as loaded
+    with caplog.at_level("INFO"):
+        train.run(cont)
+    after = load_file(cont.run_dir / "export" / "model.safetensors")
+    for key in ("towers.image.encoder.vit.blocks.0.attn.qkv.weight", "decoder.embed.weight"):
+        assert torch.equal(after[key], exported[key]), key
+    message = next(r.message for r in caplog.records if "train.init_from" in r.message and ": model:" in r.message)
+    assert "initialised afresh: towers.video" in message
+    assert [m["step"] for m in read_metrics(cont.run_dir)] == [1]
+
+    ckpt = latest_checkpoint(first.run_dir)
+    again = tiny_cfg("train.steps=1", "run.name=from_ckpt", f"train.init_from={ckpt}", "train.lr=0",
+                     "train.weight_decay=0")
+    train.run(again)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    resumed = torch.load(latest_checkpoint(again.run_dir) / "state.pt", weights_only=True)
+    assert torch.equal(resumed["objectives"]["logit_scale.text-image"], state["objectives"]["logit_scale.text-image"])
+    assert resumed["step"] == 1 and resumed["optimizer"]["state"][0]["step"] == 1  # a fresh optimizer
+    assert train.main([str(ROOT / "configs" / "tiny.yaml"), f"run.dir={first.run.dir}", "train.init_from=/nowhere",
+                       f"data.demo.cache_dir={first.data.demo.cache_dir}"]) == 2
