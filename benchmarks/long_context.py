@@ -82,20 +82,21 @@ def cpu_table(lengths: list[int], peer_max: int) -> None:
     print(f"CPU, torch {torch.__version__}: decoder width {CPU_MODEL.width}, {CPU_MODEL.layers} layers, "
           f"{CPU_MODEL.heads} heads; one sequence; forward+backward; peak RSS above baseline")
     print(f"{'tokens':>7} {'no ckpt MiB':>12} {'KiB/token':>10} {'ckpt MiB':>10} {'KiB/token':>10} "
-          f"{'peer MiB':>10} {'ours/peer':>10} {'time s':>8}")
+          f"{'selective MiB':>14} {'peer MiB':>10} {'ours/peer':>10} {'s none/full/sel':>16}")
     for seq in lengths:
         rows = {}
-        for ckpt, peer in (("none", False), ("full", False), ("none", True)):
+        for ckpt, peer in (("none", False), ("full", False), ("selective", False), ("none", True)):
             if peer and seq > peer_max:
                 continue
             out = subprocess.run([sys.executable, __file__, "--point", str(seq), ckpt, str(int(peer))],
                                  capture_output=True, text=True, check=True)
             rows[(ckpt, peer)] = json.loads(out.stdout.strip().splitlines()[-1])
-        a, c = rows[("none", False)], rows[("full", False)]
+        a, c, sel = rows[("none", False)], rows[("full", False)], rows[("selective", False)]
         p = rows.get(("none", True))
         peer_cols = f"{p['mib']:>10.1f} {a['mib'] / p['mib']:>10.2f}" if p else f"{'-':>10} {'-':>10}"
+        times = f"{a['s']:.1f}/{c['s']:.1f}/{sel['s']:.1f}"
         print(f"{seq:>7} {a['mib']:>12.1f} {a['mib'] * 1024 / seq:>10.1f} {c['mib']:>10.1f} "
-              f"{c['mib'] * 1024 / seq:>10.1f} {peer_cols} {a['s']:>8.1f}", flush=True)
+              f"{c['mib'] * 1024 / seq:>10.1f} {sel['mib']:>14.1f} {peer_cols} {times:>16}", flush=True)
 
 
 def gpu_report(seq: int, peak: float | None, max_seq: int) -> None:
@@ -107,7 +108,7 @@ def gpu_report(seq: int, peak: float | None, max_seq: int) -> None:
     n_params = sum(p.numel() for p in dec.parameters()) - dec.embed.weight.numel()
     print(f"{name}, torch {torch.__version__}: decoder {n_params / 1e9:.2f}B non-embedding params, "
           f"width {cfg.width}, {cfg.layers} layers, {cfg.heads} heads, bf16")
-    for ckpt in ("none", "full"):
+    for ckpt in ("none", "full", "selective"):
         dec = build(cfg, ckpt, False, dev, torch.bfloat16)
         x = torch.randn(seq, cfg.width, device=dev, dtype=torch.bfloat16, requires_grad=True)
         packing = Packing.from_lengths([seq], device=dev)

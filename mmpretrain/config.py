@@ -186,7 +186,8 @@ class ParallelConfig:
     """Applied to the built model from outside (mmpretrain/parallel/)."""
 
     sp: int = _check(1, default=1)  # Ulysses sequence-parallel group size (divides heads and world)
-    activation_checkpointing: Literal["none", "full"] = "none"  # recompute each decoder block
+    # full: recompute each decoder block; selective: keep matmul/attention outputs, recompute the rest
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
 
 
 @dataclass

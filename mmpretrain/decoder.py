@@ -84,7 +84,3 @@ class Decoder(nn.Module):
         for block in self.blocks:
             x = block(x, packing, cos, sin)
         return self.norm(x)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Output head tied to the input embedding: (P, C) -> (P, vocab)."""
-        return h @ self.embed.weight.t()

@@ -42,9 +42,15 @@ class MediaTower(nn.Module):
 class ModelOutput:
     embeddings: dict[str, torch.Tensor]  # modality -> (B, E) L2-normalised
     present: dict[str, torch.Tensor]  # modality -> (B,) bool
-    lm_logits: torch.Tensor  # (P, vocab) at caption positions that predict a next token
+    lm_hidden: torch.Tensor  # (P, C) decoder output at the positions that predict a next token
     lm_targets: torch.Tensor  # (P,)
     packed_tokens: int = 0  # length of the packed decoder row
+    lm_head: torch.Tensor | None = None  # (vocab, C) output embedding: logits = lm_hidden @ lm_head.T
+
+    @property
+    def lm_logits(self) -> torch.Tensor:
+        """(P, vocab) logits, built whole: for inspection; the loss builds them a chunk at a time."""
+        return self.lm_hidden @ self.lm_head.t()
 
 
 class MultimodalModel(nn.Module):
@@ -104,7 +110,7 @@ class MultimodalModel(nn.Module):
         h = self.decoder(x, row)
         embeddings["text"] = self._text_embedding(h, row, b)
         present = {"text": torch.ones(b, dtype=torch.bool, device=h.device), **batch.present}
-        return ModelOutput(embeddings, present, self.decoder.logits(h[idx]), targets, len(x))
+        return ModelOutput(embeddings, present, h[idx], targets, len(x), self.decoder.embed.weight)
 
     def _documents(self, documents) -> list[list[packing.Piece]]:
         """Interleaved documents: text embedded here, each modality's items encoded in one batch."""

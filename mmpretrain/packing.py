@@ -60,15 +60,17 @@ class Packing:
 class RowLayout:
     num_latents: int  # decoder tokens per media item (model.fusion.num_latents)
     captioned: int = 0  # pairs per batch with a media+caption sequence, 0 = all
+    next_token: bool = True  # False (objectives.next_token_weight 0): no media+caption sequences
 
     @classmethod
     def from_config(cls, cfg) -> RowLayout:
-        """From a `Config`: the model's fusion and the objectives' captioning limit."""
-        return cls(cfg.model.fusion.num_latents, cfg.objectives.next_token_max_samples)
+        """From a `Config`: the model's fusion and the objectives' captioning settings."""
+        o = cfg.objectives
+        return cls(cfg.model.fusion.num_latents, o.next_token_max_samples, o.next_token_weight > 0)
 
     def captions(self, pair_index: int) -> bool:
         """Whether the pair at this index of its batch gets a media+caption sequence."""
-        return not self.captioned or pair_index < self.captioned
+        return self.next_token and (not self.captioned or pair_index < self.captioned)
 
     def pair_tokens(self, caption_length: int, media_items: int, pair_index: int) -> int:
         """Row tokens of a media-caption pair: its caption alone, then (if captioned) its media

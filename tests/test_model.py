@@ -104,4 +104,27 @@ def test_packed_samples_never_see_each_other():
     lengths = batch.lengths.tolist()
     spans = torch.split(torch.arange(len(base.lm_targets)), [n - 1 for n in lengths])
     for i in (0, 1, 3):
-        assert torch.equal(out.lm_logits[spans[i]], base.lm_logits[spans[i]])
+        assert torch.equal(out.lm_hidden[spans[i]], base.lm_hidden[spans[i]])
+
+
+def test_activation_checkpointing_modes_give_the_same_gradients():
+    import copy
+
+    from mmpretrain.parallel.activation_checkpointing import apply_activation_checkpointing
+
+    cfg = load_config(None, ["model.decoder.width=32", "model.decoder.heads=4", "model.decoder.layers=2"])
+    base = Decoder(cfg.model.decoder, vocab_size=50).double()
+    x = torch.randn(20, 32, dtype=torch.float64)
+    packing = Packing.from_lengths([7, 1, 12])
+    results = {}
+    for mode in ("none", "full", "selective"):
+        dec = apply_activation_checkpointing(copy.deepcopy(base), mode)
+        xi = x.clone().requires_grad_()
+        out = dec(xi, packing)
+        out.square().sum().backward()
+        results[mode] = (out.detach(), xi.grad, [p.grad for p in dec.parameters()])
+    for mode in ("full", "selective"):
+        torch.testing.assert_close(results[mode][0], results["none"][0])
+        torch.testing.assert_close(results[mode][1], results["none"][1])
+        for a, b in zip(results[mode][2], results["none"][2]):
+            torch.testing.assert_close(a, b)

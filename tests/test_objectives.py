@@ -53,7 +53,7 @@ def test_logit_scale_is_clamped_as_a_parameter_like_open_clip(start, clamped):
     param = objectives.logit_scale["text-image"]
     assert param.item() == pytest.approx(clamped, abs=1e-12)
     out = _out(4, {m: torch.ones(4, dtype=torch.bool) for m in ("text", "image", "audio")})
-    out.lm_logits, out.lm_targets = torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    out.lm_hidden, out.lm_targets = torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
     loss = objectives(out)[0]
     ref = ClipLoss()(out.embeddings["text"], out.embeddings["image"], torch.tensor(math.exp(clamped),
                                                                                    dtype=torch.float64))
@@ -64,7 +64,7 @@ def test_logit_scale_is_clamped_as_a_parameter_like_open_clip(start, clamped):
 
 def test_total_loss_weights_terms():
     out = _out(4, {m: torch.ones(4, dtype=torch.bool) for m in ("text", "image", "audio")})
-    out.lm_logits = torch.randn(5, 7, dtype=torch.float64)
+    out.lm_hidden, out.lm_head = torch.randn(5, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
     out.lm_targets = torch.tensor([1, 2, 3, 4, 5])
     objectives = Objectives(["image"], ObjectivesConfig(contrastive_weight=2.0, next_token_weight=0.5)).double()
     assert list(objectives.logit_scale) == ["text-image"]
@@ -72,3 +72,34 @@ def test_total_loss_weights_terms():
     expected = 2.0 * terms["contrastive/text-image"] + 0.5 * terms["next_token"]
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(terms["next_token"], nn.functional.cross_entropy(out.lm_logits, out.lm_targets))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_chunked_cross_entropy_equals_the_plain_one(chunk):
+    from mmpretrain.objectives import chunked_cross_entropy
+
+    h = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    plain = nn.functional.cross_entropy(h @ head.t(), targets)
+    ours = chunked_cross_entropy(h, head, targets, chunk)
+    torch.testing.assert_close(ours, plain)
+    for a, b in zip(torch.autograd.grad(ours, (h, head)), torch.autograd.grad(plain, (h, head))):
+        torch.testing.assert_close(a, b)
+
+
+def test_no_caption_rows_and_no_logits_without_the_next_token_objective():
+    from mmpretrain.config import load_config
+    from mmpretrain.model import MultimodalModel
+    from mmpretrain.packing import RowLayout
+
+    from conftest import TINY, synthetic_batch
+
+    cfg = load_config(None, TINY + ["objectives.next_token_weight=0"])
+    batch, tok = synthetic_batch(cfg, n=4)
+    layout = RowLayout.from_config(cfg)
+    out = MultimodalModel(cfg.model, tok.vocab_size)(batch, layout)
+    assert out.packed_tokens == int(batch.lengths.sum()) and len(out.lm_targets) == 0  # captions alone
+    loss, terms = Objectives(cfg.model.modalities, cfg.objectives)(out)
+    assert "next_token" not in terms and torch.isfinite(loss)
+    assert [layout.pair_tokens(10, 2, i) for i in range(2)] == [10, 10]
