@@ -1,10 +1,10 @@
-"""mmpretrain: pretraining multimodal foundation models (text, image, audio)."""
+"""mmpretrain: pretraining multimodal foundation models (text, image, audio, video)."""
 
 __version__ = "0.1.0"
 
 
 def load_pretrained(path, device="cpu"):
-    """Load `runs/<name>/export` -> model with encode_text / encode_image / encode_audio."""
+    """Load `runs/<name>/export` -> model with encode_text / encode_image / encode_audio / encode_video."""
     from mmpretrain.pretrained import load_pretrained as _load
 
     return _load(path, device)

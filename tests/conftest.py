@@ -39,6 +39,29 @@ def run(cmd: list[str], timeout: float, env: dict | None = None, cpu_only: bool 
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+class Interrupt(Exception):
+    """A crash injected into a training run."""
+
+
+def run_until_crash(cfg, after_step: int, exc=Interrupt) -> None:
+    """train.run(cfg), crashing with `exc` once `after_step` steps are done (before the next)."""
+    from mmpretrain import train
+
+    original = train.Trainer.train_step
+
+    def crash(self, batches):
+        if self.step == after_step:
+            raise exc
+        return original(self, batches)
+
+    train.Trainer.train_step = crash
+    try:
+        with pytest.raises(exc):
+            train.run(cfg)
+    finally:
+        train.Trainer.train_step = original
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

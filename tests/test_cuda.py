@@ -17,7 +17,7 @@ from mmpretrain.attention import packed_causal_attention, resolve_backend
 from mmpretrain.checkpoint import latest_checkpoint
 from mmpretrain.packing import Packing
 
-from conftest import ROOT, per_sequence_reference, run
+from conftest import ROOT, per_sequence_reference, run, run_until_crash
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=(
     "needs a CUDA device; benchmarks/gpu_check.py runs these on a GPU machine"))]
@@ -90,27 +90,13 @@ def test_tiny_training_on_cuda_in_bf16_with_eval_checkpoint_export(demo_cache, t
     torch.testing.assert_close(alone[0], embeddings[1][0])
 
 
-class Interrupt(Exception):
-    pass
-
-
-def test_resume_on_cuda_continues_the_same_losses(tiny_cfg, monkeypatch):
+def test_resume_on_cuda_continues_the_same_losses(tiny_cfg):
     steps = ["train.device=cuda", "train.precision=bf16", "train.steps=4", "train.checkpoint_every=2"]
     full = tiny_cfg(*steps, "run.name=full")
     train.run(full)
     reference = [json.loads(l)["loss"] for l in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
     cut = tiny_cfg(*steps, "run.name=cut")
-    original = train.Trainer.train_step
-
-    def crash_at_three(self, batches):
-        if self.step == 2:
-            raise Interrupt
-        return original(self, batches)
-
-    monkeypatch.setattr(train.Trainer, "train_step", crash_at_three)
-    with pytest.raises(Interrupt):
-        train.run(cut)
-    monkeypatch.setattr(train.Trainer, "train_step", original)
+    run_until_crash(cut, after_step=2)
     train.run(cut)  # resumes from the step-2 checkpoint
     resumed = [json.loads(l)["loss"] for l in (cut.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(resumed) == 4

@@ -9,7 +9,7 @@ from mmpretrain.data import BatchStream, eval_batches, resolve_sources
 from mmpretrain.data.demo import EVAL_CONCEPTS, demo_corpus, split_concepts
 from mmpretrain.tokenizer import Tokenizer
 
-from conftest import flac_bytes, png_bytes, sample_dict
+from conftest import flac_bytes, png_bytes, run_until_crash, sample_dict
 
 
 def write_shardwriter(folder, samples, maxcount=8):
@@ -340,7 +340,7 @@ def test_skips_are_counted_exactly_once_across_epochs_and_resume(tiny_cfg, tmp_p
     assert resumed.skipped == stream.skipped  # replayed batches are not counted again
 
 
-def test_metrics_sum_to_the_run_summary_and_hold_each_step_once(tiny_cfg, tmp_path, monkeypatch, caplog):
+def test_metrics_sum_to_the_run_summary_and_hold_each_step_once(tiny_cfg, tmp_path, caplog):
     """Killed before the first checkpoint, the rerun starts over and metrics.jsonl holds each step
     once; its per-record skip counts add up to the end-of-run summary."""
     from mmpretrain import train
@@ -350,19 +350,7 @@ def test_metrics_sum_to_the_run_summary_and_hold_each_step_once(tiny_cfg, tmp_pa
         samples[i]["png"] = b"broken"
     cfg = tiny_cfg("train.steps=6", "train.batch_size=4", "run.name=skips", "data.shuffle_buffer=0")
     cfg.data.sources = [write_shardwriter(tmp_path, samples, maxcount=24)]
-    original = train.Trainer.train_step
-
-    def killed(self, batches):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return original(self, batches)
-
-    monkeypatch.setattr(train.Trainer, "train_step", killed)
-    try:
-        train.run(cfg)
-    except KeyboardInterrupt:
-        pass
-    monkeypatch.setattr(train.Trainer, "train_step", original)
+    run_until_crash(cfg, after_step=3, exc=KeyboardInterrupt)
     with caplog.at_level("WARNING"):
         train.run(cfg)
     records = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]

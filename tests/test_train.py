@@ -9,7 +9,7 @@ import mmpretrain
 from mmpretrain import train
 from mmpretrain.checkpoint import checkpoint_dirs, latest_checkpoint
 
-from conftest import ROOT, run
+from conftest import ROOT, run, run_until_crash
 
 
 def read_metrics(run_dir):
@@ -83,10 +83,6 @@ def test_eval_and_downstream_paths_with_a_bf16_only_kernel(tiny_cfg, bf16_only_v
     assert text_tower.encode_text(texts).dtype == torch.float32
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_is_exact(tiny_cfg, monkeypatch):
     steps = ["train.steps=5", "train.checkpoint_every=2", "train.keep_checkpoints=1"]
     full = tiny_cfg(*steps, "run.name=full")
@@ -94,17 +90,7 @@ def test_resume_is_exact(tiny_cfg, monkeypatch):
     reference = [m["loss"] for m in read_metrics(full.run_dir)]
 
     cut = tiny_cfg(*steps, "run.name=cut")
-    original = train.Trainer.train_step
-
-    def crash_after_three(self, batches):
-        if self.step == 3:
-            raise Interrupt
-        return original(self, batches)
-
-    monkeypatch.setattr(train.Trainer, "train_step", crash_after_three)
-    with pytest.raises(Interrupt):
-        train.run(cut)
-    monkeypatch.setattr(train.Trainer, "train_step", original)
+    run_until_crash(cut, after_step=3)
     assert [p.name for p in checkpoint_dirs(cut.run_dir)] == ["step_00000002"]
     assert [m["step"] for m in read_metrics(cut.run_dir)] == [1, 2, 3]
 

@@ -32,6 +32,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import soundfile as sf
@@ -197,27 +198,35 @@ def _write_split(folder: Path, split: str, concepts: list[Concept], variants: in
     return str(folder / f"{split}-{{000000..{shards - 1:06d}}}.tar")
 
 
-def demo_corpus(cache_dir: str, variants_per_concept: int = 16, seed: int = 0) -> dict[str, str]:
-    """Generate the corpus once (atomically) and return shard patterns by split."""
-    tag = hashlib.sha1(f"{VERSION}-{variants_per_concept}-{seed}".encode()).hexdigest()[:10]
-    root = Path(os.path.expanduser(cache_dir)) / f"v{VERSION}-{tag}"
+def cached_corpus(cache_dir: str, name: str, write: Callable[[Path], dict[str, str]]) -> dict[str, str]:
+    """Shard patterns by split of the corpus `name` under cache_dir, generated once: `write(folder)`
+    writes every split into a temporary folder and returns their patterns; the folder is renamed
+    into place only when complete, so a crash or a concurrent generator never leaves half a corpus."""
+    root = Path(os.path.expanduser(cache_dir)) / name
     index = root / "index.json"
     if not index.exists():
-        seen, held = split_concepts(seed)
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         log.info("generating the demo corpus into %s (once)", root)
-        patterns = {
-            "train": _write_split(tmp, "train", seen, variants_per_concept, seed),
-            "eval": _write_split(tmp, "eval", held, 1, seed),
-            "docs": _write_split(tmp, "docs", seen, DOCS_PER_CONCEPT, seed),
-        }
-        (tmp / "index.json").write_text(json.dumps(
-            {k: Path(p).name for k, p in patterns.items()}, indent=1))
+        patterns = write(tmp)
+        (tmp / "index.json").write_text(json.dumps({k: Path(p).name for k, p in patterns.items()}, indent=1))
         try:
             tmp.rename(root)
         except OSError:  # another process finished first; its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
     names = json.loads(index.read_text())
     return {split: str(root / name) for split, name in names.items()}
+
+
+def demo_corpus(cache_dir: str, variants_per_concept: int = 16, seed: int = 0) -> dict[str, str]:
+    """Generate the corpus once (atomically) and return shard patterns by split."""
+    tag = hashlib.sha1(f"{VERSION}-{variants_per_concept}-{seed}".encode()).hexdigest()[:10]
+
+    def write(folder: Path) -> dict[str, str]:
+        seen, held = split_concepts(seed)
+        return {"train": _write_split(folder, "train", seen, variants_per_concept, seed),
+                "eval": _write_split(folder, "eval", held, 1, seed),
+                "docs": _write_split(folder, "docs", seen, DOCS_PER_CONCEPT, seed)}
+
+    return cached_corpus(cache_dir, f"v{VERSION}-{tag}", write)

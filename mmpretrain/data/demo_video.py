@@ -25,19 +25,15 @@ import hashlib
 import io
 import itertools
 import json
-import logging
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmpretrain.data.demo import COLOURS, PLACES, SAMPLE_RATE, SHAPES, Concept, draw_shape, render_audio
-
-log = logging.getLogger(__name__)
+from mmpretrain.data.demo import (COLOURS, PLACES, SAMPLE_RATE, SHAPES, Concept, cached_corpus, draw_shape,
+                                  render_audio)
 
 VERSION = 3
 SIZE = 32
@@ -142,20 +138,10 @@ def _write_split(folder: Path, split: str, concepts: list[VideoConcept], variant
 def demo_video_corpus(cache_dir: str, variants_per_concept: int = 16, seed: int = 0) -> dict[str, str]:
     """Generate the corpus once (atomically) and return shard patterns by split."""
     tag = hashlib.sha1(f"{VERSION}-{variants_per_concept}-{seed}".encode()).hexdigest()[:10]
-    root = Path(os.path.expanduser(cache_dir)) / f"video-v{VERSION}-{tag}"
-    index = root / "index.json"
-    if not index.exists():
+
+    def write(folder: Path) -> dict[str, str]:
         seen, held = split_concepts(seed)
-        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        log.info("generating the demo video corpus into %s (once)", root)
-        patterns = {"train": _write_split(tmp, "train", seen, variants_per_concept, seed),
-                    "eval": _write_split(tmp, "eval", held, 1, seed)}
-        (tmp / "index.json").write_text(json.dumps({k: Path(p).name for k, p in patterns.items()}, indent=1))
-        try:
-            tmp.rename(root)
-        except OSError:  # another process finished first; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    names = json.loads(index.read_text())
-    return {split: str(root / name) for split, name in names.items()}
+        return {"train": _write_split(folder, "train", seen, variants_per_concept, seed),
+                "eval": _write_split(folder, "eval", held, 1, seed)}
+
+    return cached_corpus(cache_dir, f"video-v{VERSION}-{tag}", write)
