@@ -137,9 +137,12 @@ def resolve_backend(requested: str, device_type: str) -> str:
     return chosen
 
 
-def packed_causal_attention(q, k, v, packing: Packing, backend: str = "auto") -> torch.Tensor:
-    """Causal attention within each packed sequence. q, k, v: (T, H, D) -> (T, H, D)."""
-    kernel = resolve_backend(backend, q.device.type)
+def packed_causal_attention(q, k, v, packing: Packing, backend: str = "auto",
+                            resolved: str | None = None) -> torch.Tensor:
+    """Causal attention within each packed sequence. q, k, v: (T, H, D) -> (T, H, D).
+    `resolved`: the kernel `resolve_backend` chose, when the caller resolved it already (a
+    compiled region must not call it: it logs)."""
+    kernel = resolved or resolve_backend(backend, q.device.type)
     if backend == "auto" and packing.num_seqs == 1:
         kernel = "sdpa"
     if q.dtype in KERNEL_DTYPES[kernel]:
@@ -156,6 +159,11 @@ class PackedAttention(nn.Module):
     def __init__(self, backend: str = "auto"):
         super().__init__()
         self.backend = backend
+        self.resolved: str | None = None  # set by resolve() before compiling
+
+    def resolve(self, device_type: str) -> None:
+        """Choose the kernel now, outside any compiled region."""
+        self.resolved = resolve_backend(self.backend, device_type)
 
     def forward(self, q, k, v, packing: Packing) -> torch.Tensor:
-        return packed_causal_attention(q, k, v, packing, self.backend)
+        return packed_causal_attention(q, k, v, packing, self.backend, self.resolved)

@@ -188,6 +188,9 @@ class ParallelConfig:
     sp: int = _check(1, default=1)  # Ulysses sequence-parallel group size (divides heads and world)
     # full: recompute each decoder block; selective: keep matmul/attention outputs, recompute the rest
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # torch.compile per block (decoder, encoder blocks, fusion). auto is off until
+    # benchmarks/gpu_check.py has run the compiled path on a GPU; then: on for CUDA, off on CPU.
+    compile: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass

@@ -102,3 +102,13 @@ def test_resume_on_cuda_continues_the_same_losses(tiny_cfg):
     assert len(resumed) == 4
     # same data, RNG state and kernels: equal up to CUDA's non-deterministic reductions
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference), rtol=1e-3, atol=1e-5)
+
+
+def test_tiny_training_compiled_on_cuda(tiny_cfg):
+    """parallel.compile=on through training, mid-run eval (fp32) and export on CUDA."""
+    from mmpretrain import train
+
+    cfg = tiny_cfg("train.device=cuda", "parallel.compile=on", "train.steps=3", "train.eval_every=2",
+                   "run.name=compiled")
+    results = train.run(cfg)
+    assert results["text->image"]["n"] == 100
