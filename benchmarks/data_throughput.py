@@ -8,7 +8,7 @@ collate) for image+text and for audio+text, and, for image+text, open_clip's own
 pipeline (the stages `open_clip_train.data.get_wds_dataset` builds, from its public functions:
 shard and sample shuffles, decode, its train transform at the same size, its tokenizer, batching)
 in the same run. Both read in the main process (num_workers=0), batch
-128, after one warm-up batch. Needs pandas (open_clip_train imports it): pip install pandas.
+128, after one warm-up batch. Needs pandas (open_clip_train imports it): pip install -e '.[bench]'.
 """
 
 from __future__ import annotations

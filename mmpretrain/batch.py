@@ -26,7 +26,14 @@ class Batch:
         return len(self.keys) + len(self.documents)
 
     def to(self, device, non_blocking: bool = False) -> Batch:
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, so that `.to(cuda, non_blocking=True)` overlaps the step (the
+        DataLoader calls this in its pinning thread)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, move) -> Batch:
         return Batch(self.keys, move(self.tokens), move(self.lengths),
                      {k: move(v) for k, v in self.media.items()},
                      {k: move(v) for k, v in self.present.items()}, dict(self.skipped),

@@ -91,6 +91,7 @@ class Trainer:
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.log = RunLog(self.run_dir, env.is_main)
         self.skips_logged: collections.Counter = collections.Counter()  # skips already in metrics.jsonl
+        self.data_wait = 0.0  # seconds spent waiting for batches since the last record
         self.step = 0
         self.signalled: int | None = None
 
@@ -160,7 +161,9 @@ class Trainer:
         cfg = self.cfg.train
         sums: dict[str, torch.Tensor] = {}
         for _ in range(cfg.grad_accum):
+            waited = time.perf_counter()
             batch = next(batches).to(self.device, non_blocking=True)
+            self.data_wait += time.perf_counter() - waited
             with self.autocast:
                 loss, terms = self.loss(batch)
             if parallel.any_rank(~torch.isfinite(loss.detach())):  # every rank takes the same branch
@@ -230,7 +233,8 @@ class Trainer:
                 elapsed = time.perf_counter() - t_last
                 record = {"step": self.step, **values, "lr": self.scheduler.get_last_lr()[0],
                           "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
-                          "skipped_samples": self._new_skips()}
+                          "data_wait": self.data_wait / elapsed, "skipped_samples": self._new_skips()}
+                self.data_wait = 0.0
                 t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
                 bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
                                 refresh=False)

@@ -30,7 +30,9 @@ def test_smoke_run_through_the_real_entry_point(demo_cache, tmp_path):
         assert (run_dir / name).exists(), name
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    for key in ("loss", "lr", "samples_per_s", "next_token", "contrastive/text-image", "contrastive/text-audio"):
+    assert all(0 <= m["data_wait"] <= 1 for m in metrics)
+    for key in ("loss", "lr", "samples_per_s", "data_wait", "next_token", "contrastive/text-image",
+                "contrastive/text-audio"):
         assert key in metrics[0], key
     results = json.loads((run_dir / "eval" / "retrieval.json").read_text())
     assert {"text->image", "image->text", "text->audio", "audio->text"} <= set(results)

@@ -90,8 +90,9 @@ class _EpochDataset(torch.utils.data.IterableDataset):
 
 
 def _loader(dataset, num_workers: int):
+    # pinned batches when a GPU is there to receive them (Batch.pin_memory)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False)
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
 class BatchStream:
