@@ -69,6 +69,11 @@ PLACES = {  # phrase -> (centre x, centre y) as fractions of the canvas, harmoni
 }
 
 
+def describe(*words: str) -> str:
+    """"a red circle in the top left", "an orange ring moving up": the words with their article."""
+    return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+
+
 @dataclass(frozen=True)
 class Concept:
     colour: str
@@ -77,8 +82,7 @@ class Concept:
 
     @property
     def caption(self) -> str:
-        article = "an" if self.colour[0] in "aeiou" else "a"
-        return f"{article} {self.colour} {self.shape} {self.place}"
+        return describe(self.colour, self.shape, self.place)
 
 
 def all_concepts() -> list[Concept]:

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmpretrain.data.demo import (COLOURS, PLACES, SAMPLE_RATE, SHAPES, Concept, cached_corpus, draw_shape,
-                                  render_audio)
+from mmpretrain.data.demo import (COLOURS, PLACES, SAMPLE_RATE, SHAPES, Concept, cached_corpus, describe,
+                                  draw_shape, render_audio)
 
 VERSION = 3
 SIZE = 32
@@ -54,8 +54,7 @@ class VideoConcept:
 
     @property
     def caption(self) -> str:
-        article = "an" if self.colour[0] in "aeiou" else "a"
-        return f"{article} {self.colour} {self.shape} {self.motion}"
+        return describe(self.colour, self.shape, self.motion)
 
 
 def split_concepts(seed: int) -> tuple[list[VideoConcept], list[VideoConcept]]:
