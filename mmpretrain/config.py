@@ -113,6 +113,19 @@ class AudioEncoderConfig:
         """Samples in one clip at sample_rate."""
         return int(round(self.sample_rate * self.clip_seconds))
 
+    @property
+    def win_samples(self) -> int:
+        return int(self.sample_rate * self.win_ms / 1000)
+
+    @property
+    def hop_samples(self) -> int:
+        return int(self.sample_rate * self.hop_ms / 1000)
+
+    @property
+    def frames(self) -> int:
+        """Spectrogram frames of one clip (center=True framing); needs hop_samples >= 1."""
+        return self.clip_samples // self.hop_samples + 1
+
 
 @dataclass
 class VideoEncoderConfig:
@@ -441,12 +454,10 @@ def validate(cfg: Config) -> Config:
         a = m.audio
         _require(a.n_mels % a.patch_freq == 0,
                  f"model.audio.patch_freq: {a.patch_freq} does not divide model.audio.n_mels={a.n_mels}")
-        hop, win = int(a.sample_rate * a.hop_ms / 1000), int(a.sample_rate * a.win_ms / 1000)
-        _require(hop >= 1 and win >= 1, f"model.audio.hop_ms/win_ms: {a.hop_ms}/{a.win_ms} ms is under one "
-                                        f"sample at {a.sample_rate} Hz")
-        frames = a.clip_samples // hop + 1
-        _require(frames >= a.patch_time, f"model.audio.clip_seconds: {a.clip_seconds} s gives {frames} frames, "
-                                         f"fewer than one time patch (patch_time={a.patch_time})")
+        _require(a.hop_samples >= 1 and a.win_samples >= 1,
+                 f"model.audio.hop_ms/win_ms: {a.hop_ms}/{a.win_ms} ms is under one sample at {a.sample_rate} Hz")
+        _require(a.frames >= a.patch_time, f"model.audio.clip_seconds: {a.clip_seconds} s gives {a.frames} frames, "
+                                           f"fewer than one time patch (patch_time={a.patch_time})")
     d = m.decoder
     _require(d.width % d.heads == 0 and (d.width // d.heads) % 2 == 0,
              f"model.decoder.heads: {d.heads} does not split model.decoder.width={d.width} into heads of "

@@ -53,6 +53,13 @@ class ModelOutput:
         return self.lm_hidden @ self.lm_head.t()
 
 
+def split_legacy_objectives(state: dict) -> tuple[dict, dict]:
+    """A model state dict written before 0.2 -> (model tensors, objectives tensors): the
+    temperatures (`logit_scale.*`) lived in the model then and belong to the objectives now."""
+    objectives = {k: v for k, v in state.items() if k.startswith("logit_scale.")}
+    return {k: v for k, v in state.items() if k not in objectives}, objectives
+
+
 class MultimodalModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()

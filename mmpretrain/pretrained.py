@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from mmpretrain.config import ModelConfig, _build, config_from_dict
 from mmpretrain.encoders import MODALITIES
-from mmpretrain.model import MediaTower, MultimodalModel
+from mmpretrain.model import MediaTower, MultimodalModel, split_legacy_objectives
 from mmpretrain.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,10 @@ class Pretrained(nn.Module):
 
 def _drop_training_state(state: dict) -> dict:
     """Exports written before 0.2 also held the objectives' temperatures; they are training-only."""
-    dropped = [k for k in state if k.startswith("logit_scale.")]
+    model, dropped = split_legacy_objectives(state)
     if dropped:
-        log.info("ignoring %d training-only tensor(s) in an older export: %s", len(dropped), dropped)
-    return {k: v for k, v in state.items() if k not in dropped}
+        log.info("ignoring %d training-only tensor(s) in an older export: %s", len(dropped), list(dropped))
+    return model
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:

@@ -28,7 +28,7 @@ from mmpretrain.attention import resolve_backend
 from mmpretrain.data import BatchStream, resolve_sources
 from mmpretrain.eval.retrieval import evaluate, format_table, probe_eval
 from mmpretrain.export import export_model
-from mmpretrain.model import MultimodalModel
+from mmpretrain.model import MultimodalModel, split_legacy_objectives
 from mmpretrain.objectives import Objectives, PretrainingTask
 from mmpretrain.optim import build_optimizer, build_scheduler
 from mmpretrain.packing import RowLayout
@@ -103,10 +103,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         if "objectives" not in state:  # before 0.2 the temperatures lived in the model
-            model = state["model"]
-            state["objectives"] = {k: model.pop(k) for k in list(model) if k.startswith("logit_scale.")}
+            state["model"], state["objectives"] = split_legacy_objectives(state["model"])
         for name, module in (("model", self.model), ("objectives", self.task.objectives)):
-            if differ := state_differences(module.state_dict(), state[name]):
+            if differ := describe(state_differences(module.state_dict(), state[name])):
                 raise ConfigError(f"train.resume: the checkpoint holds another {name} than this config builds "
                                   f"({differ}); point run.name elsewhere, or train.resume=none to start afresh")
             module.load_state_dict(state[name])
@@ -138,14 +137,13 @@ class Trainer:
         sources = read_weights(path)
         for name, module in (("model", self.model), ("objectives", self.task.objectives)):
             own, found = module.state_dict(), sources.get(name, {})
-            reshaped = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                        if k in found and found[k].shape != v.shape]
-            if reshaped:
+            differ = state_differences(own, found)
+            if reshaped := describe(differ, ("shape",)):
                 raise ConfigError(f"train.init_from: {path} holds tensors of other shapes than this config "
-                                  f"builds: {', '.join(reshaped[:3])}{' ...' if len(reshaped) > 3 else ''}")
+                                  f"builds ({reshaped})")
             module.load_state_dict({**own, **{k: v for k, v in found.items() if k in own}})
-            new = sorted({_module_of(k) for k in own if k not in found})
-            unused = sorted({_module_of(k) for k in found if k not in own})
+            new = sorted({_module_of(k) for k in differ["missing"]})
+            unused = sorted({_module_of(k) for k in differ["unexpected"]})
             log.info("train.init_from %s: %s: %d of %d tensors loaded%s%s", path, name,
                      sum(k in found for k in own), len(own),
                      f"; initialised afresh: {', '.join(new)}" if new else "",
@@ -249,7 +247,6 @@ class Trainer:
                 raise Preempted(f"stopped by a signal after step {self.step}; checkpoint written, "
                                 f"run the same command again to resume")
 
-
     def _new_skips(self) -> dict[str, int]:
         """Samples skipped on every data-parallel rank since the previous record (so the records
         sum to the run's total)."""
@@ -287,13 +284,13 @@ def read_weights(path: Path) -> dict[str, dict]:
     """{"model": ..., "objectives": ...} tensors from an export (model only) or a checkpoint."""
     if (path / "state.pt").is_file():
         state = load_checkpoint(path)
-        model = dict(state["model"])
-        objectives = state.get("objectives") or {k: model.pop(k) for k in list(model) if k.startswith("logit_scale.")}
+        if "objectives" in state:
+            return {"model": state["model"], "objectives": state["objectives"]}
+        model, objectives = split_legacy_objectives(state["model"])
         return {"model": model, "objectives": objectives}
     from safetensors.torch import load_file
 
-    model = load_file(path / "model.safetensors")
-    return {"model": {k: v for k, v in model.items() if not k.startswith("logit_scale.")}}
+    return {"model": split_legacy_objectives(load_file(path / "model.safetensors"))[0]}
 
 
 def _module_of(key: str) -> str:
@@ -301,15 +298,18 @@ def _module_of(key: str) -> str:
     return ".".join(key.split(".")[:2])
 
 
-def state_differences(expected: dict, found: dict) -> str:
+def state_differences(expected: dict, found: dict) -> dict[str, list[str]]:
     """What keeps `found` from loading where `expected` is: missing, unexpected, reshaped keys."""
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
-    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in found and found[k].shape != v.shape]
-    parts = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-             for what, keys in (("missing", missing), ("unexpected", extra), ("shape", shapes)) if keys]
-    return "; ".join(parts)
+    return {"missing": [k for k in expected if k not in found],
+            "unexpected": [k for k in found if k not in expected],
+            "shape": [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                      if k in found and found[k].shape != v.shape]}
+
+
+def describe(differences: dict[str, list[str]], kinds=("missing", "unexpected", "shape")) -> str:
+    """"missing: a, b; shape: c (2,) vs (3,) ..." for the given kinds; "" when there are none."""
+    return "; ".join(f"{kind}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                     for kind in kinds if (keys := differences[kind]))
 
 
 def _progress(cfg: TrainConfig, initial: int, enabled: bool):

@@ -89,17 +89,22 @@ def all_concepts() -> list[Concept]:
     return [Concept(*c) for c in itertools.product(COLOURS, SHAPES, PLACES)]
 
 
-def split_concepts(seed: int) -> tuple[list[Concept], list[Concept]]:
-    """Hold out EVAL_CONCEPTS combinations; every single attribute value stays in train."""
-    concepts = all_concepts()
-    rng = random.Random(seed)
+def hold_out(concepts: list, n: int, rng: random.Random, attributes: dict[str, object]) -> tuple[list, list]:
+    """(seen, held): n concepts held out at random, redrawn until every value of every attribute
+    (name -> its values) still occurs among the seen ones, so held-out combinations are zero-shot
+    but every single value was learnable."""
     while True:
         order = concepts[:]
         rng.shuffle(order)
-        held, seen = order[:EVAL_CONCEPTS], order[EVAL_CONCEPTS:]
-        values = [{getattr(c, a) for c in seen} for a in ("colour", "shape", "place")]
-        if values == [set(COLOURS), set(SHAPES), set(PLACES)]:
+        held, seen = order[:n], order[n:]
+        if all({getattr(c, a) for c in seen} == set(values) for a, values in attributes.items()):
             return seen, held
+
+
+def split_concepts(seed: int) -> tuple[list[Concept], list[Concept]]:
+    """Hold out EVAL_CONCEPTS combinations; every single attribute value stays in train."""
+    return hold_out(all_concepts(), EVAL_CONCEPTS, random.Random(seed),
+                    {"colour": COLOURS, "shape": SHAPES, "place": PLACES})
 
 
 def render_image(c: Concept, rng: random.Random) -> Image.Image:

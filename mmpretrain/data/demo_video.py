@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mmpretrain.data.demo import (COLOURS, PLACES, SAMPLE_RATE, SHAPES, Concept, cached_corpus, describe,
-                                  draw_shape, render_audio)
+                                  draw_shape, hold_out, render_audio)
 
 VERSION = 3
 SIZE = 32
@@ -60,14 +60,8 @@ class VideoConcept:
 def split_concepts(seed: int) -> tuple[list[VideoConcept], list[VideoConcept]]:
     """Hold out EVAL_CONCEPTS combinations; every single attribute value stays in train."""
     concepts = [VideoConcept(*c) for c in itertools.product(COLOURS, SHAPES, MOTIONS)]
-    rng = random.Random(f"video-{seed}")
-    while True:
-        order = concepts[:]
-        rng.shuffle(order)
-        held, seen = order[:EVAL_CONCEPTS], order[EVAL_CONCEPTS:]
-        if all({getattr(c, a) for c in seen} == set(values)
-               for a, values in (("colour", COLOURS), ("shape", SHAPES), ("motion", MOTIONS))):
-            return seen, held
+    return hold_out(concepts, EVAL_CONCEPTS, random.Random(f"video-{seed}"),
+                    {"colour": COLOURS, "shape": SHAPES, "motion": MOTIONS})
 
 
 def render_frames(c: VideoConcept, rng: random.Random) -> list[np.ndarray]:

@@ -27,14 +27,11 @@ class LogMel(nn.Module):
     def __init__(self, cfg: AudioEncoderConfig):
         super().__init__()
         self.cfg = cfg
-        win = int(cfg.sample_rate * cfg.win_ms / 1000)
-        self.hop = int(cfg.sample_rate * cfg.hop_ms / 1000)
-        n_fft = 1 << (win - 1).bit_length()
+        n_fft = 1 << (cfg.win_samples - 1).bit_length()
         self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate, n_fft=n_fft, win_length=win, hop_length=self.hop,
+            sample_rate=cfg.sample_rate, n_fft=n_fft, win_length=cfg.win_samples, hop_length=cfg.hop_samples,
             n_mels=cfg.n_mels, power=2.0)
-        frames = cfg.clip_samples // self.hop + 1  # center=True framing
-        self.frames = frames - frames % cfg.patch_time  # whole time patches only (config.validate: >= 1)
+        self.frames = cfg.frames - cfg.frames % cfg.patch_time  # whole time patches (config.validate: >= 1)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         with torch.autocast(wave.device.type, enabled=False):  # the FFT wants fp32

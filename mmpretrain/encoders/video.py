@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import io
 import random
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -229,8 +230,7 @@ def preprocess(videos, cfg: VideoEncoderConfig) -> torch.Tensor:
         if videos.dtype.is_floating_point:
             return videos
         return torch.stack([preprocess_frames(v, cfg) for v in videos])
-    return torch.stack([decode(open(v, "rb").read() if not isinstance(v, bytes) else v, cfg, None)
-                        for v in videos])
+    return torch.stack([decode(v if isinstance(v, bytes) else Path(v).read_bytes(), cfg, None) for v in videos])
 
 
 def media_shape(cfg: VideoEncoderConfig) -> tuple[int, ...]:
