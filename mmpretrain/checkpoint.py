@@ -1,24 +1,49 @@
-"""Training checkpoints: complete or absent, newest found by `resume=auto`.
+"""Training checkpoints: written by every rank in parallel, complete or absent, loadable on any
+number of ranks.
 
-A checkpoint is written into `step_XXXXXXXX.partial/` and renamed to
-`step_XXXXXXXX/` only once every byte is on disk, so a crash mid-write leaves
-no folder that looks complete. The last `keep` complete ones are kept.
+    checkpoints/step_00000400/
+      .metadata, __*.distcp   model, temperatures and optimizer: torch.distributed.checkpoint (DCP),
+                              each rank writing its own shards (FSDP2) or its share (DDP, dedup)
+      rank_00000.pt ...       each rank's own state: step, schedule, data position, RNG
+      complete                written last (JSON: step, world size), after every rank has finished
 
-Single-writer `torch.save` of full state dicts (rank 0), read back with
-`weights_only=True`. Sharded FSDP2 state would go through
-torch.distributed.checkpoint here, behind the same three functions.
+A checkpoint is written into `step_XXXXXXXX.partial/` and renamed once `complete` is on disk, so
+a crash or SIGKILL mid-write leaves no folder that looks complete and `resume=auto` takes the
+previous one. The last `keep` complete ones are kept. DCP reshards on load: a checkpoint written
+by N ranks loads on M (FSDP2 or DDP), and on one process (`read_tensors`, export, consolidate).
+
+    python -m mmpretrain.checkpoint consolidate runs/demo/checkpoints/step_00000400 model.safetensors
+
+Folders from before 0.3 hold one `state.pt` (full state dicts from rank 0); they still load.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
+# DCP says so on every single-process save and load, which is this module's ordinary case
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _NAME = re.compile(r"^step_(\d{8})$")
+MARKER = "complete"
+LEGACY = "state.pt"
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file() or (Path(path) / LEGACY).is_file()
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -26,7 +51,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if _NAME.match(p.name) and (p / "state.pt").exists())
+    return sorted(p for p in folder.iterdir() if _NAME.match(p.name) and is_checkpoint(p))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -34,25 +59,132 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    folder = Path(run_dir) / "checkpoints"
-    final = folder / f"step_{step:08d}"
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    with open(partial / "state.pt", "wb") as f:
-        torch.save(state, f)
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _fsync_write(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step replaces it
-    os.replace(partial, final)
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: Path, step: int, task: nn.Module, optimizer, local: dict, keep: int) -> Path:
+    """Collective: every rank calls it. `local` is this rank's own state (data, RNG, ...)."""
+    rank, world = _rank()
+    final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+    partial = final.with_name(final.name + ".partial")
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _barrier()
+    model_state, optim_state = get_state_dict(task, optimizer)
+    dcp.save({"task": model_state, "optimizer": optim_state}, checkpoint_id=partial, no_dist=world == 1)
+    _fsync_write(partial / f"rank_{rank:05d}.pt", lambda f: torch.save(local, f))
+    _barrier()  # every shard and every rank file is on disk
+    if rank == 0:
+        write_marker(partial, {"step": step, "world_size": world})
+        shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step replaces it
+        os.replace(partial, final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
+def write_marker(folder: Path, info: dict) -> None:
+    _fsync_write(folder / MARKER, lambda f: f.write(json.dumps(info).encode()))
+
+
+def tensor_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a DCP checkpoint holds, as meta tensors of its (global) shape and dtype."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k: torch.empty(m.size, dtype=m.properties.dtype, device="meta")
+            for k, m in meta.items() if isinstance(m, TensorStorageMetadata)}
+
+
+def read_tensors(path: Path, prefix: str = "task.") -> dict[str, torch.Tensor]:
+    """The full tensors under `prefix` of a checkpoint, in this process alone (no process group
+    needed, whatever number of ranks wrote it): for export, init_from and consolidate."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "state.pt"
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if (path / LEGACY).is_file():
+        flat = _legacy(path)[0]
+    else:
+        flat = {k: torch.empty(t.shape, dtype=t.dtype) for k, t in tensor_shapes(path).items() if k.startswith(prefix)}
+        dcp.load(flat, checkpoint_id=path, no_dist=True)
+    return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+
+
+def _legacy(path: Path) -> tuple[dict, dict]:
+    """A pre-0.3 `state.pt` -> ({"task.model.*", "task.objectives.*": tensor}, the rest)."""
+    from mmpretrain.model import split_legacy_objectives
+
+    state = torch.load(Path(path) / LEGACY, map_location="cpu", weights_only=True)
+    if "objectives" not in state:  # before 0.2 the temperatures lived in the model
+        state["model"], state["objectives"] = split_legacy_objectives(state["model"])
+    tensors = {f"task.{part}.{k}": v for part in ("model", "objectives") for k, v in state.pop(part).items()}
+    return {k: v.reshape(1) if k.startswith("task.objectives.") and v.ndim == 0 else v  # scalars then
+            for k, v in tensors.items()}, state
+
+
+def load_checkpoint(path: Path, task: nn.Module, optimizer) -> dict:
+    """Collective: load the task's tensors and optimizer state (resharded to this run's ranks)
+    and return this rank's own state (that of rank 0 where the writer had fewer ranks)."""
+    path = Path(path)
+    rank, _ = _rank()
+    model_state, optim_state = get_state_dict(task, optimizer)
+    state = {"task": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    set_state_dict(task, optimizer, model_state_dict=state["task"], optim_state_dict=state["optimizer"])
+    own = path / f"rank_{rank:05d}.pt"
+    local = torch.load(own if own.is_file() else path / "rank_00000.pt", weights_only=True)
+    local["writers"] = json.loads((path / MARKER).read_text())["world_size"]
+    return local
+
+
+def load_legacy(path: Path, task: nn.Module, optimizer) -> dict:
+    """A pre-0.3 `state.pt` (full state dicts) -> this rank's state, as `load_checkpoint`."""
+    tensors, state = _legacy(path)
+    full = {k[len("task."):]: v for k, v in tensors.items()}
+    set_model_state_dict(task, full, options=StateDictOptions(full_state_dict=True))
+    optimizer.load_state_dict(state.pop("optimizer"))
+    return state | {"writers": 1}
+
+
+def consolidate(path: Path, out: Path) -> Path:
+    """One safetensors file of the model's full tensors (the temperatures and optimizer left out)."""
+    from safetensors.torch import save_file
+
+    tensors = read_tensors(path, prefix="task.model.")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmpretrain.checkpoint", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("consolidate", help="a checkpoint folder -> one safetensors file of the model")
+    c.add_argument("checkpoint", type=Path)
+    c.add_argument("out", type=Path)
+    args = p.parse_args(argv)
+    if not is_checkpoint(args.checkpoint):
+        print(f"error: {args.checkpoint} is not a complete checkpoint folder", file=sys.stderr)
+        return 2
+    out = consolidate(args.checkpoint, args.out)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

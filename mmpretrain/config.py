@@ -199,6 +199,9 @@ class ParallelConfig:
     """Applied to the built model from outside (mmpretrain/parallel/)."""
 
     sp: int = _check(1, default=1)  # Ulysses sequence-parallel group size (divides heads and world)
+    # ddp: every process holds the whole model; fsdp: FSDP2 shards parameters, gradients and
+    # optimizer state over the processes (the model is built on the meta device, then allocated)
+    dp_shard: Literal["ddp", "fsdp"] = "ddp"
     # full: recompute each decoder block; selective: keep matmul/attention outputs, recompute the rest
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     # torch.compile per block (decoder, encoder blocks, fusion). auto is off until

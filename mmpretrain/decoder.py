@@ -60,14 +60,20 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, cfg.width)
         self.blocks = nn.ModuleList(DecoderBlock(cfg, backend) for _ in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
-        head_dim = cfg.width // cfg.heads
-        inv_freq = cfg.rope_theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", torch.empty(cfg.width // cfg.heads // 2), persistent=False)
+        self.init_buffers()
         self.init_weights()
 
     def no_weight_decay(self) -> set[str]:
         """The token embedding (tied to the output head) takes no weight decay."""
         return {"embed.weight"}
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Rotary frequencies (also after a model built on the meta device is allocated)."""
+        head_dim = self.cfg.width // self.cfg.heads
+        arange = torch.arange(0, head_dim, 2, device=self.inv_freq.device).float()
+        self.inv_freq.copy_(self.cfg.rope_theta ** (-arange / head_dim))
 
     def init_weights(self):
         nn.init.normal_(self.embed.weight, std=0.02)

@@ -22,24 +22,26 @@ import yaml
 from safetensors.torch import save_file
 
 from mmpretrain.config import Config, to_dict
-from mmpretrain.model import MultimodalModel
 
 
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-
-def export_model(model: MultimodalModel, cfg: Config, out_dir: Path) -> Path:
+def export_model(state: dict[str, torch.Tensor] | nn.Module, cfg: Config, out_dir: Path) -> Path:
+    """`state`: the model's full state dict (or the model itself, when it is not sharded)."""
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    save_file(_state(model), out / "model.safetensors")
+    save_file(state, out / "model.safetensors")
     model_cfg = to_dict(cfg.model)
-    text_state = {f"decoder.{k}": v for k, v in _state(model.decoder).items()}
-    text_state.update({f"text_proj.{k}": v for k, v in _state(model.text_proj).items()})
-    parts = {m: _state(model.towers[m]) for m in model.modalities} | {"text": text_state}
-    for name, state in parts.items():
+    parts = {m: _under(state, f"towers.{m}.") for m in cfg.model.modalities}
+    parts["text"] = {k: v for k, v in state.items() if k.startswith(("decoder.", "text_proj."))}
+    for name, tensors in parts.items():
         (out / name).mkdir(exist_ok=True)
         (out / name / "config.json").write_text(json.dumps({"modality": name, "model": model_cfg}, indent=1))
-        save_file(state, out / name / "model.safetensors")
+        save_file(tensors, out / name / "model.safetensors")
     return out
+
+
+def _under(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -66,12 +66,16 @@ class MultimodalModel(nn.Module):
         self.cfg = cfg
         self.modalities = list(cfg.modalities)
         self.towers = nn.ModuleDict({m: MediaTower(m, cfg) for m in self.modalities})
-        encoders = {m: tower.encoder for m, tower in self.towers.items()}
-        for encoder in encoders.values():
-            if hasattr(encoder, "init_from"):  # an encoder that starts from another's weights
-                encoder.init_from(encoders)
+        self.init_from_towers()
         self.decoder = Decoder(cfg.decoder, vocab_size, cfg.attention.backend)
         self.text_proj = nn.Linear(cfg.decoder.width, cfg.fusion.embed_dim, bias=False)
+
+    def init_from_towers(self) -> None:
+        """Encoders that start from another tower's weights (video from image) copy them."""
+        encoders = {m: tower.encoder for m, tower in self.towers.items()}
+        for encoder in encoders.values():
+            if hasattr(encoder, "init_from"):
+                encoder.init_from(encoders)
 
     @property
     def embed_dim(self) -> int:
@@ -79,7 +83,8 @@ class MultimodalModel(nn.Module):
 
     # ---------------------------------------------------------------- encoders
     def encode_media(self, modality: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> decoder tokens (B, K, C) and normalised embedding (B, E)."""
+        """-> decoder tokens (B, K, C) and normalised embedding (B, E). (An entry point of its own
+        under FSDP2, which gathers the model's parameters around it: `forward` calls the towers.)"""
         return self.towers[modality](x)
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -101,12 +106,9 @@ class MultimodalModel(nn.Module):
         """The batch as one packed row laid out by `layout` (see mmpretrain.packing)."""
         b = len(batch.keys)
         embeddings, media_tokens = {}, {}
-        for m in self.modalities:
-            if b:
-                media_tokens[m], embeddings[m] = self.encode_media(m, batch.media[m])
-            else:  # documents only; still a graph leaf, so that data-parallel gathers of the
-                # embeddings run their backward on every rank alike
-                embeddings[m] = torch.zeros(0, self.embed_dim, device=batch.tokens.device, requires_grad=True)
+        for m in self.modalities:  # every tower runs, on an empty batch too (documents only), so
+            # that every rank's backward reaches the same parameters and collectives (DDP, FSDP)
+            media_tokens[m], embeddings[m] = self.towers[m](batch.media[m])
         text, seqs = self._caption_only(batch.tokens, batch.lengths)
         for i, n in enumerate(batch.lengths.tolist()):
             if layout.captions(i):
@@ -122,6 +124,6 @@ class MultimodalModel(nn.Module):
     def _documents(self, documents) -> list[list[packing.Piece]]:
         """Interleaved documents: text embedded here, each modality's items encoded in one batch."""
         items = {m: [v for doc in documents for k, v in doc if k == m] for m in self.modalities}
-        tokens = {m: iter(self.encode_media(m, torch.stack(v))[0]) for m, v in items.items() if v}
+        tokens = {m: iter(self.towers[m](torch.stack(v))[0]) for m, v in items.items() if v}
         return [packing.document([(self.decoder.embed(v), v) if kind == "text" else (next(tokens[kind]), None)
                                   for kind, v in doc]) for doc in documents]

@@ -99,9 +99,9 @@ class Objectives(nn.Module):
     def __init__(self, modalities: list[str], cfg: ObjectivesConfig):
         super().__init__()
         self.cfg = cfg
-        # stored as log(1/T) as in CLIP
+        # stored as log(1/T) as in CLIP; shape (1,), not a scalar, so that FSDP2 can shard it
         self.logit_scale = nn.ParameterDict({
-            f"{a}-{b}": nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+            f"{a}-{b}": nn.Parameter(torch.tensor([math.log(1 / cfg.init_temperature)]))
             for a, b in contrastive_pairs(modalities, cfg.media_pairs)})
         self.gather_group = None  # the data-parallel group, handed over by parallel.parallelize
 
@@ -117,6 +117,11 @@ class Objectives(nn.Module):
             loss = loss + cfg.next_token_weight * terms["next_token"]
         return loss, {k: v.detach() for k, v in terms.items()}
 
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The initial temperatures again (a model built on the meta device is allocated empty)."""
+        for p in self.logit_scale.values():
+            p.fill_(math.log(1 / self.cfg.init_temperature))
 
     @torch.no_grad()
     def clamp_(self) -> None:

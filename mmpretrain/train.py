@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import random
@@ -20,9 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from mmpretrain import parallel
-from mmpretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mmpretrain import checkpoint
 from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_yaml
 from mmpretrain.attention import resolve_backend
 from mmpretrain.data import BatchStream, resolve_sources
@@ -80,14 +82,22 @@ class Trainer:
             raise ConfigError(f"model.attention.backend: {e}") from None
         self.stream = BatchStream(self.train_urls, cfg, self.tokenizer, cfg.train.batch_size,
                                   env.dp_rank, env.dp_size)
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+        self.sharded = parallel.sharded(env, cfg.parallel)
         torch.manual_seed(cfg.run.seed)
-        self.model = MultimodalModel(cfg.model, self.tokenizer.vocab_size)
-        self.task = PretrainingTask(self.model, Objectives(self.model.modalities, cfg.objectives),
-                                    RowLayout.from_config(cfg)).to(device)
-        self.loss = parallel.parallelize(self.task, env, cfg.parallel)
+        # FSDP2: built on the meta device (no memory), sharded, then allocated shard by shard
+        with torch.device("meta") if self.sharded else contextlib.nullcontext():
+            self.model = MultimodalModel(cfg.model, self.tokenizer.vocab_size)
+            self.task = PretrainingTask(self.model, Objectives(self.model.modalities, cfg.objectives),
+                                        RowLayout.from_config(cfg))
+        self.loss = parallel.parallelize(self.task.to(device) if not self.sharded else self.task, env,
+                                         cfg.parallel, device.type, bf16)
+        if self.sharded:
+            from mmpretrain.parallel.fsdp import materialize
+
+            materialize(self.task, device, seed=cfg.run.seed + env.rank)
         self.optimizer = build_optimizer(self.task, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.log = RunLog(self.run_dir, env.is_main)
         self.skips_logged: collections.Counter = collections.Counter()  # skips already in metrics.jsonl
@@ -96,32 +106,28 @@ class Trainer:
         self.signalled: int | None = None
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "objectives": self.task.objectives.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step": self.step, "data": self.stream.state_dict(), "rng": rng_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "objectives" not in state:  # before 0.2 the temperatures lived in the model
-            state["model"], state["objectives"] = split_legacy_objectives(state["model"])
-        for name, module in (("model", self.model), ("objectives", self.task.objectives)):
-            if differ := describe(state_differences(module.state_dict(), state[name])):
-                raise ConfigError(f"train.resume: the checkpoint holds another {name} than this config builds "
-                                  f"({differ}); point run.name elsewhere, or train.resume=none to start afresh")
-            module.load_state_dict(state[name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(state["data"])
-        self.step = state["step"]
-        self.skips_logged = collections.Counter(self.stream.skipped)
-        set_rng_state(state["rng"])
+    def local_state(self) -> dict:
+        """This rank's own part of a checkpoint (the tensors go through DCP)."""
+        return {"scheduler": self.scheduler.state_dict(), "step": self.step, "data": self.stream.state_dict(),
+                "rng": rng_state()}
 
     def maybe_resume(self) -> None:
         """Load the checkpoint `train.resume` names, if any; records past its step are dropped
         (all of them when there is none), so metrics.jsonl holds each step once."""
         if self.resume_from is not None:
-            self.load_state_dict(load_checkpoint(self.resume_from, map_location=self.device))
-            log.info("resumed from %s (step %d)", self.resume_from, self.step)
+            self.check_compatible(self.resume_from)
+            load = checkpoint.load_legacy if (self.resume_from / checkpoint.LEGACY).is_file() else checkpoint.load_checkpoint
+            state = load(self.resume_from, self.task, self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state["writers"] == self.env.world_size:
+                self.stream.load_state_dict(state["data"])
+                set_rng_state(state["rng"])
+            else:  # see BatchStream.reshard for the rule
+                self.stream.reshard(state["data"], state["writers"])
+            self.step = state["step"]
+            self.skips_logged = collections.Counter(self.stream.skipped)
+            log.info("resumed from %s (step %d, written by %d process(es))", self.resume_from, self.step,
+                     state["writers"])
             if self.step >= self.cfg.train.steps:
                 log.warning("the checkpoint is at step %d, at or past train.steps=%d: nothing to train; "
                             "evaluating and exporting it (raise train.steps to train on)",
@@ -130,28 +136,41 @@ class Trainer:
             self.load_weights(self.init_from)
         self.log.trim(self.step)
 
+    def check_compatible(self, path: Path) -> None:
+        own = self.task.state_dict()
+        found = (checkpoint.read_tensors(path, "") if (path / checkpoint.LEGACY).is_file()
+                 else checkpoint.tensor_shapes(path))
+        found = {k[len("task."):]: v for k, v in found.items() if k.startswith("task.")}
+        if differ := describe(state_differences(own, found)):
+            raise ConfigError(f"train.resume: the checkpoint holds another model than this config builds "
+                              f"({differ}); point run.name elsewhere, or train.resume=none to start afresh")
+
     def load_weights(self, path: Path) -> None:
         """Continued pretraining: every tensor of the source that this model has (same name and
         shape) is loaded; the rest of the model keeps its fresh initialisation, and both lists are
         logged. Optimizer, schedule, data position and step start afresh."""
-        sources = read_weights(path)
-        for name, module in (("model", self.model), ("objectives", self.task.objectives)):
-            own, found = module.state_dict(), sources.get(name, {})
-            differ = state_differences(own, found)
-            if reshaped := describe(differ, ("shape",)):
-                raise ConfigError(f"train.init_from: {path} holds tensors of other shapes than this config "
-                                  f"builds ({reshaped})")
-            module.load_state_dict({**own, **{k: v for k, v in found.items() if k in own}})
-            new = sorted({_module_of(k) for k in differ["missing"]})
-            unused = sorted({_module_of(k) for k in differ["unexpected"]})
-            log.info("train.init_from %s: %s: %d of %d tensors loaded%s%s", path, name,
-                     sum(k in found for k in own), len(own),
-                     f"; initialised afresh: {', '.join(new)}" if new else "",
-                     f"; in the source but not in this model: {', '.join(unused)}" if unused else "")
+        found = read_weights(path)
+        own = self.task.state_dict()
+        differ = state_differences(own, found)
+        if reshaped := describe(differ, ("shape",)):
+            raise ConfigError(f"train.init_from: {path} holds tensors of other shapes than this config "
+                              f"builds ({reshaped})")
+        set_model_state_dict(self.task, {k: v for k, v in found.items() if k in own},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+        new = sorted({_module_of(k) for k in differ["missing"]})
+        unused = sorted({_module_of(k) for k in differ["unexpected"]})
+        log.info("train.init_from %s: %d of %d tensors loaded%s%s", path, sum(k in found for k in own), len(own),
+                 f"; initialised afresh: {', '.join(new)}" if new else "",
+                 f"; in the source but not in this model: {', '.join(unused)}" if unused else "")
 
     def save(self) -> None:
-        if self.env.is_main:
-            save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+        """Collective: every rank writes its shards and its own state."""
+        checkpoint.save_checkpoint(self.run_dir, self.step, self.task, self.optimizer, self.local_state(),
+                                   self.cfg.train.keep_checkpoints)
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """Collective: the model's full tensors on the main rank (gathered from the shards)."""
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batches) -> dict[str, float]:
@@ -179,8 +198,9 @@ class Trainer:
                 stats["packing_efficiency"] = stats["tokens"] / batch.row_budget
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0) + v / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.task.parameters(), cfg.grad_clip)
+        if cfg.grad_clip > 0:  # over sharded gradients too (a DTensor norm under FSDP2)
+            norm = torch.nn.utils.clip_grad_norm_(self.task.parameters(), cfg.grad_clip)
+            sums["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.optimizer.step()
         self.task.objectives.clamp_()
         self.optimizer.zero_grad(set_to_none=True)
@@ -261,10 +281,10 @@ def resume_path(cfg: Config) -> Path | None:
     if resume == "none":
         return None
     if resume == "auto":
-        return latest_checkpoint(cfg.run_dir)
+        return checkpoint.latest_checkpoint(cfg.run_dir)
     path = Path(resume)
-    if not (path / "state.pt").is_file():
-        raise ConfigError(f"train.resume: {resume!r} is not a checkpoint folder (one with state.pt, e.g. "
+    if not checkpoint.is_checkpoint(path):
+        raise ConfigError(f"train.resume: {resume!r} is not a complete checkpoint folder (e.g. "
                           f"{cfg.run_dir}/checkpoints/step_00000100); expected auto, none or such a folder")
     return path
 
@@ -274,23 +294,19 @@ def init_path(cfg: Config) -> Path | None:
     if not cfg.train.init_from:
         return None
     path = Path(cfg.train.init_from)
-    if not ((path / "model.safetensors").is_file() or (path / "state.pt").is_file()):
+    if not ((path / "model.safetensors").is_file() or checkpoint.is_checkpoint(path)):
         raise ConfigError(f"train.init_from: {cfg.train.init_from!r} is neither an export folder (model.safetensors) "
-                          f"nor a checkpoint folder (state.pt)")
+                          f"nor a complete checkpoint folder")
     return path
 
 
-def read_weights(path: Path) -> dict[str, dict]:
-    """{"model": ..., "objectives": ...} tensors from an export (model only) or a checkpoint."""
-    if (path / "state.pt").is_file():
-        state = load_checkpoint(path)
-        if "objectives" in state:
-            return {"model": state["model"], "objectives": state["objectives"]}
-        model, objectives = split_legacy_objectives(state["model"])
-        return {"model": model, "objectives": objectives}
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Task tensors ("model.*", "objectives.*") of a checkpoint, or the model's of an export."""
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.read_tensors(path, "task.")
     from safetensors.torch import load_file
 
-    return {"model": split_legacy_objectives(load_file(path / "model.safetensors"))[0]}
+    return {f"model.{k}": v for k, v in split_legacy_objectives(load_file(path / "model.safetensors"))[0].items()}
 
 
 def _module_of(key: str) -> str:
@@ -340,9 +356,10 @@ def run(cfg: Config) -> dict:
             log.info("model: %.1fM parameters, modalities %s, device %s, %d process(es)",
                      n_params / 1e6, cfg.model.modalities, device, env.world_size)
         results = trainer.fit()
+        state = trainer.full_model_state()
         if env.is_main:
             (run_dir / "eval" / "retrieval.json").write_text(json.dumps(results, indent=1))
-            export_model(trainer.model, cfg, run_dir / "export")
+            export_model(state, cfg, run_dir / "export")
             plot_curves(run_dir)
             print("\nheld-out zero-shot retrieval (" + str(len(trainer.eval_urls)) + " eval shard(s)):")
             print(format_table(results))

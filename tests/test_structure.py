@@ -85,20 +85,25 @@ def test_weight_decay_follows_module_declarations():
     assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
 
 
-def test_checkpoint_from_before_the_objectives_owned_temperatures_loads(tiny_cfg):
+def test_checkpoints_from_before_0_3_load(tiny_cfg, tmp_path):
+    """One state.pt from rank 0, written before DCP checkpoints, and before 0.2 (temperatures in
+    the model, as scalars): it resumes; another model's is refused, naming the tensors."""
     from mmpretrain import parallel, train
 
     trainer = train.Trainer(tiny_cfg(), parallel.DistEnv(), torch.device("cpu"))
-    state = trainer.state_dict()
-    with torch.no_grad():
-        for p in trainer.task.objectives.logit_scale.values():
-            p.fill_(1.25)
-    old = {**state, "model": {**state["model"], **{f"logit_scale.{k}": v.clone().fill_(3.5)
-                                                   for k, v in trainer.task.objectives.logit_scale.items()}}}
-    del old["objectives"]
-    trainer.load_state_dict(old)
+    scales = {f"logit_scale.{k}": torch.tensor(3.5) for k in trainer.task.objectives.logit_scale}
+    old = {"model": {**trainer.model.state_dict(), **scales}, "optimizer": trainer.optimizer.state_dict(),
+           "scheduler": trainer.scheduler.state_dict(), "step": 3, "data": trainer.stream.state_dict(),
+           "rng": train.rng_state()}
+    folder = tmp_path / "step_00000003"
+    folder.mkdir()
+    torch.save(old, folder / "state.pt")
+    trainer.resume_from = folder
+    trainer.maybe_resume()
+    assert trainer.step == 3
     assert all(float(p.detach()) == 3.5 for p in trainer.task.objectives.logit_scale.values())
     other = train.Trainer(tiny_cfg("model.decoder.width=64"), parallel.DistEnv(), torch.device("cpu"))
-    differ = r"train.resume: the checkpoint holds another model .*shape: towers.image.fusion.modality_embed \(32,\)"
+    other.resume_from = folder
+    differ = r"train.resume: the checkpoint holds another model .*shape: model.towers.image.fusion.modality_embed \(32,\)"
     with pytest.raises(ConfigError, match=differ):
-        other.load_state_dict(state)
+        other.maybe_resume()

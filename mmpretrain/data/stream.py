@@ -113,6 +113,14 @@ class BatchStream:
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.skipped = collections.Counter(state.get("skipped", {}))
 
+    def reshard(self, state: dict, writers: int) -> None:
+        """Resume from a checkpoint written by another number of ranks (`state`: its rank 0's or
+        this rank's): the interrupted epoch is left and the next one starts, laid out for this
+        number of ranks. Samples of the interrupted epoch that no rank had reached are not seen
+        in that epoch."""
+        self.epoch, self.batch_in_epoch = state["epoch"] + 1, 0
+        self.skipped = collections.Counter(state.get("skipped", {}))
+
     def __iter__(self):
         while True:
             ds = _EpochDataset(self.urls, self.cfg, self.tokenizer, self.batch_size, self.epoch, True,

@@ -27,13 +27,26 @@ class LogMel(nn.Module):
     def __init__(self, cfg: AudioEncoderConfig):
         super().__init__()
         self.cfg = cfg
-        n_fft = 1 << (cfg.win_samples - 1).bit_length()
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate, n_fft=n_fft, win_length=cfg.win_samples, hop_length=cfg.hop_samples,
-            n_mels=cfg.n_mels, power=2.0)
+        self.mel = self._mel()
         self.frames = cfg.frames - cfg.frames % cfg.patch_time  # whole time patches (config.validate: >= 1)
 
+    def _mel(self) -> nn.Module:
+        cfg = self.cfg
+        n_fft = 1 << (cfg.win_samples - 1).bit_length()
+        with torch.device("cpu"):  # computed, not learned: real values also in a model built on meta
+            return torchaudio.transforms.MelSpectrogram(
+                sample_rate=cfg.sample_rate, n_fft=n_fft, win_length=cfg.win_samples, hop_length=cfg.hop_samples,
+                n_mels=cfg.n_mels, power=2.0)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The window and filterbank again, after a model built on the meta device is allocated."""
+        for mine, fresh in zip(self.mel.buffers(), self._mel().buffers()):
+            mine.copy_(fresh)
+
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        if not len(wave):  # an empty batch (a documents-only rank), which the STFT refuses
+            return wave.new_zeros(0, 1, self.cfg.n_mels, self.frames)
         with torch.autocast(wave.device.type, enabled=False):  # the FFT wants fp32
             spec = self.mel(wave.float())[..., : self.frames]
             spec = (torch.log(spec + 1e-6) - self.cfg.mel_mean) / self.cfg.mel_std

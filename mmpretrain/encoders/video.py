@@ -47,6 +47,12 @@ class VideoEncoder(nn.Module):
         self.blocks = nn.Sequential(*[Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True)
                                       for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """timm's ViT initialisation (`init_from_image` may overwrite it once the towers exist)."""
+        self.temporal_embed.zero_()
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(_init_linear)

@@ -32,6 +32,10 @@ class ResamplerFusion(nn.Module):
         self.embed_norm = nn.LayerNorm(in_width)
         self.to_embedding = nn.Linear(in_width, cfg.embed_dim, bias=False)
 
+    @torch.no_grad()
+    def init_weights(self) -> None:  # the pool, norm and linears have their own
+        self.modality_embed.zero_()
+
     def no_weight_decay(self) -> set[str]:
         """Parameters (relative names) that take no weight decay: the latent queries and the
         modality embedding are positions in input space, not weights (as timm's ViT tokens)."""

@@ -2,7 +2,8 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; torch.distributed does the rest
 (NCCL on GPU, gloo on CPU). The processes form a (dp, sp) device mesh: data
-parallel replicas (DDP) of sequence-parallel groups (Ulysses). Activation
+parallel replicas (DDP), or shards (FSDP2, `parallel.dp_shard=fsdp`), of
+sequence-parallel groups (Ulysses). Activation
 checkpointing and sequence parallelism wrap decoder parts in place; model
 files stay single-device.
 """
@@ -76,22 +77,34 @@ def init_distributed(device_type: str, cfg: ParallelConfig) -> DistEnv:
 COMPILE_BY_DEFAULT_ON_CUDA = False
 
 
-def parallelize(task: nn.Module, env: DistEnv, cfg: ParallelConfig) -> nn.Module:
-    """Sequence parallelism and checkpointing on `task.model.decoder`, the objectives' gather
-    group, then DDP over the dp dimension around `task` (the module whose forward uses every
-    parameter). Returns what to call."""
+def sharded(env: DistEnv, cfg: ParallelConfig) -> bool:
+    """Whether FSDP2 shards the model (dp_shard=fsdp with more than one process)."""
+    return cfg.dp_shard == "fsdp" and env.world_size > 1
+
+
+def parallelize(task: nn.Module, env: DistEnv, cfg: ParallelConfig, device_type: str = "cpu",
+                bf16: bool = False) -> nn.Module:
+    """Compile, sequence parallelism and checkpointing on the blocks, the objectives' gather
+    group, then FSDP2 (dp_shard=fsdp) or DDP over the dp dimension around `task` (the module
+    whose forward uses every parameter). `task` may still be on the meta device for FSDP2
+    (`fsdp.materialize` allocates it afterwards). Returns what to call."""
     decoder = task.model.decoder
-    device_type = next(task.parameters()).device.type
+    fsdp = sharded(env, cfg)
     if cfg.compile == "on" or (cfg.compile == "auto" and COMPILE_BY_DEFAULT_ON_CUDA and device_type == "cuda"
                                and env.sp == 1):  # auto leaves Ulysses eager: its collectives break graphs
         apply_compile(task.model, device_type)  # the blocks themselves, before wrappers reach into them
-    if env.sp > 1:  # before checkpointing, which wraps the blocks this reaches into
-        apply_ulysses(decoder, env.group("sp"))
+    if env.sp > 1:  # before checkpointing, which wraps the blocks this reaches into; under FSDP2
+        # the sp sum of the blocks' gradients is part of its reduce-scatter
+        apply_ulysses(decoder, env.group("sp"), sum_grads=not fsdp)
     apply_activation_checkpointing(decoder, cfg.activation_checkpointing)
     task.objectives.gather_group = env.gather_group
+    if fsdp:
+        from mmpretrain.parallel.fsdp import apply_fsdp
+
+        return apply_fsdp(task, env, device_type, bf16)
     if env.dp_size == 1:
         return task
-    ids = [env.local_rank] if next(task.parameters()).is_cuda else None
+    ids = [env.local_rank] if device_type == "cuda" else None
     # find_unused_parameters: a batch may lack a modality pair, leaving that pair's temperature
     # (and a tower) without gradient on some steps.
     return nn.parallel.DistributedDataParallel(task, device_ids=ids, process_group=env.group("dp"),

@@ -42,14 +42,16 @@ class UlyssesAttention(nn.Module):
         return all_to_all(out, scatter_dim=0, gather_dim=1, group=self.group)
 
 
-def apply_ulysses(decoder: nn.Module, group) -> nn.Module:
-    """Shard `decoder` (a `Decoder`) over the tokens of its packed input across `group`."""
+def apply_ulysses(decoder: nn.Module, group, sum_grads: bool = True) -> nn.Module:
+    """Shard `decoder` (a `Decoder`) over the tokens of its packed input across `group`.
+    `sum_grads`: sum the sharded region's gradients over `group` here (False when FSDP2's
+    reduce-scatter does it)."""
     sp = dist.get_world_size(group)
     if decoder.cfg.heads % sp:
         raise ValueError(f"parallel.sp={sp} must divide model.decoder.heads={decoder.cfg.heads}")
     for block in decoder.blocks:
         block.attention = UlyssesAttention(block.attention, group)
-    for p in list(decoder.blocks.parameters()) + list(decoder.norm.parameters()):
+    for p in list(decoder.blocks.parameters()) + list(decoder.norm.parameters()) if sum_grads else []:
         p.register_hook(lambda g: _sum_over(g, group))
 
     def shard_input(module, args):

@@ -1,0 +1,90 @@
+"""FSDP2 (`parallel.dp_shard=fsdp`): parameters, gradients and optimizer state sharded over ranks.
+
+`fully_shard` per decoder block, per encoder block, per fusion, on the decoder's final norm, on the
+model and at the root (the task, which adds the temperatures), as torchtitan does. The shards span
+every process: with Ulysses (sp > 1) the ranks of a sequence-parallel group shard the parameters
+too, so the mesh is the (dp, sp) mesh flattened. Their gradients are then reduce-scattered over
+all ranks; inside the token-sharded region (decoder blocks and final norm) each sp rank holds a
+partial gradient that must be summed over sp and averaged over dp, which the divide factor of
+those units (dp instead of dp x sp) does, in place of Ulysses' own sum hooks.
+
+A model built on the meta device (no memory) is parallelised first and then materialised shard
+by shard (`materialize`): every module's own initialisation runs on its local shards.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+log = logging.getLogger(__name__)
+
+
+def shard_mesh(env, device_type: str):
+    """The 1-D mesh the parameters are sharded over: dp, or every process when sp > 1."""
+    if env.sp == 1:
+        return env.mesh["dp"]
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (env.world_size,), mesh_dim_names=("shard",))
+
+
+def apply_fsdp(task: nn.Module, env, device_type: str, bf16: bool) -> nn.Module:
+    model = task.model
+    mesh = shard_mesh(env, device_type)
+    # bf16 parameters for compute, fp32 gradient reduction (CUDA; on CPU bf16 matmuls are slow)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if bf16 and device_type == "cuda" else MixedPrecisionPolicy()
+
+    def shard(module: nn.Module, **kw) -> None:
+        fully_shard(module, mesh=mesh, mp_policy=mp, **kw)
+        # a batch without some modality pair (or a documents-only rank) leaves parameters without
+        # gradient on some ranks: they reduce as zeros there (DDP's find_unused_parameters)
+        module.set_reduce_scatter_unused_params(True)
+
+    for tower in model.towers.values():
+        for block in getattr(getattr(tower.encoder, "vit", tower.encoder), "blocks", []):
+            shard(block)
+        shard(tower.fusion)
+    token_sharded = list(model.decoder.blocks) + [model.decoder.norm]
+    for i, block in enumerate(token_sharded):
+        shard(block, reshard_after_forward=i < len(token_sharded) - 1)  # the last is needed at once
+        if env.sp > 1:  # partial sums over the sequence shards: sum over sp, mean over dp
+            block.set_gradient_divide_factor(float(env.dp_size))
+            if device_type == "cpu":  # gloo has no pre-multiplied sum: scale, then sum
+                block.set_force_sum_reduction_for_comms(True)
+    # the model's own unit (embedding, tied output head, patch embeddings, text projection) stays
+    # gathered from forward to backward: the objectives use the tied head after forward returns
+    shard(model, reshard_after_forward=False)
+    for method in ("encode_text", "encode_media"):  # eval and export call these, not forward
+        register_fsdp_forward_method(model, method)
+    shard(task, reshard_after_forward=False)
+    log.info("FSDP2: %d units sharded over %d process(es)", 3 + len(token_sharded), mesh.size())
+    return task
+
+
+@torch.no_grad()
+def materialize(task: nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate a meta-built (and possibly sharded) task on `device` and initialise it: PyTorch's
+    `reset_parameters` on every leaf, then each container's `init_weights` (timm's ViTs and
+    pooling, the decoder, video encoder, fusion, objectives), then `init_buffers` (constants such
+    as rotary frequencies and mel filterbanks), then towers copied from others (`init_from_towers`). `seed` should differ per rank: each rank draws
+    its own shards."""
+    task.to_empty(device=device)
+    torch.manual_seed(seed)
+    modules = list(task.modules())
+    for m in modules:
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    for m in modules:  # pre-order: a container's rule first, then its children's own rules
+        if hasattr(m, "init_weights"):
+            m.init_weights()
+    for m in modules:
+        if hasattr(m, "init_buffers"):
+            m.init_buffers()
+    for m in modules:
+        if hasattr(m, "init_from_towers"):  # video starting from the image tower, last
+            m.init_from_towers()

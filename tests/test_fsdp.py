@@ -1,0 +1,163 @@
+"""FSDP2 and distributed checkpoints on CPU processes with gloo (2 and 4 of them)."""
+
+import pytest
+import torch
+
+from mmpretrain import checkpoint, parallel
+from mmpretrain.config import ParallelConfig, load_config
+from mmpretrain.model import MultimodalModel
+from mmpretrain.objectives import Objectives, PretrainingTask
+from mmpretrain.optim import build_optimizer
+from mmpretrain.packing import RowLayout
+from mmpretrain.parallel.fsdp import materialize
+
+from conftest import ROOT, synthetic_batch
+from test_distributed import SP_CFG, _join, _run_workers, _send
+
+
+def _task(ckpt="none", *extra):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", SP_CFG + [f"parallel.activation_checkpointing={ckpt}",
+                                                              "parallel.dp_shard=fsdp", *extra])
+    torch.manual_seed(1)
+    model = MultimodalModel(cfg.model, 49408)
+    return cfg, PretrainingTask(model, Objectives(model.modalities, cfg.objectives), RowLayout.from_config(cfg))
+
+
+def _batches(cfg, n):
+    """n different batches of packed rows of uneven lengths, some media missing."""
+    out = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        out.append(synthetic_batch(cfg, n=4 + i, partial=True)[0])
+    return out
+
+
+def _full_grads(task):
+    return {n.replace("._checkpoint_wrapped_module", ""):  # the checkpoint wrapper's level
+            (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in task.named_parameters() if p.grad is not None}
+
+
+def _fsdp_worker(rank, world, port, sp, ckpt, queue):
+    env = _join(rank, world, port, sp=sp)
+    cfg, task = _task(ckpt)
+    loss_fn = parallel.parallelize(task, env, ParallelConfig(sp=sp, dp_shard="fsdp", activation_checkpointing=ckpt))
+    task.objectives.gather_group = None  # each dp rank's loss on its own batch (the gather has its own test)
+    batch = _batches(cfg, env.dp_size)[env.dp_rank]
+    loss, _ = loss_fn(batch)
+    loss.backward()
+    assert all(type(p).__name__ == "DTensor" for p in task.parameters())  # sharded, all of them
+    _send(queue, rank, loss.item(), _full_grads(task))
+    parallel.cleanup()
+
+
+@pytest.mark.parametrize("world,sp,ckpt", [(2, 1, "none"), (2, 1, "full"), (2, 2, "none"), (2, 2, "selective"),
+                                           pytest.param(4, 2, "full", marks=pytest.mark.slow)],
+                         ids=["dp2", "dp2-ckpt", "sp2", "sp2-selective", "dp2xsp2-ckpt"])
+def test_fsdp_loss_and_every_gradient_equal_one_process(world, sp, ckpt):
+    """Rank r of dp trains on batch r: FSDP2's reduce-scattered gradients equal the mean of the
+    per-batch gradients in one process (sp ranks share a batch, its tokens split by Ulysses)."""
+    cfg, task = _task()
+    dp = world // sp
+    losses = []
+    for batch in _batches(cfg, dp):
+        loss, _ = task(batch)
+        (loss / dp).backward()
+        losses.append(loss.item())
+    ref = _full_grads(task)
+    for rank, loss, grads in _run_workers(_fsdp_worker, sp, ckpt, world=world):
+        assert abs(loss - losses[rank // sp]) < 1e-5
+        assert ref.keys() <= grads.keys()
+        for name in grads.keys() - ref.keys():  # no gradient anywhere (a pair without two samples):
+            assert not grads[name].any(), name  # FSDP2 reduces it as zeros
+        for name, g in ref.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")
+
+
+def test_meta_built_model_materializes_with_its_initialisation():
+    """Built on meta and allocated by `materialize`: buffers equal a normally built model's, and
+    every parameter has its initialisation (constants exactly, random ones with the same spread)."""
+    extra = ["model.modalities=[image, audio, video]", "model.video.init_from_image=false"]
+    _, ref = _task("none", *extra)
+    with torch.device("meta"):
+        _, task = _task("none", *extra)
+    materialize(task, torch.device("cpu"), seed=7)
+    for (name, b), (_, rb) in zip(task.named_buffers(), ref.named_buffers()):
+        assert torch.equal(b, rb), name
+    for (name, p), (_, rp) in zip(task.named_parameters(), ref.named_parameters()):
+        assert torch.isfinite(p).all(), name
+        if (rp == rp.flatten()[0]).all():  # a constant: zeros, ones, the temperatures
+            assert torch.equal(p, rp), name
+        else:
+            assert not (p == p.flatten()[0]).all(), f"{name} was left constant"
+            if rp.numel() >= 256:
+                assert 0.7 < float(p.detach().std() / rp.detach().std()) < 1.4, name
+
+
+def _ckpt_worker(rank, world, port, folder, write, queue):
+    """Same batch on every rank (no gather): loss and step are those of one process on it."""
+    env = _join(rank, world, port)
+    cfg, task = _task()
+    loss_fn = parallel.parallelize(task, env, ParallelConfig(dp_shard="fsdp"))
+    task.objectives.gather_group = None
+    optimizer = build_optimizer(task, cfg.train)
+    batch = _batches(cfg, 1)[0]
+
+    def step():
+        loss, _ = loss_fn(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.item()
+
+    if write:
+        step()
+        checkpoint.save_checkpoint(folder, 1, task, optimizer, {"rank": rank}, keep=2)
+    else:
+        local = checkpoint.load_checkpoint(folder / "checkpoints" / "step_00000001", task, optimizer)
+        assert local["writers"] == 2 and local["rank"] == (rank if rank < 2 else 0)
+    _send(queue, rank, [step(), step()])
+    parallel.cleanup()
+
+
+def _single_process_resume(folder):
+    cfg, task = _task()
+    optimizer = build_optimizer(task, cfg.train)
+    checkpoint.load_checkpoint(folder / "checkpoints" / "step_00000001", task, optimizer)
+    loaded = {k: v.clone() for k, v in task.model.state_dict().items()}
+    batch = _batches(cfg, 1)[0]
+    out = []
+    for _ in range(2):
+        loss, _ = task(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        out.append(loss.item())
+    return out, loaded
+
+
+def test_dcp_checkpoint_of_two_ranks_resumes_on_two_one_and_four(tmp_path):
+    """Written by 2 FSDP2 ranks (each its shards): resumed on 2 the next losses are bitwise those of
+    the writers going on; on 1 process and on 4 ranks (resharded) they agree within fp32 tolerance,
+    optimizer state included (two steps after loading)."""
+    (tmp_path / "checkpoints").mkdir()
+    written = _run_workers(_ckpt_worker, tmp_path, True)
+    ckpt = tmp_path / "checkpoints" / "step_00000001"
+    assert checkpoint.is_checkpoint(ckpt) and {p.name for p in ckpt.glob("__*.distcp")} == {"__0_0.distcp",
+                                                                                            "__1_0.distcp"}
+    expected = written[0][1]
+    for _, losses in _run_workers(_ckpt_worker, tmp_path, False):
+        assert losses == expected  # bitwise
+    losses, loaded = _single_process_resume(tmp_path)
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+    for _, losses in _run_workers(_ckpt_worker, tmp_path, False, world=4):
+        torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+    # consolidate: one file of the model's full tensors, equal to the sharded ones
+    out = tmp_path / "model.safetensors"
+    assert checkpoint.main(["consolidate", str(ckpt), str(out)]) == 0
+    from safetensors.torch import load_file
+
+    tensors = load_file(out)
+    assert tensors.keys() == loaded.keys()
+    for k, v in loaded.items():
+        assert torch.equal(tensors[k], v), k
