@@ -32,8 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 # DCP says so on every single-process save and load, which is this module's ordinary case
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

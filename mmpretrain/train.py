@@ -21,12 +21,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 
-from mmpretrain import parallel
-from mmpretrain import checkpoint
-from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_yaml
+from mmpretrain import checkpoint, parallel
 from mmpretrain.attention import resolve_backend
+from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_yaml
 from mmpretrain.data import BatchStream, resolve_sources
 from mmpretrain.eval.retrieval import evaluate, format_table, probe_eval
 from mmpretrain.export import export_model

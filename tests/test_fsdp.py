@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from conftest import ROOT, synthetic_batch
+from test_distributed import SP_CFG, _join, _run_workers, _send
 
 from mmpretrain import checkpoint, parallel
 from mmpretrain.config import ParallelConfig, load_config
@@ -10,9 +12,6 @@ from mmpretrain.objectives import Objectives, PretrainingTask
 from mmpretrain.optim import build_optimizer
 from mmpretrain.packing import RowLayout
 from mmpretrain.parallel.fsdp import materialize
-
-from conftest import ROOT, synthetic_batch
-from test_distributed import SP_CFG, _join, _run_workers, _send
 
 
 def _task(ckpt="none", *extra):
