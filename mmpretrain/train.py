@@ -313,8 +313,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _module_of(key: str) -> str:
-    """A parameter name's module, two levels deep: towers.video, decoder.blocks, ..."""
-    return ".".join(key.split(".")[:2])
+    """A task parameter's module, two levels into the model: towers.video, decoder.blocks,
+    objectives.logit_scale, ..."""
+    return ".".join(key.removeprefix("model.").split(".")[:2])
 
 
 def state_differences(expected: dict, found: dict) -> dict[str, list[str]]:

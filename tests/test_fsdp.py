@@ -1,9 +1,13 @@
 """FSDP2 and distributed checkpoints on CPU processes with gloo (2 and 4 of them)."""
 
+import json
+import signal
+import sys
+
 import pytest
 import torch
-from conftest import ROOT, synthetic_batch
-from test_distributed import SP_CFG, _join, _run_workers, _send
+from conftest import ROOT, run, synthetic_batch
+from test_distributed import SP_CFG, _join, _run_workers, _send, _torchrun
 
 from mmpretrain import checkpoint, parallel
 from mmpretrain.config import ParallelConfig, load_config
@@ -160,3 +164,55 @@ def test_dcp_checkpoint_of_two_ranks_resumes_on_two_one_and_four(tmp_path):
     assert tensors.keys() == loaded.keys()
     for k, v in loaded.items():
         assert torch.equal(tensors[k], v), k
+
+
+KILL_AT_STEP_4 = """
+import os, signal, sys
+from mmpretrain import checkpoint, train
+write = checkpoint.write_marker
+def die(folder, info):  # every shard and rank file of step 4 is on disk; its marker is not
+    if info["step"] == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(folder, info)
+checkpoint.write_marker = die
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_while_a_checkpoint_is_written_leaves_the_previous_one_usable(demo_cache, tmp_path):
+    args = [str(ROOT / "configs" / "tiny.yaml"), f"data.demo.cache_dir={demo_cache}", f"run.dir={tmp_path}",
+            "train.device=cpu", "train.steps=6", "train.checkpoint_every=2", "train.log_every=1"]
+    killed = run([sys.executable, "-c", KILL_AT_STEP_4, *args, "run.name=killed"], timeout=240, cpu_only=True)
+    assert killed.returncode == -signal.SIGKILL
+    folder = tmp_path / "killed" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000002", "step_00000004.partial"]
+    assert checkpoint.latest_checkpoint(tmp_path / "killed").name == "step_00000002"
+    resumed = run([sys.executable, "-m", "mmpretrain.train", *args, "run.name=killed"], timeout=240, cpu_only=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr and "step_00000002" in resumed.stderr
+    whole = run([sys.executable, "-m", "mmpretrain.train", *args, "run.name=whole"], timeout=240, cpu_only=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert _metrics(tmp_path / "killed") == _metrics(tmp_path / "whole")  # bitwise, steps 1..6 once each
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000004", "step_00000006"]  # keep 2
+
+
+def _metrics(run_dir):
+    keep = ("step", "loss", "grad_norm", "next_token")
+    return [{k: m[k] for k in keep if k in m} for m in map(json.loads, (run_dir / "metrics.jsonl").open())]
+
+
+def test_torchrun_fsdp_trains_checkpoints_and_resumes_on_one_process(demo_cache, tmp_path):
+    """`torchrun --nproc_per_node 2 -m mmpretrain.train ... parallel.dp_shard=fsdp`, then the same
+    run resumed by one process from the sharded checkpoint (rank count changed: next epoch)."""
+    run_dir = tmp_path / "runs" / "fsdp"
+    stderr, metrics = _torchrun(2, "tiny.yaml", demo_cache, run_dir, "train.steps=2", "parallel.dp_shard=fsdp",
+                                "train.log_every=1")
+    assert "FSDP2: " in stderr and [m["step"] for m in metrics] == [1, 2]
+    assert len(list((run_dir / "checkpoints" / "step_00000002").glob("__*.distcp"))) == 2
+    assert json.loads((run_dir / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
+    one = run([sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
+               f"data.demo.cache_dir={demo_cache}", f"run.dir={run_dir.parent}", "run.name=fsdp",
+               "train.device=cpu", "train.steps=3", "train.log_every=1"], timeout=240, cpu_only=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "written by 2 process(es)" in one.stderr
+    assert [m["step"] for m in map(json.loads, (run_dir / "metrics.jsonl").open())] == [1, 2, 3]
