@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,11 @@ class Batch:
     captions: list[list[str]] = field(default_factory=list)  # every caption of each pair (eval)
     row_tokens: int = 0  # length of the packed decoder row this batch becomes (packing.RowLayout)
     row_budget: int = 0  # the token budget it was packed under (data.max_tokens), 0 for none
+    # where it came from (data.stream): samples per source, the reader, and how many raw samples
+    # that reader had consumed once this batch was closed (its resume position)
+    sources: dict[str, int] = field(default_factory=dict)
+    worker: int = 0
+    position: int = 0
 
     def __len__(self) -> int:
         """Samples in the batch: media-caption pairs and documents."""
@@ -34,11 +40,10 @@ class Batch:
         return self._map(lambda t: t.pin_memory())
 
     def _map(self, move) -> Batch:
-        return Batch(self.keys, move(self.tokens), move(self.lengths),
-                     {k: move(v) for k, v in self.media.items()},
-                     {k: move(v) for k, v in self.present.items()}, dict(self.skipped),
-                     [[(kind, move(t)) for kind, t in doc] for doc in self.documents], self.captions,
-                     self.row_tokens, self.row_budget)
+        return dataclasses.replace(self, tokens=move(self.tokens), lengths=move(self.lengths),
+                                   media={k: move(v) for k, v in self.media.items()},
+                                   present={k: move(v) for k, v in self.present.items()},
+                                   documents=[[(kind, move(t)) for kind, t in doc] for doc in self.documents])
 
 
 def collate(samples: list[dict], media_shapes: dict[str, tuple], context_length: int) -> Batch:

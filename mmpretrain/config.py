@@ -52,10 +52,25 @@ class DemoCorpusConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One training source: shards, its share of the mix, and the name metrics use for it."""
+
+    SHORTHAND = "pattern"  # a bare string in the YAML stands for {pattern: <string>}
+    pattern: str = _nonempty("demo")
+    weight: float = _check(0.0, default=1.0)  # relative; the stream draws sources in these proportions
+    name: str = ""  # default: the pattern
+
+    @property
+    def label(self) -> str:
+        return self.name or self.pattern
+
+
+@dataclass
 class DataConfig:
-    # Shard patterns (brace expansion, e.g. "shards/train-{000..015}.tar"), or
-    # "demo" for the built-in corpus's split of the same role.
-    sources: list[str] = field(default_factory=lambda: ["demo"])
+    # Shard patterns (brace expansion, e.g. "shards/train-{000..015}.tar"), or "demo" for the
+    # built-in corpus's split of the same role. Training sources may be weighted and named:
+    # [{pattern: "laion/{000..999}.tar", weight: 0.7, name: laion}, "cc12m/{000..099}.tar"]
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     eval_sources: list[str] = field(default_factory=lambda: ["demo"])
     # Token budget of one packed decoder row (0: batches of train.batch_size samples). With a
     # budget, a batch holds up to train.batch_size samples and at most this many tokens.
@@ -70,6 +85,9 @@ class DataConfig:
     # A sample without an audio member takes its audio from its video's own track (AudioSet /
     # VGGSound exports); a video without a track leaves the sample without audio.
     video_audio: bool = False
+    # false: epochs (every sample once per epoch, the same number of batches on every rank);
+    # true: an endless stream drawing shards with replacement (webdataset's resampled mode)
+    resampled: bool = False
     demo: DemoCorpusConfig = field(default_factory=DemoCorpusConfig)
 
 
@@ -277,6 +295,8 @@ def _coerce(value: Any, tp, path: str, meta=None):
     """Check `value` against the annotation `tp` and return it in that type."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and hasattr(tp, "SHORTHAND"):
+            value = {tp.SHORTHAND: value}
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping of {tp.__name__} keys, got {value!r}")
         return _build(tp, value, path)
@@ -286,7 +306,7 @@ def _coerce(value: Any, tp, path: str, meta=None):
         return value
     if origin is list:
         (item,) = typing.get_args(tp)
-        if item is str and isinstance(value, str):
+        if isinstance(value, (str, dict)) and (item is str or hasattr(item, "SHORTHAND")):
             value = [value]  # a single pattern where a list is expected
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
@@ -478,6 +498,10 @@ def validate(cfg: Config) -> Config:
              f"data.max_tokens: {cfg.data.max_tokens} is below one sample (up to {one_pair} tokens: the caption "
              f"twice and {m.fusion.num_latents} tokens per modality); expected 0 or >= {one_pair}")
     _require(bool(cfg.data.sources), "data.sources: [] names no shards")
+    _require(sum(s.weight for s in cfg.data.sources) > 0, "data.sources: every weight is 0")
+    labels = [s.label for s in cfg.data.sources]
+    _require(len(set(labels)) == len(labels), f"data.sources: two sources are named alike ({labels}); give them "
+             f"distinct names")
     _require(bool(cfg.data.eval_sources), "data.eval_sources: [] names no shards")
     _require(all(k and (not k.startswith("json:") or k[5:]) for k in cfg.data.caption_keys) and
              bool(cfg.data.caption_keys), f"data.caption_keys: {cfg.data.caption_keys}; expected extensions "

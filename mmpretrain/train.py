@@ -31,6 +31,7 @@ from mmpretrain import checkpoint, parallel
 from mmpretrain.attention import resolve_backend
 from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_yaml
 from mmpretrain.data import BatchStream, resolve_sources
+from mmpretrain.data.sources import train_sources
 from mmpretrain.eval.retrieval import evaluate, format_table, probe_eval
 from mmpretrain.export import export_model
 from mmpretrain.model import MultimodalModel, split_legacy_objectives
@@ -76,15 +77,15 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.tokenizer = Tokenizer(cfg.model.text)
         self.resume_from, self.init_from = resume_path(cfg), init_path(cfg)
-        self.train_urls = resolve_sources(cfg.data, "train")
+        self.train_sources = train_sources(cfg.data)
         self.eval_urls = resolve_sources(cfg.data, "eval")
         probe_eval(self.eval_urls, cfg, self.tokenizer)  # before step 1, not after the last
         try:
             resolve_backend(cfg.model.attention.backend, device.type)
         except RuntimeError as e:
             raise ConfigError(f"model.attention.backend: {e}") from None
-        self.stream = BatchStream(self.train_urls, cfg, self.tokenizer, cfg.train.batch_size,
-                                  env.dp_rank, env.dp_size)
+        self.stream = BatchStream(self.train_sources, cfg, self.tokenizer, cfg.train.batch_size,
+                                  env.dp_rank, env.dp_size, agree=self._any_rank if env.world_size > 1 else None)
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
         self.sharded = parallel.sharded(env, cfg.parallel)
         torch.manual_seed(cfg.run.seed)
@@ -126,7 +127,7 @@ class Trainer:
                 self.stream.load_state_dict(state["data"])
                 set_rng_state(state["rng"])
             else:  # see BatchStream.reshard for the rule
-                self.stream.reshard(state["data"], state["writers"])
+                self.stream.reshard(state["data"])
             self.step = state["step"]
             self.skips_logged = collections.Counter(self.stream.skipped)
             log.info("resumed from %s (step %d, written by %d process(es))", self.resume_from, self.step,
@@ -234,6 +235,9 @@ class Trainer:
             log.warning("bad samples skipped (all ranks, whole run): %s", dict(total))
         return self.evaluate()
 
+    def _any_rank(self, flag: bool) -> bool:
+        return parallel.any_rank(torch.tensor(flag, device=self.device))
+
     def _on_signal(self, signum, frame) -> None:
         if self.signalled is not None:  # asked twice: stop now, without a checkpoint
             raise KeyboardInterrupt
@@ -255,6 +259,8 @@ class Trainer:
                 record = {"step": self.step, **values, "lr": self.scheduler.get_last_lr()[0],
                           "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
                           "data_wait": self.data_wait / elapsed, "skipped_samples": self._new_skips()}
+                if len(self.train_sources) > 1:
+                    record["source_share"] = self._source_shares()
                 self.data_wait = 0.0
                 t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
                 bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
@@ -265,10 +271,16 @@ class Trainer:
                 bar.write(f"step {self.step}: " + "  ".join(f"{k} R@1={v['R@1']:.2f}" for k, v in r.items()))
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
-            if parallel.any_rank(torch.tensor(self.signalled is not None, device=self.device)):
+            if self._any_rank(self.signalled is not None):
                 self.save()
                 raise Preempted(f"stopped by a signal after step {self.step}; checkpoint written, "
                                 f"run the same command again to resume")
+
+    def _source_shares(self) -> dict[str, float]:
+        """Realised proportions of the sources over the run so far, all data-parallel ranks."""
+        drawn = parallel.sum_counts(self.stream.drawn, self.env.group("dp"))
+        total = sum(drawn.values()) or 1
+        return {s.name: drawn[s.name] / total for s in self.train_sources}
 
     def _new_skips(self) -> dict[str, int]:
         """Samples skipped on every data-parallel rank since the previous record (so the records

@@ -9,7 +9,7 @@ from conftest import CONFIGS, ROOT
 def test_defaults_and_overrides():
     cfg = load_config(None, ["train.steps=50", "model.decoder.layers=2", "data.sources=[a.tar, b.tar]"])
     assert cfg.train.steps == 50 and cfg.model.decoder.layers == 2
-    assert cfg.data.sources == ["a.tar", "b.tar"]
+    assert [s.pattern for s in cfg.data.sources] == ["a.tar", "b.tar"]
     assert cfg.train.lr == 1e-3  # untouched default
 
 
@@ -135,6 +135,10 @@ CROSS_FIELD = [
     (["train.betas=0.9"], "train.betas"),
     (["data.max_tokens=10"], "data.max_tokens"),
     (["data.sources=[]"], "data.sources"),
+    (["data.sources=[{pattern: a.tar, weight: 0}]"], "data.sources"),
+    (["data.sources=[{pattern: a.tar, weight: -1}]"], "data.sources[0].weight"),
+    (["data.sources=[{pattern: a.tar, wieght: 1}]"], "data.sources[0].wieght"),
+    (["data.sources=[a.tar, {pattern: b.tar, name: a.tar}]"], "data.sources"),
     (["data.eval_sources=[]"], "data.eval_sources"),
     (["data.caption_keys=[]"], "data.caption_keys"),
     (["data.caption_keys=[json:]"], "data.caption_keys"),
@@ -211,10 +215,12 @@ def test_numbers_patterns_and_single_values_as_users_write_them():
                              "data.sources=[/data/train-{000000..000127}.tar]",  # the README's example
                              "data.eval_sources=/data/eval-{000..003}.tar"])
     assert cfg.train.lr == 1e-4 and cfg.objectives.init_temperature == 0.07
-    assert cfg.data.sources == ["/data/train-{000000..000127}.tar"]
+    assert [s.pattern for s in cfg.data.sources] == ["/data/train-{000000..000127}.tar"]
     assert cfg.data.eval_sources == ["/data/eval-{000..003}.tar"]
-    assert load_config(None, ["data.sources=[a-{0..1}.tar, 'b-{2..3}.tar']"]).data.sources == \
+    assert [s.pattern for s in load_config(None, ["data.sources=[a-{0..1}.tar, 'b-{2..3}.tar']"]).data.sources] == \
         ["a-{0..1}.tar", "b-{2..3}.tar"]
+    mixed = load_config(None, ["data.sources=[{pattern: a.tar, weight: 0.7, name: a}, b.tar]"]).data.sources
+    assert [(s.label, s.weight) for s in mixed] == [("a", 0.7), ("b.tar", 1.0)]
 
 
 def test_a_checkpoint_of_another_model_is_refused_naming_the_keys(tiny_cfg, capsys):

@@ -5,6 +5,7 @@ import tarfile
 import torch
 import webdataset as wds
 
+from mmpretrain.config import SourceConfig
 from mmpretrain.data import BatchStream, eval_batches, resolve_sources
 from mmpretrain.data.demo import EVAL_CONCEPTS, demo_corpus, split_concepts
 from mmpretrain.tokenizer import Tokenizer
@@ -109,7 +110,7 @@ def test_stream_is_deterministic_and_resumes_exactly(tiny_cfg, tmp_path):
     cfg = tiny_cfg("train.batch_size=8")
     pattern = write_shardwriter(tmp_path, [sample_dict(i, shape=s) for i, s in
                                            enumerate(["circle", "square", "ring"] * 12)], maxcount=10)
-    cfg.data.sources = [pattern]
+    cfg.data.sources = [SourceConfig(pattern)]
     tok = Tokenizer(cfg.model.text)
     urls = resolve_sources(cfg.data, "train")
     first = iter(BatchStream(urls, cfg, tok, 8))
@@ -153,7 +154,7 @@ def _budget_batches(tiny_cfg, tmp_path, budget, samples):
     from mmpretrain.data.stream import _EpochDataset
 
     cfg = tiny_cfg(f"data.max_tokens={budget}", "train.batch_size=100", "data.shuffle_buffer=0")
-    cfg.data.sources = [write_shardwriter(tmp_path, samples, maxcount=20)]
+    cfg.data.sources = [SourceConfig(write_shardwriter(tmp_path, samples, maxcount=20))]
     tok = Tokenizer(cfg.model.text)
     media = len(cfg.model.modalities) * cfg.model.fusion.num_latents
     return list(_EpochDataset(resolve_sources(cfg.data, "train"), cfg, tok, 100, epoch=0, train=True)), media
@@ -217,7 +218,7 @@ def test_document_only_batch_trains(tiny_cfg, demo_cache):
 
 def test_worker_processes_split_shards_deterministically(tiny_cfg, tmp_path):
     cfg = tiny_cfg("data.num_workers=2", "data.shuffle_buffer=8")
-    cfg.data.sources = [write_shardwriter(tmp_path, [sample_dict(i) for i in range(24)], maxcount=6)]
+    cfg.data.sources = [SourceConfig(write_shardwriter(tmp_path, [sample_dict(i) for i in range(24)], maxcount=6))]
     tok = Tokenizer(cfg.model.text)
     urls = resolve_sources(cfg.data, "train")
 
@@ -280,8 +281,8 @@ def test_public_shard_layouts_train_without_skips(tiny_cfg, tmp_path):
     dot_caption = [{"__key__": f"d{i}", "png": png_bytes(), "caption": "a caption member"} for i in range(2)]
     joint = [sample_dict(i) for i in range(4)]
     cfg = tiny_cfg("data.shuffle_buffer=0")
-    cfg.data.sources = [write_shardwriter(tmp_path, img2dataset + clap + caption_json + dot_caption + joint,
-                                          maxcount=5)]
+    cfg.data.sources = [SourceConfig(write_shardwriter(tmp_path, img2dataset + clap + caption_json + dot_caption + joint,
+                                          maxcount=5))]
     stream = BatchStream(resolve_sources(cfg.data, "train"), cfg, Tokenizer(cfg.model.text), 6)
     it = iter(stream)
     batches = [next(it) for _ in range(3)]  # one epoch of 18 samples
@@ -323,7 +324,7 @@ def test_skips_are_counted_exactly_once_across_epochs_and_resume(tiny_cfg, tmp_p
         samples[i]["png"] = b"not an image"
     samples[5]["txt"] = "   "
     cfg = tiny_cfg("data.shuffle_buffer=0")
-    cfg.data.sources = [write_shardwriter(tmp_path, samples, maxcount=10)]
+    cfg.data.sources = [SourceConfig(write_shardwriter(tmp_path, samples, maxcount=10))]
     urls, tok = resolve_sources(cfg.data, "train"), Tokenizer(cfg.model.text)
     stream = BatchStream(urls, cfg, tok, 3)
     it = iter(stream)
@@ -349,7 +350,7 @@ def test_metrics_sum_to_the_run_summary_and_hold_each_step_once(tiny_cfg, tmp_pa
     for i in (3, 11, 23):
         samples[i]["png"] = b"broken"
     cfg = tiny_cfg("train.steps=6", "train.batch_size=4", "run.name=skips", "data.shuffle_buffer=0")
-    cfg.data.sources = [write_shardwriter(tmp_path, samples, maxcount=24)]
+    cfg.data.sources = [SourceConfig(write_shardwriter(tmp_path, samples, maxcount=24))]
     run_until_crash(cfg, after_step=3, exc=KeyboardInterrupt)
     with caplog.at_level("WARNING"):
         train.run(cfg)

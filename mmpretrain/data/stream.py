@@ -1,12 +1,19 @@
-"""Shard URLs -> parsed samples -> `Batch`es, deterministic per (seed, epoch, rank, worker).
+"""Training sources -> parsed samples -> `Batch`es, deterministic per (seed, epoch, rank, worker).
 
-The stream is a pure function of (shard list, seed, epoch, rank, worker), so a
-resumed run replays the same batches: `BatchStream.state_dict()` records the
-epoch and how many batches of it were consumed, and `load_state_dict` skips
-that many batches of the same epoch (they are re-read and decoded, which costs
-time but needs no extra bookkeeping in the workers).
+Each reader (a data-parallel rank's DataLoader worker) reads its part of every source's shards
+(all of them, every parts-th sample, when there are fewer shards than readers), draws from the
+sources in proportion to their weights (`data.sources` weights; an epoch ends when the first
+source runs out, so the proportions hold), shuffles through a buffer, decodes and packs batches.
+With `data.resampled`, shards are drawn with replacement and the stream never ends.
 
-The data-parallel coordinates (which rank of how many reads) are arguments:
+Resuming seeks, it does not replay: each batch carries its reader's position (raw samples
+consumed once the batch was closed), the stream's state keeps the last delivered position of
+every reader, and a resumed reader passes over that many raw samples of the tar stream without
+decoding any, then goes on exactly as the interrupted run would have (the shuffle buffer is
+refilled from the same samples in the same order, so the next batches are the same).
+
+The data-parallel coordinates (which rank of how many reads) are arguments, and the agreement
+that ends an epoch on every rank at once (`BatchStream(agree=...)`) is a function handed in:
 nothing here knows about process groups.
 """
 
@@ -22,52 +29,84 @@ import webdataset as wds
 from mmpretrain.batch import collate
 from mmpretrain.config import Config
 from mmpretrain.data.samples import BadSample, SampleParser, SkipCounter
+from mmpretrain.data.sources import Source, as_sources
 from mmpretrain.packing import RowLayout
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
-    """One pass over the shards for one epoch, yielding Batches (batched in the worker)."""
+    """One pass over the sources for one epoch (endless when resampled), yielding Batches
+    (batched in the worker). `start`: raw samples each logical reader passes over undecoded;
+    `first_worker`: the logical reader DataLoader worker 0 plays (a resumed epoch goes on with
+    the reader whose turn it was)."""
 
-    def __init__(self, urls, cfg: Config, tokenizer, batch_size: int, epoch: int, train: bool,
-                 rank: int = 0, world: int = 1):
-        self.urls, self.cfg, self.tokenizer = urls, cfg, tokenizer
+    def __init__(self, sources, cfg: Config, tokenizer, batch_size: int, epoch: int, train: bool,
+                 rank: int = 0, world: int = 1, start: dict[int, int] | None = None, first_worker: int = 0):
+        self.sources, self.cfg, self.tokenizer = as_sources(sources), cfg, tokenizer
         self.batch_size, self.epoch, self.train = batch_size, epoch, train
         self.rank, self.world = rank, world
+        self.start, self.first_worker = start or {}, first_worker
+
+    def _read(self, source: Source, part: int, parts: int, skips) -> wds.DataPipeline:
+        """This reader's raw samples of one source, tagged with its name."""
+        seed, urls = self.cfg.run.seed, list(source.urls)
+        read = wds.tarfile_to_samples(handler=lambda e: skips("bad_tar", repr(e)))
+        tag = wds.map(lambda raw: {**raw, "__source__": source.name})
+        if self.train and self.cfg.data.resampled:  # shards with replacement, forever
+            rng = random.Random(f"resample-{seed}-{source.name}-{part}")
+            return wds.DataPipeline(lambda: ({"url": rng.choice(urls)} for _ in itertools.count()), read, tag)
+        if self.train:
+            named = "" if len(self.sources) == 1 else f"-{source.name}"
+            random.Random(f"shards-{seed}-{self.epoch}{named}").shuffle(urls)
+        if len(urls) >= parts:  # each rank/worker reads its own shards
+            return wds.DataPipeline(wds.SimpleShardList(urls[part::parts]), read, tag)
+        # fewer shards than readers: all read everything and keep every parts-th sample
+        return wds.DataPipeline(wds.SimpleShardList(urls), read,
+                                lambda src: itertools.islice(src, part, None, parts), tag)
+
+    def _mix(self, streams: list, worker: int):
+        """Draw from the sources by weight until the first runs out."""
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        rng = random.Random(f"mix-{self.cfg.run.seed}-{self.epoch}-{self.rank}-{worker}")
+        iters, weights = [iter(s) for s in streams], [s.weight for s in self.sources]
+        while (raw := next(iters[rng.choices(range(len(iters)), weights)[0]], None)) is not None:
+            yield raw
 
     def __iter__(self):
         seed, data = self.cfg.run.seed, self.cfg.data
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        workers = info.num_workers if info else 1
+        worker = ((info.id if info else 0) + self.first_worker) % workers
         part, parts = self.rank * workers + worker, self.world * workers
         skips = SkipCounter(data.max_bad_sample_logs)
         parser = SampleParser(self.cfg, self.train, self.tokenizer)
         layout = RowLayout.from_config(self.cfg)
-        urls = list(self.urls)
-        if self.train:
-            random.Random(f"shards-{seed}-{self.epoch}").shuffle(urls)
-        read = wds.tarfile_to_samples(handler=lambda e: skips("bad_tar", repr(e)))
-        if len(urls) >= parts:  # each rank/worker reads its own shards
-            stages = [wds.SimpleShardList(urls[part::parts]), read]
-        else:  # fewer shards than readers: all read everything and keep every parts-th sample
-            stages = [wds.SimpleShardList(urls), read, lambda src: itertools.islice(src, part, None, parts)]
+        raws = self._mix([self._read(s, part, parts, skips) for s in self.sources], worker)
         if self.train and data.shuffle_buffer > 1:
             rng = random.Random(f"samples-{seed}-{self.epoch}-{self.rank}-{worker}")
-            stages.append(wds.shuffle(data.shuffle_buffer, min(100, data.shuffle_buffer), rng=rng))
+            raws = wds.shuffle(data.shuffle_buffer, min(100, data.shuffle_buffer), rng=rng)(raws)
         budget = data.max_tokens if self.train else 0
         pending, used, pairs = [], 0, 0
 
-        def close():
+        def close(position):
             batch = collate(pending, parser.media_shapes(), self.tokenizer.context_length)
             batch.skipped, batch.row_tokens, batch.row_budget = skips.take(), used, budget
+            batch.sources = dict(collections.Counter(s["__source__"] for s in pending))
+            batch.worker, batch.position = worker, position
             return batch
 
-        for raw in wds.DataPipeline(*stages):
+        start, n = self.start.get(worker, 0), -1
+        for n, raw in enumerate(raws):
+            if n < start:  # before the resume position: consumed by the interrupted run, not decoded
+                continue
             key = raw.get("__key__", "?")
             try:
                 sample = parser(raw, random.Random(f"{seed}-{self.epoch}-{key}"))
             except BadSample as e:
                 skips(e.reason, f"{key}: {e}")
                 continue
+            sample["__source__"] = raw["__source__"]
             need = layout.sample_tokens(sample, pairs, parser.specs)
             if budget:  # close the row before the sample that would overflow it
                 alone = layout.sample_tokens(sample, 0, parser.specs)  # as the first of a row
@@ -75,18 +114,18 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                     skips("over_token_budget", f"{key}: {alone} tokens > data.max_tokens={budget}")
                     continue
                 if used + need > budget:
-                    yield close()
+                    yield close(n)
                     pending, used, pairs, need = [], 0, 0, alone
             pending.append(sample)
             used, pairs = used + need, pairs + ("document" not in sample)
             if len(pending) == self.batch_size:
-                yield close()
+                yield close(n + 1)
                 pending, used, pairs = [], 0, 0
         if pending and not self.train:  # eval keeps every sample; train keeps shapes fixed
-            yield close()
+            yield close(n + 1)
         elif skips.pending:  # skips after the last batch still count: an empty batch carries them
             pending, used, pairs = [], 0, 0
-            yield close()
+            yield close(n + 1)
 
 
 def _loader(dataset, num_workers: int):
@@ -97,49 +136,69 @@ def _loader(dataset, num_workers: int):
 
 class BatchStream:
     """An endless, resumable iterator of training batches over repeated epochs, for data-parallel
-    rank `rank` of `world`."""
+    rank `rank` of `world`. `agree(ended)` -> whether any rank's epoch has ended (a collective;
+    every rank calls it once per batch): then every rank starts the next epoch, so all ranks get
+    the same number of batches per epoch, however uneven their shards."""
 
-    def __init__(self, urls: list[str], cfg: Config, tokenizer, batch_size: int, rank: int = 0,
-                 world: int = 1):
-        self.urls, self.cfg, self.tokenizer, self.batch_size = urls, cfg, tokenizer, batch_size
-        self.rank, self.world = rank, world
-        self.epoch, self.batch_in_epoch = 0, 0
+    def __init__(self, sources, cfg: Config, tokenizer, batch_size: int, rank: int = 0, world: int = 1,
+                 agree=None):
+        self.sources, self.cfg, self.tokenizer = as_sources(sources), cfg, tokenizer
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.agree = agree or (lambda ended: ended)
+        self.epoch, self.batch_in_epoch = 0, 0  # DataLoader items taken this epoch (empty ones too)
+        self.positions: dict[int, int] = {}  # logical reader -> raw samples consumed
         self.skipped = collections.Counter()
+        self.drawn = collections.Counter()  # samples delivered per source, whole run
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": dict(self.skipped)}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "positions": dict(self.positions),
+                "skipped": dict(self.skipped), "drawn": dict(self.drawn)}
 
     def load_state_dict(self, state: dict) -> None:
+        if "positions" not in state:  # a checkpoint from before 0.3 (it replayed): the next epoch
+            return self.reshard(state)
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.positions = {int(k): v for k, v in state["positions"].items()}
         self.skipped = collections.Counter(state.get("skipped", {}))
+        self.drawn = collections.Counter(state.get("drawn", {}))
 
-    def reshard(self, state: dict, writers: int) -> None:
-        """Resume from a checkpoint written by another number of ranks (`state`: its rank 0's or
-        this rank's): the interrupted epoch is left and the next one starts, laid out for this
-        number of ranks. Samples of the interrupted epoch that no rank had reached are not seen
-        in that epoch."""
-        self.epoch, self.batch_in_epoch = state["epoch"] + 1, 0
+    def reshard(self, state: dict) -> None:
+        """Resume from a checkpoint written by another number of ranks (`state`: this rank's, or
+        rank 0's where the writer had fewer ranks): the readers' positions mean nothing under the
+        new layout, so the interrupted epoch is left and the next one starts. Samples of that
+        epoch that no rank had reached are not seen in it; counts carry over (approximately:
+        rank 0's totals stand for ranks the writer did not have)."""
+        self.epoch, self.batch_in_epoch, self.positions = state["epoch"] + 1, 0, {}
         self.skipped = collections.Counter(state.get("skipped", {}))
+        self.drawn = collections.Counter(state.get("drawn", {}))
+
+    def _take(self, batches):
+        """The next non-empty batch of this rank's epoch, or None at its end."""
+        for batch in batches:
+            self.batch_in_epoch += 1
+            self.positions[batch.worker] = batch.position
+            self.skipped.update(batch.skipped)  # each skip counted once, when it is reached
+            self.drawn.update(batch.sources)
+            if len(batch):  # (an empty one carries the epoch's trailing skips only)
+                return batch
+        return None
 
     def __iter__(self):
+        workers = self.cfg.data.num_workers
         while True:
-            ds = _EpochDataset(self.urls, self.cfg, self.tokenizer, self.batch_size, self.epoch, True,
-                               self.rank, self.world)
-            produced = 0
-            for i, batch in enumerate(_loader(ds, self.cfg.data.num_workers)):
-                if i < self.batch_in_epoch:  # replaying a resumed epoch: its skips are in the state
-                    produced += 1
-                    continue
-                self.skipped.update(batch.skipped)  # each skip counted once, when it is reached
-                if not len(batch):  # the epoch's trailing skips only
-                    continue
-                produced += 1
-                self.batch_in_epoch = i + 1
+            ds = _EpochDataset(self.sources, self.cfg, self.tokenizer, self.batch_size, self.epoch, True,
+                               self.rank, self.world, self.positions, self.batch_in_epoch % max(1, workers))
+            batches, delivered = iter(_loader(ds, workers)), 0
+            while not self.agree((batch := self._take(batches)) is None):
+                delivered += 1
                 yield batch
-            if produced == 0:
-                raise RuntimeError(f"an epoch over {len(self.urls)} shard(s) produced no full batch of "
-                                   f"{self.batch_size}: too little (readable) data for this batch size")
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            del batches  # stops its workers
+            if delivered == 0:  # agreed, so every rank raises: none waits for the others
+                readers = self.world * max(1, workers)
+                raise RuntimeError(f"an epoch over {sum(len(s.urls) for s in self.sources)} shard(s) gave some "
+                                   f"rank no full batch of {self.batch_size}: too little (readable) data for "
+                                   f"this batch size and {readers} reader(s)")
+            self.epoch, self.batch_in_epoch, self.positions = self.epoch + 1, 0, {}
 
 
 def eval_batches(urls: list[str], cfg: Config, tokenizer, batch_size: int = 256):
