@@ -15,6 +15,7 @@ by shard (`materialize`): every module's own initialisation runs on its local sh
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.nn as nn
@@ -76,12 +77,16 @@ def materialize(task: nn.Module, device: torch.device, seed: int) -> None:
     task.to_empty(device=device)
     torch.manual_seed(seed)
     modules = list(task.modules())
-    for m in modules:
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    for m in modules:  # pre-order: a container's rule first, then its children's own rules
-        if hasattr(m, "init_weights"):
-            m.init_weights()
+    with warnings.catch_warnings():
+        # DTensor warns that CPU meshes have no RNG tracker: none is needed, each rank draws its
+        # own shards from its own seed
+        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+        for m in modules:
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        for m in modules:  # pre-order: a container's rule first, then its children's own rules
+            if hasattr(m, "init_weights"):
+                m.init_weights()
     for m in modules:
         if hasattr(m, "init_buffers"):
             m.init_buffers()
