@@ -143,7 +143,7 @@ def load_checkpoint(path: Path, task: nn.Module, optimizer) -> dict:
     """Collective: load the task's tensors and optimizer state (resharded to this run's ranks)
     and return this rank's own state (that of rank 0 where the writer had fewer ranks)."""
     path = Path(path)
-    rank, _ = _rank()
+    rank, world = _rank()
     model_state, optim_state = get_state_dict(task, optimizer)
     state = {"task": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
@@ -151,6 +151,9 @@ def load_checkpoint(path: Path, task: nn.Module, optimizer) -> dict:
     own = path / f"rank_{rank:05d}.pt"
     local = torch.load(own if own.is_file() else path / "rank_00000.pt", weights_only=True)
     local["writers"] = json.loads((path / MARKER).read_text())["world_size"]
+    if local["writers"] != world:
+        # another number of ranks: every writer's state (the data stream shares theirs out)
+        local["all"] = [torch.load(f, weights_only=True) for f in sorted(path.glob("rank_*.pt"))]
     return local
 
 

@@ -127,7 +127,7 @@ class Trainer:
                 self.stream.load_state_dict(state["data"])
                 set_rng_state(state["rng"])
             else:  # see BatchStream.reshard for the rule
-                self.stream.reshard(state["data"])
+                self.stream.reshard([st["data"] for st in state.get("all", [state])])
             self.step = state["step"]
             self.skips_logged = collections.Counter(self.stream.skipped)
             log.info("resumed from %s (step %d, written by %d process(es))", self.resume_from, self.step,

@@ -137,3 +137,48 @@ def test_resume_seeks_equals_uninterrupted_and_decodes_nothing_it_skips(tiny_cfg
         monkeypatch.setattr(SampleParser, "__call__", parse)
         for want in expected[cut + 1:]:
             assert _positions_equal(next(it), want)
+
+
+def _drain_epoch(stream) -> list[str]:
+    """Keys of the batches `stream` delivers until its epoch ends."""
+    it, epoch, keys = iter(stream), stream.epoch, []
+    for batch in it:
+        if stream.epoch != epoch:
+            break
+        keys += batch.keys
+    return keys
+
+
+@pytest.mark.parametrize("new_world,new_workers", [(1, 2), (4, 1), (3, 1), (1, 0)])
+def test_resume_on_another_number_of_ranks_repeats_and_drops_nothing(tiny_cfg, tmp_path, new_world, new_workers):
+    """Written by 2 ranks x 2 workers (4 logical readers) 3 batches into the epoch; resumed on
+    `new_world` ranks: the epoch's samples are those of the uninterrupted run, each once."""
+    cfg = tiny_cfg("train.batch_size=4", "data.num_workers=2", "data.shuffle_buffer=10")
+    urls = _shards(tmp_path, "r", [13] * 5)
+    tok = Tokenizer(cfg.model.text)
+    whole = [k for r in range(2) for k in _drain_epoch(BatchStream(urls, cfg, tok, 4, r, 2))]
+    assert len(whole) == len(set(whole)) and len(whole) >= 48  # each reader drops < one batch
+    before, states = [], []
+    for r in range(2):
+        stream = BatchStream(urls, cfg, tok, 4, r, 2)
+        it = iter(stream)
+        before += [k for _ in range(3) for k in next(it).keys]
+        states.append(stream.state_dict())
+    cfg.data.num_workers = new_workers
+    after = []
+    for r in range(new_world):
+        stream = BatchStream(urls, cfg, tok, 4, r, new_world)
+        stream.reshard(states)
+        assert stream.epoch == 0
+        after += _drain_epoch(stream)
+    assert sorted(before + after) == sorted(whole)
+
+
+def test_resume_on_more_ranks_than_logical_readers_starts_the_next_epoch(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.batch_size=4")
+    urls = _shards(tmp_path, "n", [13] * 3)
+    stream = BatchStream(urls, cfg, Tokenizer(cfg.model.text), 4, 0, 1)  # one logical reader
+    next(iter(stream))
+    wider = BatchStream(urls, cfg, Tokenizer(cfg.model.text), 4, 1, 2)
+    wider.reshard([stream.state_dict()])
+    assert (wider.epoch, wider.positions, wider.drawn) == (1, {}, {})  # rank 1 carries no counts

@@ -35,16 +35,22 @@ from mmpretrain.packing import RowLayout
 
 class _EpochDataset(torch.utils.data.IterableDataset):
     """One pass over the sources for one epoch (endless when resampled), yielding Batches
-    (batched in the worker). `start`: raw samples each logical reader passes over undecoded;
-    `first_worker`: the logical reader DataLoader worker 0 plays (a resumed epoch goes on with
-    the reader whose turn it was)."""
+    (batched in the worker).
+
+    The data are read by `readers` = (ranks, workers) logical readers, reader l reading part l of
+    every source's shards: by default one per DataLoader worker of each rank, but a run resumed
+    on another number of ranks keeps the layout of the run it resumes, each worker serving its
+    share of the logical readers in turn. `start`: raw samples each logical reader passes over
+    undecoded; `taken`: batches of this epoch already delivered (a resumed epoch goes on with the
+    worker, and the reader, whose turn it was)."""
 
     def __init__(self, sources, cfg: Config, tokenizer, batch_size: int, epoch: int, train: bool,
-                 rank: int = 0, world: int = 1, start: dict[int, int] | None = None, first_worker: int = 0):
+                 rank: int = 0, world: int = 1, start: dict[int, int] | None = None, taken: int = 0,
+                 readers: tuple[int, int] | None = None):
         self.sources, self.cfg, self.tokenizer = as_sources(sources), cfg, tokenizer
         self.batch_size, self.epoch, self.train = batch_size, epoch, train
         self.rank, self.world = rank, world
-        self.start, self.first_worker = start or {}, first_worker
+        self.start, self.taken, self.readers = start or {}, taken, readers
 
     def _read(self, source: Source, part: int, parts: int, skips) -> wds.DataPipeline:
         """This reader's raw samples of one source, tagged with its name."""
@@ -63,28 +69,46 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         return wds.DataPipeline(wds.SimpleShardList(urls), read,
                                 lambda src: itertools.islice(src, part, None, parts), tag)
 
-    def _mix(self, streams: list, worker: int):
+    def _mix(self, streams: list, name: str):
         """Draw from the sources by weight until the first runs out."""
         if len(streams) == 1:
             yield from streams[0]
             return
-        rng = random.Random(f"mix-{self.cfg.run.seed}-{self.epoch}-{self.rank}-{worker}")
+        rng = random.Random(f"mix-{self.cfg.run.seed}-{self.epoch}-{name}")
         iters, weights = [iter(s) for s in streams], [s.weight for s in self.sources]
         while (raw := next(iters[rng.choices(range(len(iters)), weights)[0]], None)) is not None:
             yield raw
 
     def __iter__(self):
-        seed, data = self.cfg.run.seed, self.cfg.data
         info = torch.utils.data.get_worker_info()
-        workers = info.num_workers if info else 1
-        worker = ((info.id if info else 0) + self.first_worker) % workers
-        part, parts = self.rank * workers + worker, self.world * workers
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        ranks0, workers0 = self.readers or (self.world, workers)
+        slot = (worker + self.taken) % workers  # the worker whose turn it was plays worker 0
+        mine = [self._reader(part, ranks0 * workers0, workers0)
+                for part in range(self.rank * workers + slot, ranks0 * workers0, self.world * workers)]
+        if not mine:
+            return
+        served = self.taken // workers + (slot < self.taken % workers)  # batches this worker gave
+        i = served % len(mine)
+        while mine:  # the worker's readers in turn, each until it runs out
+            i %= len(mine)
+            batch = next(mine[i], None)
+            if batch is None:
+                del mine[i]
+                continue
+            yield batch
+            i += 1
+
+    def _reader(self, part: int, parts: int, workers0: int):
+        """Logical reader `part` of `parts`: its batches of this epoch."""
+        seed, data = self.cfg.run.seed, self.cfg.data
+        name = f"{part // workers0}-{part % workers0}"  # (rank, worker) of the layout it was made for
         skips = SkipCounter(data.max_bad_sample_logs)
         parser = SampleParser(self.cfg, self.train, self.tokenizer)
         layout = RowLayout.from_config(self.cfg)
-        raws = self._mix([self._read(s, part, parts, skips) for s in self.sources], worker)
+        raws = self._mix([self._read(s, part, parts, skips) for s in self.sources], name)
         if self.train and data.shuffle_buffer > 1:
-            rng = random.Random(f"samples-{seed}-{self.epoch}-{self.rank}-{worker}")
+            rng = random.Random(f"samples-{seed}-{self.epoch}-{name}")
             raws = wds.shuffle(data.shuffle_buffer, min(100, data.shuffle_buffer), rng=rng)(raws)
         budget = data.max_tokens if self.train else 0
         pending, used, pairs = [], 0, 0
@@ -93,10 +117,10 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             batch = collate(pending, parser.media_shapes(), self.tokenizer.context_length)
             batch.skipped, batch.row_tokens, batch.row_budget = skips.take(), used, budget
             batch.sources = dict(collections.Counter(s["__source__"] for s in pending))
-            batch.worker, batch.position = worker, position
+            batch.worker, batch.position = part, position
             return batch
 
-        start, n = self.start.get(worker, 0), -1
+        start, n = self.start.get(part, 0), -1
         for n, raw in enumerate(raws):
             if n < start:  # before the resume position: consumed by the interrupted run, not decoded
                 continue
@@ -146,31 +170,55 @@ class BatchStream:
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.agree = agree or (lambda ended: ended)
         self.epoch, self.batch_in_epoch = 0, 0  # DataLoader items taken this epoch (empty ones too)
+        self.readers = self._own_readers()  # the logical readers' layout this epoch is read with
         self.positions: dict[int, int] = {}  # logical reader -> raw samples consumed
         self.skipped = collections.Counter()
         self.drawn = collections.Counter()  # samples delivered per source, whole run
 
+    def _own_readers(self) -> tuple[int, int]:
+        return self.world, max(1, self.cfg.data.num_workers)
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "positions": dict(self.positions),
-                "skipped": dict(self.skipped), "drawn": dict(self.drawn)}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "readers": list(self.readers),
+                "positions": dict(self.positions), "rank": self.rank, "skipped": dict(self.skipped),
+                "drawn": dict(self.drawn)}
 
     def load_state_dict(self, state: dict) -> None:
+        """This rank's own state, written by a run with the same ranks."""
         if "positions" not in state:  # a checkpoint from before 0.3 (it replayed): the next epoch
-            return self.reshard(state)
+            return self._next_epoch_after(state)
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        self.readers = tuple(state["readers"])
         self.positions = {int(k): v for k, v in state["positions"].items()}
         self.skipped = collections.Counter(state.get("skipped", {}))
         self.drawn = collections.Counter(state.get("drawn", {}))
 
-    def reshard(self, state: dict) -> None:
-        """Resume from a checkpoint written by another number of ranks (`state`: this rank's, or
-        rank 0's where the writer had fewer ranks): the readers' positions mean nothing under the
-        new layout, so the interrupted epoch is left and the next one starts. Samples of that
-        epoch that no rank had reached are not seen in it; counts carry over (approximately:
-        rank 0's totals stand for ranks the writer did not have)."""
-        self.epoch, self.batch_in_epoch, self.positions = state["epoch"] + 1, 0, {}
-        self.skipped = collections.Counter(state.get("skipped", {}))
-        self.drawn = collections.Counter(state.get("drawn", {}))
+    def reshard(self, states: list[dict]) -> None:
+        """Resume from the states of every rank of a run with another number of ranks. The
+        interrupted epoch goes on: its logical readers are shared out among this run's ranks and
+        workers, each from its own position, so no sample is repeated and none is dropped beyond
+        what an epoch drops anyway (each reader's last, partial batch). The order of the batches
+        differs from the interrupted run's. Needs at least one logical reader per rank (ranks <=
+        old ranks x old workers); otherwise the next epoch starts. Counts (skips, sources) are
+        summed over the old ranks and carried by rank 0."""
+        by_rank = {st.get("rank", i): st for i, st in enumerate(states)}  # sp peers hold copies
+        first = by_rank[min(by_rank)]
+        if "readers" not in first or self.world > first["readers"][0] * first["readers"][1]:
+            return self._next_epoch_after(first, by_rank.values())
+        self.epoch, self.batch_in_epoch, self.readers = first["epoch"], 0, tuple(first["readers"])
+        self.positions = {int(k): v for st in by_rank.values() for k, v in st["positions"].items()}
+        self._carry_counts(by_rank.values())
+
+    def _next_epoch_after(self, state: dict, states=()) -> None:
+        self.epoch, self.batch_in_epoch, self.readers, self.positions = state["epoch"] + 1, 0, self._own_readers(), {}
+        self._carry_counts(states or [state])
+
+    def _carry_counts(self, states) -> None:
+        self.skipped, self.drawn = collections.Counter(), collections.Counter()
+        if self.rank == 0:
+            for st in states:
+                self.skipped.update(st.get("skipped", {}))
+                self.drawn.update(st.get("drawn", {}))
 
     def _take(self, batches):
         """The next non-empty batch of this rank's epoch, or None at its end."""
@@ -187,7 +235,7 @@ class BatchStream:
         workers = self.cfg.data.num_workers
         while True:
             ds = _EpochDataset(self.sources, self.cfg, self.tokenizer, self.batch_size, self.epoch, True,
-                               self.rank, self.world, self.positions, self.batch_in_epoch % max(1, workers))
+                               self.rank, self.world, self.positions, self.batch_in_epoch, self.readers)
             batches, delivered = iter(_loader(ds, workers)), 0
             while not self.agree((batch := self._take(batches)) is None):
                 delivered += 1
@@ -199,6 +247,7 @@ class BatchStream:
                                    f"rank no full batch of {self.batch_size}: too little (readable) data for "
                                    f"this batch size and {readers} reader(s)")
             self.epoch, self.batch_in_epoch, self.positions = self.epoch + 1, 0, {}
+            self.readers = self._own_readers()
 
 
 def eval_batches(urls: list[str], cfg: Config, tokenizer, batch_size: int = 256):
