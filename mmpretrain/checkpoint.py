@@ -14,6 +14,10 @@ by N ranks loads on M (FSDP2 or DDP), and on one process (`read_tensors`, export
 
     python -m mmpretrain.checkpoint consolidate runs/demo/checkpoints/step_00000400 model.safetensors
 
+With `train.async_checkpoint`, periodic checkpoints are written in the background
+(`AsyncCheckpointer`) and completed at the next one; the last checkpoint of a run is written
+at once.
+
 Folders from before 0.3 hold one `state.pt` (full state dicts from rank 0); they still load.
 """
 
@@ -63,9 +67,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group)
 
 
 def _rank() -> tuple[int, int]:
@@ -81,25 +85,65 @@ def _fsync_write(path: Path, write) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, task: nn.Module, optimizer, local: dict, keep: int) -> Path:
     """Collective: every rank calls it. `local` is this rank's own state (data, RNG, ...)."""
-    rank, world = _rank()
+    final, partial = _begin(run_dir, step, local)
+    model_state, optim_state = get_state_dict(task, optimizer)
+    dcp.save({"task": model_state, "optimizer": optim_state}, checkpoint_id=partial, no_dist=_rank()[1] == 1)
+    return _finish(run_dir, step, final, partial, keep)
+
+
+def _begin(run_dir: Path, step: int, local: dict) -> tuple[Path, Path]:
+    """The partial folder, made by rank 0, with this rank's own state in it."""
+    rank, _ = _rank()
     final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
     partial = final.with_name(final.name + ".partial")
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
-    model_state, optim_state = get_state_dict(task, optimizer)
-    dcp.save({"task": model_state, "optimizer": optim_state}, checkpoint_id=partial, no_dist=world == 1)
     _fsync_write(partial / f"rank_{rank:05d}.pt", lambda f: torch.save(local, f))
-    _barrier()  # every shard and every rank file is on disk
+    return final, partial
+
+
+def _finish(run_dir: Path, step: int, final: Path, partial: Path, keep: int, group=None) -> Path:
+    _barrier(group)  # every shard and every rank file is on disk
+    rank, world = _rank()
     if rank == 0:
         write_marker(partial, {"step": step, "world_size": world})
         shutil.rmtree(final, ignore_errors=True)  # a re-run of the same step replaces it
         os.replace(partial, final)
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    _barrier(group)
     return final
+
+
+class AsyncCheckpointer:
+    """Checkpoints written in the background: `save` returns once the state is staged in host
+    memory; the write goes on in a thread (DCP's `async_save`, on a gloo group of its own so its
+    collectives never interleave with the training's), and the checkpoint is completed (marker,
+    rename, keep-k) at the next `save` or `wait`. Until then it is a `.partial` folder: a crash
+    leaves the previous complete checkpoint to resume from."""
+
+    def __init__(self):
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.pending = None
+
+    def save(self, run_dir: Path, step: int, task: nn.Module, optimizer, local: dict, keep: int) -> None:
+        self.wait()
+        final, partial = _begin(run_dir, step, local)
+        model_state, optim_state = get_state_dict(task, optimizer)
+        future = dcp.async_save({"task": model_state, "optimizer": optim_state}, checkpoint_id=partial,
+                                process_group=self.group, no_dist=self.group is None)
+        self.pending = (future, run_dir, step, final, partial, keep)
+
+    def wait(self) -> Path | None:
+        """Complete the checkpoint in flight, if any (collective)."""
+        if self.pending is None:
+            return None
+        future, run_dir, step, final, partial, keep = self.pending
+        self.pending = None
+        future.result()
+        return _finish(run_dir, step, final, partial, keep, self.group)
 
 
 def write_marker(folder: Path, info: dict) -> None:

@@ -256,6 +256,9 @@ class TrainConfig:
     eval_every: int = _check(0, default=0)  # 0: evaluate at the end only
     checkpoint_every: int = _check(0, default=200)  # 0: only at the end
     keep_checkpoints: int = _check(1, default=2)
+    # write periodic checkpoints in the background (torch.distributed.checkpoint.async_save): the
+    # step waits only for the copy to host memory; a checkpoint counts once its write completes
+    async_checkpoint: bool = False
     resume: str = _nonempty("auto")  # auto | none | path to a checkpoint folder
     # Continued pretraining: start a new run from the weights of an export folder or a checkpoint
     # folder (fresh optimizer and schedule); "" starts from scratch. A resumable checkpoint of this

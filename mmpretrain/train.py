@@ -108,6 +108,7 @@ class Trainer:
         self.data_wait = 0.0  # seconds spent waiting for batches since the last record
         self.step = 0
         self.signalled: int | None = None
+        self.saver: checkpoint.AsyncCheckpointer | None = None  # made at the first background save
 
     # ------------------------------------------------------------------ state
     def local_state(self) -> dict:
@@ -167,10 +168,17 @@ class Trainer:
                  f"; initialised afresh: {', '.join(new)}" if new else "",
                  f"; in the source but not in this model: {', '.join(unused)}" if unused else "")
 
-    def save(self) -> None:
-        """Collective: every rank writes its shards and its own state."""
-        checkpoint.save_checkpoint(self.run_dir, self.step, self.task, self.optimizer, self.local_state(),
-                                   self.cfg.train.keep_checkpoints)
+    def save(self, background: bool = False) -> None:
+        """Collective: every rank writes its shards and its own state. `background` (with
+        train.async_checkpoint): return once the state is staged; the checkpoint completes at the
+        next save."""
+        args = (self.run_dir, self.step, self.task, self.optimizer, self.local_state(), self.cfg.train.keep_checkpoints)
+        if background and self.cfg.train.async_checkpoint:
+            self.saver = self.saver or checkpoint.AsyncCheckpointer()
+            return self.saver.save(*args)
+        if self.saver is not None:
+            self.saver.wait()
+        checkpoint.save_checkpoint(*args)
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """Collective: the model's full tensors on the main rank (gathered from the shards)."""
@@ -269,8 +277,8 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 r = self.evaluate()
                 bar.write(f"step {self.step}: " + "  ".join(f"{k} R@1={v['R@1']:.2f}" for k, v in r.items()))
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save()
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.save(background=True)
             if self._any_rank(self.signalled is not None):
                 self.save()
                 raise Preempted(f"stopped by a signal after step {self.step}; checkpoint written, "

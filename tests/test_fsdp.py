@@ -202,13 +202,15 @@ def _metrics(run_dir):
 
 
 def test_torchrun_fsdp_trains_checkpoints_and_resumes_on_one_process(demo_cache, tmp_path):
-    """`torchrun --nproc_per_node 2 -m mmpretrain.train ... parallel.dp_shard=fsdp`, then the same
-    run resumed by one process from the sharded checkpoint (rank count changed: next epoch)."""
+    """`torchrun --nproc_per_node 2 -m mmpretrain.train ... parallel.dp_shard=fsdp` (a checkpoint
+    written in the background at step 1), then the run resumed by one process from the sharded
+    checkpoint of step 2."""
     run_dir = tmp_path / "runs" / "fsdp"
     stderr, metrics = _torchrun(2, "tiny.yaml", demo_cache, run_dir, "train.steps=2", "parallel.dp_shard=fsdp",
-                                "train.log_every=1")
+                                "train.log_every=1", "train.checkpoint_every=1", "train.async_checkpoint=true")
     assert "FSDP2: " in stderr and [m["step"] for m in metrics] == [1, 2]
-    assert len(list((run_dir / "checkpoints" / "step_00000002").glob("__*.distcp"))) == 2
+    assert [p.name for p in checkpoint.checkpoint_dirs(run_dir)] == ["step_00000001", "step_00000002"]
+    assert len(list((run_dir / "checkpoints" / "step_00000001").glob("__*.distcp"))) == 2  # written async
     assert json.loads((run_dir / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
     one = run([sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
                f"data.demo.cache_dir={demo_cache}", f"run.dir={run_dir.parent}", "run.name=fsdp",
@@ -216,3 +218,23 @@ def test_torchrun_fsdp_trains_checkpoints_and_resumes_on_one_process(demo_cache,
     assert one.returncode == 0, one.stderr[-2000:]
     assert "written by 2 process(es)" in one.stderr
     assert [m["step"] for m in map(json.loads, (run_dir / "metrics.jsonl").open())] == [1, 2, 3]
+
+
+def test_async_checkpoints_complete_and_resume_exactly(tiny_cfg):
+    """train.async_checkpoint: the run's losses are those of a synchronous run, every checkpoint
+    is completed (the one in flight at the next save), and resuming from one is exact."""
+    from mmpretrain import train
+
+    steps = ["train.checkpoint_every=2", "train.log_every=1", "train.keep_checkpoints=5"]
+    sync = tiny_cfg("train.steps=6", "run.name=sync", *steps)
+    train.run(sync)
+    background = tiny_cfg("train.steps=6", "run.name=async", "train.async_checkpoint=true", *steps)
+    train.run(background)
+    assert _metrics(background.run_dir) == _metrics(sync.run_dir)
+    done = [p.name for p in checkpoint.checkpoint_dirs(background.run_dir)]
+    assert done == ["step_00000002", "step_00000004", "step_00000006"]
+    assert not list((background.run_dir / "checkpoints").glob("*.partial"))
+    cut = tiny_cfg("train.steps=6", "run.name=cut", "train.async_checkpoint=true",
+                   f"train.resume={background.run_dir / 'checkpoints' / 'step_00000002'}", *steps)
+    train.run(cut)
+    assert _metrics(cut.run_dir) == _metrics(sync.run_dir)[2:]
