@@ -4,7 +4,7 @@
 
 For one row of `tokens` packed documents of `doc-len` tokens (bf16, forward +
 backward) it prints, per kernel our attention module offers (SDPA's padded path, torch varlen_attn,
-xformers where its kernels load), the time and TFLOP/s of useful (causal,
+xformers where its kernels load, FlexAttention's document mask), the time and TFLOP/s of useful (causal,
 within-document) work, and the ratio against the peer: plain SDPA `is_causal`
 over the same documents laid out as a (docs, doc-len) batch, which packing
 cannot beat. On CPU it says so and exits 0 (nothing to measure).
@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from mmpretrain.attention import packed_causal_attention, varlen_status, xformers_status
+from mmpretrain.attention import flex_status, packed_causal_attention, varlen_status, xformers_status
 from mmpretrain.packing import Packing
 
 
@@ -59,7 +59,8 @@ def main() -> int:
           f"{a.heads} heads x {a.head_dim}")
     print(f"peer  sdpa is_causal (batched docs): {peer * 1e3:8.2f} ms  {flops / peer / 1e12:6.1f} TFLOP/s")
     kernels = ["sdpa"]
-    for name, (ok, why) in (("varlen", varlen_status("cuda")), ("xformers", xformers_status("cuda"))):
+    for name, (ok, why) in (("varlen", varlen_status("cuda")), ("xformers", xformers_status("cuda")),
+                            ("flex", flex_status("cuda"))):
         if ok:
             kernels.append(name)
         else:

@@ -10,6 +10,11 @@ sequences. Kernels:
   torch 2.10.0 only; elsewhere its ops report "not built").
 - "varlen": PyTorch's `torch.nn.attention.varlen.varlen_attn` (flash, CUDA only,
   cumulative lengths; causal is `window_size=(-1, 0)`).
+- "flex": FlexAttention with a document mask (`doc[q] == doc[kv] and q >= kv`) as a
+  `BlockMask` built once per packed row and shared by every layer (`Packing.block_mask`),
+  the kernel compiled once with dynamic shapes. Its blocks skip the masked-out tiles, so
+  it does no work across documents. Forward and backward on CUDA; on CPU PyTorch runs
+  only its forward (no backward), so training cannot ask for it there.
 - "sdpa": PyTorch `scaled_dot_product_attention`. One sequence runs with
   `is_causal=True` (flash/cuDNN on GPU); several are scattered into a padded
   (N, L_max) batch with a causal+padding mask, so memory is O(N * L_max^2), not
@@ -18,7 +23,13 @@ sequences. Kernels:
 `auto` picks by measurement (DESIGN.md; `benchmarks/attention_gpu.py` re-measures):
 one sequence per row goes to SDPA `is_causal` (cuDNN, the fastest measured);
 packed rows go to xformers where its kernels load, else `varlen_attn` on CUDA,
-else SDPA's padded path. It logs once which kernel runs and why. Tests force
+else SDPA's padded path. The measured rule for FlexAttention (one H100, 64k tokens,
+16 heads x 128, fwd+bwd, against SDPA `is_causal` over the documents as a batch;
+benchmarks/RESULTS.md): flex 0.73x / 0.85x / 0.93x vs varlen 0.64x / 0.77x / 0.95x
+at 2,048 / 512 / 128-token documents, so flex wins once documents average 256
+tokens or more (`FLEX_MIN_MEAN_DOC`). `auto` applies that rule only once
+`FLEX_IN_AUTO` is set, after `pytest -m cuda` has passed the flex kernel on a
+GPU: until then it is chosen only when asked for. It logs once which kernel runs and why. Tests force
 each path with the `backend` argument.
 
 Dtypes: each kernel declares what it accepts (`KERNEL_DTYPES`; flash-based
@@ -40,7 +51,9 @@ import torch.nn.functional as F
 from mmpretrain.packing import Packing
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "xformers", "varlen", "sdpa")
+BACKENDS = ("auto", "xformers", "varlen", "flex", "sdpa")
+FLEX_IN_AUTO = False  # flip once tests/test_cuda.py has passed "flex" on a GPU (see above)
+FLEX_MIN_MEAN_DOC = 256  # tokens per document from which flex beat varlen (H100, see above)
 
 
 def _sdpa_packed(q, k, v, packing: Packing) -> torch.Tensor:
@@ -77,9 +90,44 @@ def _varlen_packed(q, k, v, packing: Packing) -> torch.Tensor:
     return varlen_attn(q, k, v, cu, cu, packing.max_len, packing.max_len, window_size=(-1, 0))
 
 
-KERNELS = {"xformers": _xformers_packed, "varlen": _varlen_packed, "sdpa": _sdpa_packed}
+def _document_mask(doc: torch.Tensor):
+    def causal_within_document(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+    return causal_within_document
+
+
+def block_mask(packing: Packing):
+    """The row's FlexAttention BlockMask, built on first use and kept on the Packing, which
+    every layer of one forward shares."""
+    if packing._block_mask is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        t = int(packing.cu_seqlens[-1])
+        doc = torch.repeat_interleave(torch.arange(packing.num_seqs, device=packing.cu_seqlens.device),
+                                      packing.lengths)
+        packing._block_mask = create_block_mask(_document_mask(doc), None, None, t, t,
+                                                device=packing.cu_seqlens.device)
+    return packing._block_mask
+
+
+@functools.cache
+def _flex(device_type: str):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device_type != "cuda":  # inductor's CPU flex template fails to build with dynamic shapes
+        return flex_attention  # (torch 2.14); eager flex materialises the scores: forward checks only
+    return torch.compile(flex_attention, dynamic=True)  # the kernel; eager flex is a reference
+
+
+def _flex_packed(q, k, v, packing: Packing) -> torch.Tensor:
+    out = _flex(q.device.type)(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask(packing))
+    return out[0].transpose(0, 1)
+
+
+KERNELS = {"xformers": _xformers_packed, "varlen": _varlen_packed, "flex": _flex_packed, "sdpa": _sdpa_packed}
 KERNEL_DTYPES = {"xformers": (torch.float16, torch.bfloat16, torch.float32),
                  "varlen": (torch.float16, torch.bfloat16),
+                 "flex": (torch.float16, torch.bfloat16, torch.float32),
                  "sdpa": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
@@ -103,6 +151,17 @@ def varlen_status(device_type: str) -> tuple[bool, str]:
 
 
 @functools.cache
+def flex_status(device_type: str) -> tuple[bool, str]:
+    if device_type != "cuda":
+        return False, "FlexAttention has no backward pass on CPU"
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        return True, "FlexAttention available"
+    except ImportError as e:
+        return False, f"FlexAttention unavailable ({e})"
+
+
+@functools.cache
 def xformers_status(device_type: str) -> tuple[bool, str]:
     """(usable, why): whether xformers' memory-efficient kernels run on this device."""
     if device_type != "cuda":
@@ -123,7 +182,7 @@ def resolve_backend(requested: str, device_type: str) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"attention backend {requested!r}: expected one of {BACKENDS}")
     status = {"xformers": xformers_status(device_type), "varlen": varlen_status(device_type),
-              "sdpa": (True, "PyTorch SDPA")}
+              "flex": flex_status(device_type), "sdpa": (True, "PyTorch SDPA")}
     if requested != "auto":
         ok, why = status[requested]
         if not ok:
@@ -145,6 +204,8 @@ def packed_causal_attention(q, k, v, packing: Packing, backend: str = "auto",
     kernel = resolved or resolve_backend(backend, q.device.type)
     if backend == "auto" and packing.num_seqs == 1:
         kernel = "sdpa"
+    elif backend == "auto" and FLEX_IN_AUTO and kernel != "sdpa" and len(q) >= FLEX_MIN_MEAN_DOC * packing.num_seqs:
+        kernel = "flex"  # long documents: flex measured faster than varlen (module docstring)
     if q.dtype in KERNEL_DTYPES[kernel]:
         return KERNELS[kernel](q, k, v, packing)
     _log_cast(kernel, q.dtype)

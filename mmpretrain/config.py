@@ -197,7 +197,7 @@ class DecoderConfig:
 class AttentionConfig:
     # auto: SDPA is_causal for one sequence per row; packed rows: xformers where its CUDA
     # kernels load, else torch varlen_attn on CUDA, else SDPA with a padded batch.
-    backend: Literal["auto", "xformers", "varlen", "sdpa"] = "auto"
+    backend: Literal["auto", "xformers", "varlen", "flex", "sdpa"] = "auto"
 
 
 @dataclass

@@ -18,7 +18,7 @@ below, so the two always agree on a row's length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ class Packing:
     max_len: int
     positions: torch.Tensor  # (T,) position of each token inside its own sequence
     pad_index: torch.Tensor  # (T,) flat index of each token in an (N, max_len) grid
+    _block_mask: object = field(default=None, repr=False, compare=False)  # attention.block_mask's
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor | list[int], device=None) -> Packing:

@@ -26,7 +26,7 @@ LENGTH_MIXES = [[1], [1, 1, 1], [7, 1, 129, 64], [512, 3, 1000, 1], [2048]]
 
 
 @pytest.mark.parametrize("lengths", LENGTH_MIXES, ids=lambda l: "+".join(map(str, l)))
-@pytest.mark.parametrize("kernel", ["sdpa", "varlen", "xformers", "auto"])
+@pytest.mark.parametrize("kernel", ["sdpa", "varlen", "xformers", "flex", "auto"])
 def test_packed_kernel_matches_float64_reference(kernel, lengths):
     """bf16 forward and backward of each kernel that loads on this card, against the float64
     per-sequence definition."""
@@ -54,7 +54,7 @@ def test_fp32_inputs_reach_every_kernel_in_a_dtype_it_takes():
     lengths = [33, 1, 70]
     q, k, v = (torch.randn(sum(lengths), 4, 64, device="cuda") for _ in range(3))
     ref = per_sequence_reference(q.double(), k.double(), v.double(), lengths)
-    for kernel in ("sdpa", "varlen", "xformers", "auto"):
+    for kernel in ("sdpa", "varlen", "xformers", "flex", "auto"):
         try:
             resolve_backend(kernel, "cuda")
         except RuntimeError:
