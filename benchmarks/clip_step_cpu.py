@@ -16,40 +16,67 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
 
-def build_ours(batch: int):
+@dataclass(frozen=True)
+class Shapes:
+    """One image tower and one text tower, as both libraries spell them."""
+
+    image_size: int = 32
+    patch: int = 4
+    image_width: int = 96
+    image_layers: int = 3
+    image_heads: int = 4
+    context: int = 16
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    embed: int = 128
+
+
+TINY = Shapes()
+VIT_B_16 = Shapes(224, 16, 768, 12, 12, 77, 512, 12, 8, 512)  # open_clip's ViT-B-16
+
+
+def build_ours(batch: int, s: Shapes = TINY, device: str = "cpu", compile: bool = False):
     from mmpretrain.batch import collate
     from mmpretrain.config import load_config
     from mmpretrain.model import MultimodalModel
     from mmpretrain.objectives import Objectives, PretrainingTask
     from mmpretrain.packing import RowLayout
+    from mmpretrain.parallel.compile import apply_compile
     from mmpretrain.tokenizer import Tokenizer
 
     cfg = load_config(None, [
-        "model.modalities=[image]", "model.image.image_size=32", "model.image.patch_size=4",
-        "model.image.width=96", "model.image.depth=3", "model.image.heads=4", "model.text.context_length=16",
-        "model.fusion.num_latents=4", "model.fusion.heads=4", "model.fusion.embed_dim=128",
-        "model.decoder.width=128", "model.decoder.layers=2", "model.decoder.heads=4",
-        "objectives.next_token_weight=0", "objectives.media_pairs=false"])
+        "model.modalities=[image]", f"model.image.image_size={s.image_size}", f"model.image.patch_size={s.patch}",
+        f"model.image.width={s.image_width}", f"model.image.depth={s.image_layers}",
+        f"model.image.heads={s.image_heads}", f"model.text.context_length={s.context}",
+        "model.fusion.num_latents=4", f"model.fusion.heads={s.image_heads}", f"model.fusion.embed_dim={s.embed}",
+        f"model.decoder.width={s.text_width}", f"model.decoder.layers={s.text_layers}",
+        f"model.decoder.heads={s.text_heads}", "objectives.next_token_weight=0", "objectives.media_pairs=false"])
     tok = Tokenizer(cfg.model.text)
     model = MultimodalModel(cfg.model, tok.vocab_size)
-    task = PretrainingTask(model, Objectives(model.modalities, cfg.objectives), RowLayout.from_config(cfg))
+    task = PretrainingTask(model, Objectives(model.modalities, cfg.objectives), RowLayout.from_config(cfg)).to(device)
+    if compile:
+        apply_compile(model, device)
     g = torch.Generator().manual_seed(0)
     samples = []
     for i in range(batch):
         n = int(torch.randint(7, 13, (1,), generator=g))
-        tokens = torch.zeros(16, dtype=torch.long)
+        tokens = torch.zeros(s.context, dtype=torch.long)
         tokens[0], tokens[1 : n - 1], tokens[n - 1] = tok.sot_id, torch.randint(1, 49000, (n - 2,), generator=g), tok.eot_id
         samples.append({"__key__": str(i), "tokens": tokens, "length": n, "captions": [""],
-                        "image": torch.randn(3, 32, 32, generator=g)})
-    batch_ = collate(samples, {"image": (3, 32, 32)}, 16)
+                        "image": torch.randn(3, s.image_size, s.image_size, generator=g)})
+    batch_ = collate(samples, {"image": (3, s.image_size, s.image_size)}, s.context).to(device)
     opt = torch.optim.AdamW(task.parameters(), lr=1e-4)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
     def step():
-        loss, _ = task(batch_)
+        with autocast:
+            loss, _ = task(batch_)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -57,18 +84,25 @@ def build_ours(batch: int):
     return step, batch_.tokens
 
 
-def build_open_clip(batch: int, tokens: torch.Tensor):
+def build_open_clip(batch: int, tokens: torch.Tensor, s: Shapes = TINY, device: str = "cpu", compile: bool = False):
     from open_clip.loss import ClipLoss
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    model = CLIP(128, CLIPVisionCfg(layers=3, width=96, head_width=24, patch_size=4, image_size=32),
-                 CLIPTextCfg(context_length=16, vocab_size=49408, width=128, heads=4, layers=2))
+    model = CLIP(s.embed, CLIPVisionCfg(layers=s.image_layers, width=s.image_width,
+                                        head_width=s.image_width // s.image_heads, patch_size=s.patch,
+                                        image_size=s.image_size),
+                 CLIPTextCfg(context_length=s.context, vocab_size=49408, width=s.text_width, heads=s.text_heads,
+                             layers=s.text_layers)).to(device)
     loss_fn, opt = ClipLoss(), torch.optim.AdamW(model.parameters(), lr=1e-4)
-    images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    forward = torch.compile(model) if compile else model
+    images = torch.randn(batch, 3, s.image_size, s.image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
     def step():
-        img, txt, scale = model(images, tokens)
-        loss_fn(img, txt, scale).backward()
+        with autocast:
+            img, txt, scale = forward(images, tokens)
+            loss = loss_fn(img, txt, scale)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -12,6 +12,8 @@ cannot eat the others):
     demo          configs/text_image_audio.yaml end to end on the GPU: wall time, held-out R@1
     attention     benchmarks/attention_gpu.py: packed kernels vs SDPA is_causal on the same docs
     long-context  benchmarks/long_context.py --gpu: MFU of a ~1B decoder, longest sequence
+    multimodal    benchmarks/multimodal_step.py: the whole step at a realistic size (MFU,
+                  recompiles) and the contrastive step against open_clip ViT-B-16
 
 It prints one table last and writes the same as JSON (card, torch version, each
 figure, pass/fail per part). Without CUDA it says so, runs only the parts that
@@ -93,6 +95,17 @@ def attention_figures(text: str, part: Part) -> dict:
     return out
 
 
+def multimodal_figures(text: str, part: Part) -> dict:
+    out = {}
+    if m := re.search(r"([\d.]+) samples/s +([\d.]+) tokens/s .*?MFU +([\d.]+%)", text):
+        out.update(samples_per_s=float(m.group(1)), tokens_per_s=float(m.group(2)), mfu=m.group(3))
+    if m := re.search(r"recompiles over \d+ steps (\d+)", text):
+        out["recompiles"] = int(m.group(1))
+    if m := re.search(r"ratio ([\d.]+)x", text):
+        out["vs_open_clip"] = float(m.group(1))
+    return out
+
+
 def long_context_figures(text: str, part: Part) -> dict:
     out = {f"mfu_ckpt_{m.group(1)}": m.group(2) for m in re.finditer(r"checkpointing (\w+)\s*:.*MFU ([\d.]+%)", text)}
     if m := re.search(r"longest single sequence trained.*?: ([\d,]+) tokens", text):
@@ -118,7 +131,8 @@ def demo_figures(text: str, part: Part) -> dict:
 
 
 FIGURES = {"cuda-tests": lambda t, p: pytest_counts(t), "test-suite": lambda t, p: pytest_counts(t),
-           "attention": attention_figures, "long-context": long_context_figures, "demo": demo_figures}
+           "attention": attention_figures, "long-context": long_context_figures, "demo": demo_figures,
+           "multimodal": multimodal_figures}
 
 
 def parts(scratch: Path) -> list[Part]:
@@ -131,6 +145,7 @@ def parts(scratch: Path) -> list[Part]:
         Part("attention", [PY, "benchmarks/attention_gpu.py"], 90, needs_cuda=True),
         Part("long-context", [PY, "benchmarks/long_context.py", "--gpu", "--max-seq", "131072"], 150,
              needs_cuda=True),
+        Part("multimodal", [PY, "benchmarks/multimodal_step.py"], 240, needs_cuda=True),
     ]
 
 
