@@ -50,7 +50,9 @@ def _fsdp_worker(rank, world, port, sp, ckpt, queue):
     loss, _ = loss_fn(batch)
     loss.backward()
     assert all(type(p).__name__ == "DTensor" for p in task.parameters())  # sharded, all of them
-    _send(queue, rank, loss.item(), _full_grads(task))
+    grads = _full_grads(task)
+    norm = torch.nn.utils.clip_grad_norm_(task.parameters(), 0.5)  # over the shards, as train_step does
+    _send(queue, rank, loss.item(), grads, norm.full_tensor().item(), _full_grads(task))
     parallel.cleanup()
 
 
@@ -59,7 +61,8 @@ def _fsdp_worker(rank, world, port, sp, ckpt, queue):
                          ids=["dp2", "dp2-ckpt", "sp2", "sp2-selective", "dp2xsp2-ckpt"])
 def test_fsdp_loss_and_every_gradient_equal_one_process(world, sp, ckpt):
     """Rank r of dp trains on batch r: FSDP2's reduce-scattered gradients equal the mean of the
-    per-batch gradients in one process (sp ranks share a batch, its tokens split by Ulysses)."""
+    per-batch gradients in one process (sp ranks share a batch, its tokens split by Ulysses), and
+    so do the global gradient norm and the clipped gradients."""
     cfg, task = _task()
     dp = world // sp
     losses = []
@@ -68,7 +71,12 @@ def test_fsdp_loss_and_every_gradient_equal_one_process(world, sp, ckpt):
         (loss / dp).backward()
         losses.append(loss.item())
     ref = _full_grads(task)
-    for rank, loss, grads in _run_workers(_fsdp_worker, sp, ckpt, world=world):
+    ref_norm = torch.nn.utils.clip_grad_norm_(task.parameters(), 0.5).item()
+    clipped = _full_grads(task)
+    for rank, loss, grads, norm, grads_clipped in _run_workers(_fsdp_worker, sp, ckpt, world=world):
+        assert abs(norm - ref_norm) < 1e-4 * ref_norm
+        for name, g in clipped.items():
+            torch.testing.assert_close(grads_clipped[name], g, rtol=1e-4, atol=1e-6, msg=f"clipped {name}")
         assert abs(loss - losses[rank // sp]) < 1e-5
         assert ref.keys() <= grads.keys()
         for name in grads.keys() - ref.keys():  # no gradient anywhere (a pair without two samples):
