@@ -221,7 +221,9 @@ class ParallelConfig:
     # optimizer state over the processes (the model is built on the meta device, then allocated)
     dp_shard: Literal["ddp", "fsdp"] = "ddp"
     # full: recompute each decoder block; selective: keep matmul/attention outputs, recompute the rest
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # offload: full, with each block's saved input in host memory until backward (longest sequences)
+    activation_checkpointing: Literal["none", "full", "selective", "offload"] = "none"
+    tiled_mlp: int = _check(0, default=0)  # >0: decoder MLPs run over tiles of this many tokens
     # torch.compile per block (decoder, encoder blocks, fusion). auto is off until
     # benchmarks/gpu_check.py has run the compiled path on a GPU; then: on for CUDA, off on CPU.
     compile: Literal["auto", "on", "off"] = "auto"

@@ -107,7 +107,7 @@ def test_packed_samples_never_see_each_other():
         assert torch.equal(out.lm_hidden[spans[i]], base.lm_hidden[spans[i]])
 
 
-def test_activation_checkpointing_modes_give_the_same_gradients():
+def test_activation_checkpointing_modes_and_tiled_mlp_give_the_same_gradients():
     import copy
 
     from mmpretrain.parallel.activation_checkpointing import apply_activation_checkpointing
@@ -117,13 +117,16 @@ def test_activation_checkpointing_modes_give_the_same_gradients():
     x = torch.randn(20, 32, dtype=torch.float64)
     packing = Packing.from_lengths([7, 1, 12])
     results = {}
-    for mode in ("none", "full", "selective"):
-        dec = apply_activation_checkpointing(copy.deepcopy(base), mode)
+    modes = [("none", 0), ("full", 0), ("selective", 0), ("offload", 0), ("none", 6), ("offload", 6)]
+    for mode in modes:  # (checkpointing, MLP tile): offload and tiles of 6 of the 20 tokens
+        dec = apply_activation_checkpointing(copy.deepcopy(base), *mode)
         xi = x.clone().requires_grad_()
         out = dec(xi, packing)
         out.square().sum().backward()
         results[mode] = (out.detach(), xi.grad, [p.grad for p in dec.parameters()])
-    for mode in ("full", "selective"):
+        assert dec.state_dict().keys() == base.state_dict().keys()  # checkpoints load across modes
+    results["none"] = results[("none", 0)]
+    for mode in modes[1:]:
         torch.testing.assert_close(results[mode][0], results["none"][0])
         torch.testing.assert_close(results[mode][1], results["none"][1])
         for a, b in zip(results[mode][2], results["none"][2]):

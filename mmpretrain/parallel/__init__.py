@@ -96,7 +96,7 @@ def parallelize(task: nn.Module, env: DistEnv, cfg: ParallelConfig, device_type:
     if env.sp > 1:  # before checkpointing, which wraps the blocks this reaches into; under FSDP2
         # the sp sum of the blocks' gradients is part of its reduce-scatter
         apply_ulysses(decoder, env.group("sp"), sum_grads=not fsdp)
-    apply_activation_checkpointing(decoder, cfg.activation_checkpointing)
+    apply_activation_checkpointing(decoder, cfg.activation_checkpointing, cfg.tiled_mlp)
     task.objectives.gather_group = env.gather_group
     if fsdp:
         from mmpretrain.parallel.fsdp import apply_fsdp
