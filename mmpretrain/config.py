@@ -76,7 +76,7 @@ class DataConfig:
     # budget, a batch holds up to train.batch_size samples and at most this many tokens.
     max_tokens: int = _check(0, default=0)
     shuffle_buffer: int = _check(0, default=1000)
-    num_workers: int = _check(0, default=0)
+    num_workers: int = _check(-1, default=-1)  # DataLoader workers per process; -1: auto (0 on CPU)
     max_bad_sample_logs: int = _check(0, default=10)  # log at most this many skips per reason
     # Where a sample's captions are, in order of preference: a member extension ("txt", "caption")
     # or a JSON member's field ("json:caption"); a field may hold a string or a list of strings.

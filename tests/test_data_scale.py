@@ -182,3 +182,18 @@ def test_resume_on_more_ranks_than_logical_readers_starts_the_next_epoch(tiny_cf
     wider = BatchStream(urls, cfg, Tokenizer(cfg.model.text), 4, 1, 2)
     wider.reshard([stream.state_dict()])
     assert (wider.epoch, wider.positions, wider.drawn) == (1, {}, {})  # rank 1 carries no counts
+
+
+def test_auto_workers_feed_a_gpu_and_stay_out_of_the_way_on_a_cpu(tiny_cfg, monkeypatch):
+    from mmpretrain.data.stream import worker_count
+
+    cfg = tiny_cfg("data.num_workers=-1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert worker_count(cfg) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert worker_count(cfg) == 3  # 16 CPUs over 4 processes, one left to each training loop
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert worker_count(cfg) == 8
+    assert worker_count(tiny_cfg("data.num_workers=2")) == 2

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import random
 
 import torch
@@ -152,6 +153,18 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             yield close(n + 1)
 
 
+def worker_count(cfg: Config) -> int:
+    """`data.num_workers`, or for -1 (auto): with a GPU to feed, one worker per CPU this process
+    has to itself (CPUs / local processes), less one for the training loop, at most 8; on a CPU
+    machine 0 (decoding in the training process: workers would compete with it for the cores)."""
+    if cfg.data.num_workers >= 0:
+        return cfg.data.num_workers
+    if not torch.cuda.is_available():
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, (os.cpu_count() or 2) // local - 1))
+
+
 def _loader(dataset, num_workers: int):
     # pinned batches when a GPU is there to receive them (Batch.pin_memory)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
@@ -176,7 +189,7 @@ class BatchStream:
         self.drawn = collections.Counter()  # samples delivered per source, whole run
 
     def _own_readers(self) -> tuple[int, int]:
-        return self.world, max(1, self.cfg.data.num_workers)
+        return self.world, max(1, worker_count(self.cfg))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "readers": list(self.readers),
@@ -232,7 +245,7 @@ class BatchStream:
         return None
 
     def __iter__(self):
-        workers = self.cfg.data.num_workers
+        workers = worker_count(self.cfg)
         while True:
             ds = _EpochDataset(self.sources, self.cfg, self.tokenizer, self.batch_size, self.epoch, True,
                                self.rank, self.world, self.positions, self.batch_in_epoch, self.readers)
@@ -254,4 +267,4 @@ def eval_batches(urls: list[str], cfg: Config, tokenizer, batch_size: int = 256)
     """One deterministic pass over eval shards (no shuffle, eval transforms, last batch kept; every
     rank reads all of it)."""
     ds = _EpochDataset(urls, cfg, tokenizer, batch_size, epoch=0, train=False)
-    return _loader(ds, cfg.data.num_workers)
+    return _loader(ds, worker_count(cfg))
