@@ -246,3 +246,30 @@ def test_async_checkpoints_complete_and_resume_exactly(tiny_cfg):
                    f"train.resume={background.run_dir / 'checkpoints' / 'step_00000002'}", *steps)
     train.run(cut)
     assert _metrics(cut.run_dir) == _metrics(sync.run_dir)[2:]
+
+
+def _meta_video_worker(rank, world, port, queue):
+    """A model with a video tower started from the image tower's weights, built on meta and
+    materialised shard by shard: the copy happens on the shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    env = _join(rank, world, port)
+    with torch.device("meta"):
+        cfg, task = _task("none", "model.modalities=[image, video]", "model.video={frame_size: 16, patch_size: 4, "
+                          "width: 32, depth: 1, heads: 2, num_frames: 4, init_from_image: true}")
+    parallel.parallelize(task, env, cfg.parallel)
+    materialize(task, torch.device("cpu"), seed=rank)
+    full = get_model_state_dict(task.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    _send(queue, rank, full if rank == 0 else {})
+    parallel.cleanup()
+
+
+def test_fsdp_meta_build_copies_the_image_tower_into_the_video_tower():
+    (_, full), _ = _run_workers(_meta_video_worker)
+    image, video = "towers.image.encoder.vit.", "towers.video.encoder."
+    for name in ("blocks.0.attn.qkv.weight", "blocks.0.mlp.fc2.bias", "norm.weight", "cls_token", "pos_embed"):
+        assert torch.equal(full[video + name], full[image + name]), name
+    assert full[video + "blocks.0.attn.qkv.weight"].std() > 0  # initialised, not left empty
+    kernel = full[image + "patch_embed.proj.weight"]  # (C, 3, p, p) spread over the tubelet
+    spread = full[video + "patch_embed.weight"]
+    torch.testing.assert_close(spread.sum(2), kernel)
