@@ -355,7 +355,9 @@ def _build(cls, data: dict, path: str = ""):
 
 
 class _Loader(yaml.SafeLoader):
-    """yaml.safe_load, plus: 1e-4 is a number (YAML 1.1 wants 1.0e-4), duplicate keys are errors."""
+    """yaml.safe_load, plus: 1e-4 is a number (YAML 1.1 wants 1.0e-4), duplicate keys are errors,
+    and only true/false are booleans (YAML 1.2): YAML 1.1 reads `on`/`off`/`yes`/`no` as booleans,
+    which would turn `parallel.compile=on` into True."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -368,6 +370,11 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
     r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 

@@ -219,6 +219,11 @@ def test_numbers_patterns_and_single_values_as_users_write_them():
     assert cfg.data.eval_sources == ["/data/eval-{000..003}.tar"]
     assert [s.pattern for s in load_config(None, ["data.sources=[a-{0..1}.tar, 'b-{2..3}.tar']"]).data.sources] == \
         ["a-{0..1}.tar", "b-{2..3}.tar"]
+    # only true/false are booleans: `on`/`off` are the strings the compile switch takes
+    assert load_config(None, ["parallel.compile=on"]).parallel.compile == "on"
+    assert load_config(None, ["parallel.compile=off"]).parallel.compile == "off"
+    with pytest.raises(ConfigError, match="train.progress: expected bool, got 'yes'"):
+        load_config(None, ["train.progress=yes"])
     mixed = load_config(None, ["data.sources=[{pattern: a.tar, weight: 0.7, name: a}, b.tar]"]).data.sources
     assert [(s.label, s.weight) for s in mixed] == [("a", 0.7), ("b.tar", 1.0)]
 
