@@ -273,3 +273,14 @@ def test_fsdp_meta_build_copies_the_image_tower_into_the_video_tower():
     kernel = full[image + "patch_embed.proj.weight"]  # (C, 3, p, p) spread over the tubelet
     spread = full[video + "patch_embed.weight"]
     torch.testing.assert_close(spread.sum(2), kernel)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_with_compiled_blocks_matches_eager(demo_cache, tmp_path):
+    """parallel.compile=on composes with FSDP2 (blocks compiled, then sharded): the same losses."""
+    runs = {}
+    for mode in ("off", "on"):
+        _, metrics = _torchrun(2, "tiny.yaml", demo_cache, tmp_path / "runs" / mode, "train.steps=3",
+                               "train.log_every=1", "parallel.dp_shard=fsdp", f"parallel.compile={mode}")
+        runs[mode] = [m["loss"] for m in metrics]
+    torch.testing.assert_close(runs["on"], runs["off"], rtol=1e-4, atol=1e-5)
