@@ -109,11 +109,16 @@ def _torchrun(nproc: int, config: str, demo_cache, run_dir, *overrides) -> tuple
 
 
 def test_torchrun_two_processes(demo_cache, tmp_path):
+    """DDP over 2 ranks, then the same run resumed on 2 ranks and equal to an uninterrupted one."""
     run = tmp_path / "runs" / "ddp"
-    stderr, metrics = _torchrun(2, "tiny.yaml", demo_cache, run, "train.steps=2")
+    stderr, metrics = _torchrun(2, "tiny.yaml", demo_cache, run, "train.steps=2", "train.log_every=1")
     assert [m["step"] for m in metrics] == [1, 2]
     assert "2 process(es)" in stderr
     assert json.loads((run / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
+    stderr, resumed = _torchrun(2, "tiny.yaml", demo_cache, run, "train.steps=3", "train.log_every=1")
+    assert "written by 2 process(es)" in stderr
+    _, whole = _torchrun(2, "tiny.yaml", demo_cache, tmp_path / "runs" / "whole", "train.steps=3", "train.log_every=1")
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]  # bitwise
 
 
 SP_CFG = ["model.decoder.heads=4", "model.decoder.width=32", "model.decoder.layers=2",
