@@ -65,9 +65,11 @@ def fwd_bwd(dec: Decoder, x: torch.Tensor, packing: Packing) -> None:
 
 
 def one_cpu_point(seq: int, ckpt: str, peer: bool) -> dict:
-    """Runs in its own process: peak RSS of one forward+backward above the baseline."""
+    """Runs in its own process: peak RSS of one forward+backward above the baseline. `ckpt` may
+    end in "+tiled": the MLPs run over 1,024-token tiles (parallel.tiled_mlp)."""
     torch.set_num_threads(2)
-    dec = build(CPU_MODEL, ckpt, peer, "cpu", torch.float32)
+    mode, tiled = ckpt.removesuffix("+tiled"), 1024 if ckpt.endswith("+tiled") else 0
+    dec = build(CPU_MODEL, mode, peer, "cpu", torch.float32, tiled)
     fwd_bwd(dec, torch.randn(64, CPU_MODEL.width, requires_grad=True), Packing.from_lengths([64]))  # lazy inits
     dec.zero_grad(set_to_none=False)  # gradient buffers belong to the baseline, not to activations
     x = torch.randn(seq, CPU_MODEL.width, requires_grad=True)
@@ -84,21 +86,24 @@ def cpu_table(lengths: list[int], peer_max: int) -> None:
     print(f"CPU, torch {torch.__version__}: decoder width {CPU_MODEL.width}, {CPU_MODEL.layers} layers, "
           f"{CPU_MODEL.heads} heads; one sequence; forward+backward; peak RSS above baseline")
     print(f"{'tokens':>7} {'no ckpt MiB':>12} {'KiB/token':>10} {'ckpt MiB':>10} {'KiB/token':>10} "
-          f"{'selective MiB':>14} {'peer MiB':>10} {'ours/peer':>10} {'s none/full/sel':>16}")
+          f"{'selective MiB':>14} {'full+tiled MiB':>15} {'peer MiB':>10} {'ours/peer':>10} "
+          f"{'s none/full/sel/tiled':>22}")
     for seq in lengths:
         rows = {}
-        for ckpt, peer in (("none", False), ("full", False), ("selective", False), ("none", True)):
+        for ckpt, peer in (("none", False), ("full", False), ("selective", False), ("full+tiled", False),
+                           ("none", True)):
             if peer and seq > peer_max:
                 continue
             out = subprocess.run([sys.executable, __file__, "--point", str(seq), ckpt, str(int(peer))],
                                  capture_output=True, text=True, check=True)
             rows[(ckpt, peer)] = json.loads(out.stdout.strip().splitlines()[-1])
-        a, c, sel = rows[("none", False)], rows[("full", False)], rows[("selective", False)]
+        a, c, sel, til = (rows[(m, False)] for m in ("none", "full", "selective", "full+tiled"))
         p = rows.get(("none", True))
         peer_cols = f"{p['mib']:>10.1f} {a['mib'] / p['mib']:>10.2f}" if p else f"{'-':>10} {'-':>10}"
-        times = f"{a['s']:.1f}/{c['s']:.1f}/{sel['s']:.1f}"
+        times = f"{a['s']:.1f}/{c['s']:.1f}/{sel['s']:.1f}/{til['s']:.1f}"
         print(f"{seq:>7} {a['mib']:>12.1f} {a['mib'] * 1024 / seq:>10.1f} {c['mib']:>10.1f} "
-              f"{c['mib'] * 1024 / seq:>10.1f} {sel['mib']:>14.1f} {peer_cols} {times:>16}", flush=True)
+              f"{c['mib'] * 1024 / seq:>10.1f} {sel['mib']:>14.1f} {til['mib']:>15.1f} {peer_cols} {times:>22}",
+              flush=True)
 
 
 def gpu_report(seq: int, peak: float | None, max_seq: int) -> None:
