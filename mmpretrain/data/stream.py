@@ -239,7 +239,6 @@ class BatchStream:
             self.batch_in_epoch += 1
             self.positions[batch.worker] = batch.position
             self.skipped.update(batch.skipped)  # each skip counted once, when it is reached
-            self.drawn.update(batch.sources)
             if len(batch):  # (an empty one carries the epoch's trailing skips only)
                 return batch
         return None
@@ -252,6 +251,7 @@ class BatchStream:
             batches, delivered = iter(_loader(ds, workers)), 0
             while not self.agree((batch := self._take(batches)) is None):
                 delivered += 1
+                self.drawn.update(batch.sources)  # delivered (another rank's end drops a taken batch)
                 yield batch
             del batches  # stops its workers
             if delivered == 0:  # agreed, so every rank raises: none waits for the others
