@@ -79,7 +79,8 @@ def tiny_cfg(demo_cache, tmp_path):
     def make(*overrides):
         return load_config(ROOT / "configs" / "tiny.yaml",
                            [f"data.demo.cache_dir={demo_cache}", f"run.dir={tmp_path / 'runs'}",
-                            "train.device=cpu", *overrides])  # CPU tests stay on CPU on a GPU machine
+                            "train.device=cpu", "data.num_workers=0",  # CPU tests stay on CPU, and
+                            *overrides])  # decode in-process, on a GPU machine too (auto would fork)
     return make
 
 
