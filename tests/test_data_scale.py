@@ -72,6 +72,12 @@ def test_realised_shares_reach_metrics(demo_cache, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").open()]
     assert [sorted(r["source_share"]) for r in records] == [["a", "b"]] * 2
     assert all(abs(sum(r["source_share"].values()) - 1) < 1e-9 for r in records)
+    from PIL import Image
+
+    from mmpretrain.plots import _configured_shares
+
+    assert _configured_shares(tmp_path / "tiny") == {"a": 0.75, "b": 0.25}  # the dashed lines
+    assert Image.open(tmp_path / "tiny" / "curves.png").size[0] == 1800  # a third panel: the mix
 
 
 def _uneven_worker(rank, world, port, urls, batches, queue):
