@@ -13,6 +13,7 @@ previous one. The last `keep` complete ones are kept. DCP reshards on load: a ch
 by N ranks loads on M (FSDP2 or DDP), and on one process (`read_tensors`, export, consolidate).
 
     python -m mmpretrain.checkpoint consolidate runs/demo/checkpoints/step_00000400 model.safetensors
+    python -m mmpretrain.checkpoint info runs/demo/checkpoints/step_00000400
 
 With `train.async_checkpoint`, periodic checkpoints are written in the background
 (`AsyncCheckpointer`) and completed at the next one; the last checkpoint of a run is written
@@ -221,6 +222,29 @@ def consolidate(path: Path, out: Path) -> Path:
     return out
 
 
+def describe(path: Path) -> str:
+    """What a checkpoint holds, in a few lines (for `info`)."""
+    path = Path(path)
+    if (path / LEGACY).is_file():
+        shapes, state = _legacy(path)
+        step, writers = state["step"], 1
+    else:
+        shapes, state = tensor_shapes(path), torch.load(path / "rank_00000.pt", weights_only=True)
+        marker = json.loads((path / MARKER).read_text())
+        step, writers = marker["step"], marker["world_size"]
+    model = {k: v for k, v in shapes.items() if k.startswith("task.model.")}
+    towers = sorted({k.split(".")[3] for k in model if k.startswith("task.model.towers.")})
+    params = sum(v.numel() for v in model.values())
+    data = state.get("data", {})
+    lines = [f"{path}: step {step}, written by {writers} process(es)"
+             + ("" if (path / LEGACY).is_file() else f" ({len(list(path.glob('*.distcp')))} shard files)"),
+             f"model: {params / 1e6:.1f}M parameters in {len(model)} tensors; towers: {', '.join(towers)}",
+             f"optimizer: {sum(1 for k in shapes if k.startswith('optimizer.'))} state tensors",
+             f"data: epoch {data.get('epoch', '?')}, {data.get('batch_in_epoch', '?')} batches into it"
+             + (f", readers {data['readers'][0]} rank(s) x {data['readers'][1]} worker(s)" if "readers" in data else "")]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmpretrain.checkpoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,10 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("consolidate", help="a checkpoint folder -> one safetensors file of the model")
     c.add_argument("checkpoint", type=Path)
     c.add_argument("out", type=Path)
+    i = sub.add_parser("info", help="what a checkpoint folder holds: step, writers, model, data position")
+    i.add_argument("checkpoint", type=Path)
     args = p.parse_args(argv)
     if not is_checkpoint(args.checkpoint):
         print(f"error: {args.checkpoint} is not a complete checkpoint folder", file=sys.stderr)
         return 2
+    if args.command == "info":
+        print(describe(args.checkpoint))
+        return 0
     out = consolidate(args.checkpoint, args.out)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0

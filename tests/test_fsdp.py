@@ -147,7 +147,7 @@ def _single_process_resume(folder):
     return out, loaded
 
 
-def test_dcp_checkpoint_of_two_ranks_resumes_on_two_one_and_four(tmp_path):
+def test_dcp_checkpoint_of_two_ranks_resumes_on_two_one_and_four(tmp_path, capsys):
     """Written by 2 FSDP2 ranks (each its shards): resumed on 2 the next losses are bitwise those of
     the writers going on; on 1 process and on 4 ranks (resharded) they agree within fp32 tolerance,
     optimizer state included (two steps after loading)."""
@@ -163,6 +163,8 @@ def test_dcp_checkpoint_of_two_ranks_resumes_on_two_one_and_four(tmp_path):
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
     for _, losses in _run_workers(_ckpt_worker, tmp_path, False, world=4):
         torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+    assert checkpoint.main(["info", str(ckpt)]) == 0
+    assert "step 1, written by 2 process(es) (2 shard files)" in capsys.readouterr().out
     # consolidate: one file of the model's full tensors, equal to the sharded ones
     out = tmp_path / "model.safetensors"
     assert checkpoint.main(["consolidate", str(ckpt), str(out)]) == 0

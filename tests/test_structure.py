@@ -101,6 +101,9 @@ def test_checkpoints_from_before_0_3_load(tiny_cfg, tmp_path):
     trainer.resume_from = folder
     trainer.maybe_resume()
     assert trainer.step == 3
+    from mmpretrain.checkpoint import describe
+
+    assert describe(folder).startswith(f"{folder}: step 3, written by 1 process(es)\nmodel: ")
     assert all(float(p.detach()) == 3.5 for p in trainer.task.objectives.logit_scale.values())
     other = train.Trainer(tiny_cfg("model.decoder.width=64"), parallel.DistEnv(), torch.device("cpu"))
     other.resume_from = folder
