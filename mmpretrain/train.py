@@ -94,8 +94,9 @@ class Trainer:
             self.model = MultimodalModel(cfg.model, self.tokenizer.vocab_size)
             self.task = PretrainingTask(self.model, Objectives(self.model.modalities, cfg.objectives),
                                         RowLayout.from_config(cfg))
-        self.loss = parallel.parallelize(self.task.to(device) if not self.sharded else self.task, env,
-                                         cfg.parallel, device.type, bf16)
+        if not self.sharded:
+            self.task.to(device)
+        self.loss = parallel.parallelize(self.task, env, cfg.parallel, device.type, bf16)
         if self.sharded:
             from mmpretrain.parallel.fsdp import materialize
 
