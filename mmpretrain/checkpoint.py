@@ -84,11 +84,16 @@ def _fsync_write(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
+def _tensors(task: nn.Module, optimizer) -> dict:
+    """What DCP writes and reads: the task's and the optimizer's state dicts (sharded under FSDP2)."""
+    model_state, optim_state = get_state_dict(task, optimizer)
+    return {"task": model_state, "optimizer": optim_state}
+
+
 def save_checkpoint(run_dir: Path, step: int, task: nn.Module, optimizer, local: dict, keep: int) -> Path:
     """Collective: every rank calls it. `local` is this rank's own state (data, RNG, ...)."""
     final, partial = _begin(run_dir, step, local)
-    model_state, optim_state = get_state_dict(task, optimizer)
-    dcp.save({"task": model_state, "optimizer": optim_state}, checkpoint_id=partial, no_dist=_rank()[1] == 1)
+    dcp.save(_tensors(task, optimizer), checkpoint_id=partial, no_dist=_rank()[1] == 1)
     return _finish(run_dir, step, final, partial, keep)
 
 
@@ -132,9 +137,8 @@ class AsyncCheckpointer:
     def save(self, run_dir: Path, step: int, task: nn.Module, optimizer, local: dict, keep: int) -> None:
         self.wait()
         final, partial = _begin(run_dir, step, local)
-        model_state, optim_state = get_state_dict(task, optimizer)
-        future = dcp.async_save({"task": model_state, "optimizer": optim_state}, checkpoint_id=partial,
-                                process_group=self.group, no_dist=self.group is None)
+        future = dcp.async_save(_tensors(task, optimizer), checkpoint_id=partial, process_group=self.group,
+                                no_dist=self.group is None)
         self.pending = (future, run_dir, step, final, partial, keep)
 
     def wait(self) -> Path | None:
@@ -152,9 +156,11 @@ def write_marker(folder: Path, info: dict) -> None:
 
 
 def tensor_shapes(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor a DCP checkpoint holds, as meta tensors of its (global) shape and dtype."""
+    """Every tensor a checkpoint holds, as meta tensors of its (global) shape and dtype."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    if (Path(path) / LEGACY).is_file():
+        return {k: v.to("meta") for k, v in _legacy(path)[0].items()}
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     return {k: torch.empty(m.size, dtype=m.properties.dtype, device="meta")
             for k, m in meta.items() if isinstance(m, TensorStorageMetadata)}
@@ -186,23 +192,24 @@ def _legacy(path: Path) -> tuple[dict, dict]:
 
 def load_checkpoint(path: Path, task: nn.Module, optimizer) -> dict:
     """Collective: load the task's tensors and optimizer state (resharded to this run's ranks)
-    and return this rank's own state (that of rank 0 where the writer had fewer ranks)."""
+    and return this rank's own state (that of rank 0 where the writer had fewer ranks), with
+    `writers` (the writing run's rank count) and, when that differs from this run's, `all`:
+    every writer's state (the data stream shares theirs out)."""
     path = Path(path)
+    if (path / LEGACY).is_file():
+        return _load_legacy(path, task, optimizer)
     rank, world = _rank()
-    model_state, optim_state = get_state_dict(task, optimizer)
-    state = {"task": model_state, "optimizer": optim_state}
+    state = _tensors(task, optimizer)
     dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     set_state_dict(task, optimizer, model_state_dict=state["task"], optim_state_dict=state["optimizer"])
-    own = path / f"rank_{rank:05d}.pt"
-    local = torch.load(own if own.is_file() else path / "rank_00000.pt", weights_only=True)
-    local["writers"] = json.loads((path / MARKER).read_text())["world_size"]
-    if local["writers"] != world:
-        # another number of ranks: every writer's state (the data stream shares theirs out)
-        local["all"] = [torch.load(f, weights_only=True) for f in sorted(path.glob("rank_*.pt"))]
-    return local
+    writers = json.loads((path / MARKER).read_text())["world_size"]
+    if writers == world:
+        return torch.load(path / f"rank_{rank:05d}.pt", weights_only=True) | {"writers": writers}
+    every = [torch.load(f, weights_only=True) for f in sorted(path.glob("rank_*.pt"))]
+    return every[rank if rank < writers else 0] | {"writers": writers, "all": every}
 
 
-def load_legacy(path: Path, task: nn.Module, optimizer) -> dict:
+def _load_legacy(path: Path, task: nn.Module, optimizer) -> dict:
     """A pre-0.3 `state.pt` (full state dicts) -> this rank's state, as `load_checkpoint`."""
     tensors, state = _legacy(path)
     full = {k[len("task."):]: v for k, v in tensors.items()}

@@ -122,8 +122,7 @@ class Trainer:
         (all of them when there is none), so metrics.jsonl holds each step once."""
         if self.resume_from is not None:
             self.check_compatible(self.resume_from)
-            load = checkpoint.load_legacy if (self.resume_from / checkpoint.LEGACY).is_file() else checkpoint.load_checkpoint
-            state = load(self.resume_from, self.task, self.optimizer)
+            state = checkpoint.load_checkpoint(self.resume_from, self.task, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
             if state["writers"] == self.env.world_size:
                 self.stream.load_state_dict(state["data"])
@@ -143,11 +142,8 @@ class Trainer:
         self.log.trim(self.step)
 
     def check_compatible(self, path: Path) -> None:
-        own = self.task.state_dict()
-        found = (checkpoint.read_tensors(path, "") if (path / checkpoint.LEGACY).is_file()
-                 else checkpoint.tensor_shapes(path))
-        found = {k[len("task."):]: v for k, v in found.items() if k.startswith("task.")}
-        if differ := describe(state_differences(own, found)):
+        found = {k[len("task."):]: v for k, v in checkpoint.tensor_shapes(path).items() if k.startswith("task.")}
+        if differ := describe(state_differences(self.task.state_dict(), found)):
             raise ConfigError(f"train.resume: the checkpoint holds another model than this config builds "
                               f"({differ}); point run.name elsewhere, or train.resume=none to start afresh")
 
