@@ -17,17 +17,14 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import yaml
 from safetensors.torch import save_file
 
 from mmpretrain.config import Config, to_dict
 
 
-def export_model(state: dict[str, torch.Tensor] | nn.Module, cfg: Config, out_dir: Path) -> Path:
-    """`state`: the model's full state dict (or the model itself, when it is not sharded)."""
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
+def export_model(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> Path:
+    """`state`: the model's full state dict (gathered from the shards under FSDP2)."""
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
