@@ -92,7 +92,8 @@ def parallelize(task: nn.Module, env: DistEnv, cfg: ParallelConfig, device_type:
     fsdp = sharded(env, cfg)
     if cfg.compile == "on" or (cfg.compile == "auto" and COMPILE_BY_DEFAULT_ON_CUDA and device_type == "cuda"
                                and env.sp == 1):  # auto leaves Ulysses eager: its collectives break graphs
-        apply_compile(task.model, device_type)  # the blocks themselves, before wrappers reach into them
+        # the blocks themselves, before wrappers reach into them
+        apply_compile(task.model, device_type, cache=not fsdp)
     if env.sp > 1:  # before checkpointing, which wraps the blocks this reaches into; under FSDP2
         # the sp sum of the blocks' gradients is part of its reduce-scatter
         apply_ulysses(decoder, env.group("sp"), sum_grads=not fsdp)
