@@ -150,15 +150,19 @@ class Trainer:
     def load_weights(self, path: Path) -> None:
         """Continued pretraining: every tensor of the source that this model has (same name and
         shape) is loaded; the rest of the model keeps its fresh initialisation, and both lists are
-        logged. Optimizer, schedule, data position and step start afresh."""
-        found = read_weights(path)
+        logged. Optimizer, schedule, data position and step start afresh. Collective: every rank
+        checks the shapes from the source's metadata, rank 0 alone reads the tensors and
+        `set_model_state_dict` broadcasts them one by one, each rank keeping its shard (FSDP2) or
+        its copy (DDP): no rank but the first holds the full model in memory."""
+        found = weight_shapes(path)
         own = self.task.state_dict()
         differ = state_differences(own, found)
         if reshaped := describe(differ, ("shape",)):
             raise ConfigError(f"train.init_from: {path} holds tensors of other shapes than this config "
                               f"builds ({reshaped})")
-        set_model_state_dict(self.task, {k: v for k, v in found.items() if k in own},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+        tensors = read_weights(path, keep=own.keys()) if self.env.rank == 0 else {}
+        set_model_state_dict(self.task, tensors, options=StateDictOptions(
+            full_state_dict=True, strict=False, broadcast_from_rank0=self.env.world_size > 1))
         new = sorted({_module_of(k) for k in differ["missing"]})
         unused = sorted({_module_of(k) for k in differ["unexpected"]})
         log.info("train.init_from %s: %d of %d tensors loaded%s%s", path, sum(k in found for k in own), len(own),
@@ -320,13 +324,30 @@ def init_path(cfg: Config) -> Path | None:
     return path
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Task tensors ("model.*", "objectives.*") of a checkpoint, or the model's of an export."""
+def weight_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """`read_weights`' tensors as meta tensors of their shapes, from the source's metadata alone
+    (an export's dtypes are not read: only shapes are compared)."""
     if checkpoint.is_checkpoint(path):
-        return checkpoint.read_tensors(path, "task.")
-    from safetensors.torch import load_file
+        shapes = checkpoint.tensor_shapes(path)
+        return {k[len("task."):]: v for k, v in shapes.items() if k.startswith("task.")}
+    from safetensors import safe_open
 
-    return {f"model.{k}": v for k, v in split_legacy_objectives(load_file(path / "model.safetensors"))[0].items()}
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    return {f"model.{k}": v for k, v in split_legacy_objectives(shapes)[0].items()}
+
+
+def read_weights(path: Path, keep) -> dict[str, torch.Tensor]:
+    """The task tensors named in `keep` ("model.*", "objectives.*") of a checkpoint, or of an
+    export (its model's)."""
+    if checkpoint.is_checkpoint(path):
+        tensors = checkpoint.read_tensors(path, "task.")
+    else:
+        from safetensors.torch import load_file
+
+        model = split_legacy_objectives(load_file(path / "model.safetensors"))[0]
+        tensors = {f"model.{k}": v for k, v in model.items()}
+    return {k: v for k, v in tensors.items() if k in keep}
 
 
 def _module_of(key: str) -> str:

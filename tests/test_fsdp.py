@@ -230,6 +230,29 @@ def test_torchrun_fsdp_trains_checkpoints_and_resumes_on_one_process(demo_cache,
     assert [m["step"] for m in map(json.loads, (run_dir / "metrics.jsonl").open())] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("dp_shard", ["fsdp", "ddp"])
+def test_torchrun_continued_pretraining_from_an_export(demo_cache, tiny_cfg, tmp_path, dp_shard):
+    """train.init_from on 2 ranks: rank 0 reads the export and the weights are broadcast (each
+    rank keeping its shard under FSDP2); the new video tower keeps its fresh initialisation."""
+    from safetensors.torch import load_file
+
+    from mmpretrain import train
+
+    first = tiny_cfg("train.steps=1", "run.name=first")
+    train.run(first)
+    source = load_file(first.run_dir / "export" / "model.safetensors")
+    run_dir = tmp_path / "runs" / "continued"
+    stderr, _ = _torchrun(2, "tiny.yaml", demo_cache, run_dir, "train.steps=1", f"parallel.dp_shard={dp_shard}",
+                          f"train.init_from={first.run_dir / 'export'}", "train.lr=0", "train.weight_decay=0",
+                          "model.modalities=[image, audio, video]", "model.video.num_frames=4",
+                          "model.video.width=32", "model.video.heads=2", "model.video.depth=1")
+    assert "initialised afresh: objectives.logit_scale, towers.video" in stderr
+    after = load_file(run_dir / "export" / "model.safetensors")
+    for key, value in source.items():  # lr 0: every source tensor as loaded
+        assert torch.equal(after[key], value), key
+    assert after["towers.video.encoder.blocks.0.attn.qkv.weight"].std() > 0
+
+
 def test_async_checkpoints_complete_and_resume_exactly(tiny_cfg):
     """train.async_checkpoint: the run's losses are those of a synchronous run, every checkpoint
     is completed (the one in flight at the next save), and resuming from one is exact."""
