@@ -221,7 +221,8 @@ class Trainer:
         return {k: float(parallel.all_reduce_mean(v.float())) for k, v in sums.items()}
 
     def evaluate(self) -> dict:
-        results = evaluate(self.model, self.cfg, self.tokenizer, self.eval_urls, self.device)
+        with self.autocast:  # as in training: FSDP2's bf16 compute parameters need bf16 inputs
+            results = evaluate(self.model, self.cfg, self.tokenizer, self.eval_urls, self.device)
         self.log.eval(self.step, results)
         return results
 

@@ -230,6 +230,23 @@ def test_torchrun_fsdp_trains_checkpoints_and_resumes_on_one_process(demo_cache,
     assert [m["step"] for m in map(json.loads, (run_dir / "metrics.jsonl").open())] == [1, 2, 3]
 
 
+def test_torchrun_fsdp_bf16_mixed_precision_trains_evaluates_and_exports_fp32(demo_cache, tmp_path):
+    """train.precision=bf16 under FSDP2 (bf16 compute parameters, fp32 reduction and shards), as
+    on GPUs: the losses follow fp32's, the evaluation runs (it once met bf16 parameters with fp32
+    inputs) and the export holds the fp32 shards."""
+    from safetensors.torch import load_file
+
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run_dir = tmp_path / "runs" / precision
+        _, metrics = _torchrun(2, "tiny.yaml", demo_cache, run_dir, "train.steps=3", "train.log_every=1",
+                               "parallel.dp_shard=fsdp", f"train.precision={precision}")
+        losses[precision] = [m["loss"] for m in metrics]
+        assert json.loads((run_dir / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
+    torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=2e-2, atol=0)
+    assert {t.dtype for t in load_file(run_dir / "export" / "model.safetensors").values()} == {torch.float32}
+
+
 @pytest.mark.parametrize("dp_shard", ["fsdp", "ddp"])
 def test_torchrun_continued_pretraining_from_an_export(demo_cache, tiny_cfg, tmp_path, dp_shard):
     """train.init_from on 2 ranks: rank 0 reads the export and the weights are broadcast (each

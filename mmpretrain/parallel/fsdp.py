@@ -36,9 +36,10 @@ def shard_mesh(env, device_type: str):
 def apply_fsdp(task: nn.Module, env, device_type: str, bf16: bool) -> nn.Module:
     model = task.model
     mesh = shard_mesh(env, device_type)
-    # bf16 parameters for compute, fp32 gradient reduction (CUDA; on CPU bf16 matmuls are slow)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if bf16 and device_type == "cuda" else MixedPrecisionPolicy()
+    # bf16 parameters for compute, fp32 gradient reduction and fp32 sharded parameters (the
+    # optimizer's); `bf16` is train.precision's choice (auto: on CUDA only)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
 
     def shard(module: nn.Module, **kw) -> None:
         fully_shard(module, mesh=mesh, mp_policy=mp, **kw)
