@@ -112,3 +112,64 @@ def test_tiny_training_compiled_on_cuda(tiny_cfg):
                    "run.name=compiled")
     results = train.run(cfg)
     assert results["text->image"]["n"] == 100
+
+
+def fsdp_one_rank_losses(device: str, compiled: bool, port: int) -> dict[bool, list[float]]:
+    """Three bf16 steps of the tiny task unsharded and under FSDP2 on a one-rank mesh (its
+    collectives, mixed precision and units, with `compiled` blocks): {sharded: losses}. Each run
+    ends with an evaluation-style encode under autocast."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mmpretrain.config import load_config
+    from mmpretrain.model import MultimodalModel
+    from mmpretrain.objectives import Objectives, PretrainingTask
+    from mmpretrain.packing import RowLayout
+    from mmpretrain.parallel import DistEnv
+    from mmpretrain.parallel.compile import apply_compile
+    from mmpretrain.parallel.fsdp import apply_fsdp
+
+    from conftest import TINY, synthetic_batch
+
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    batches = [synthetic_batch(cfg, n=4 + i)[0].to(device) for i in range(3)]
+    vocab = synthetic_batch(cfg, n=1)[1].vocab_size
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+    try:
+        env = DistEnv(mesh=init_device_mesh(device, (1, 1), mesh_dim_names=("dp", "sp")))
+        losses = {}
+        for sharded in (False, True):
+            torch.manual_seed(1)
+            model = MultimodalModel(cfg.model, vocab)
+            task = PretrainingTask(model, Objectives(model.modalities, cfg.objectives),
+                                   RowLayout.from_config(cfg)).to(device)
+            if compiled:
+                apply_compile(model, device, cache=not sharded)
+            step = apply_fsdp(task, env, device, bf16=True) if sharded else task
+            optimizer = torch.optim.AdamW(task.parameters(), lr=1e-3)
+            losses[sharded] = []
+            for batch in batches:
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    loss, _ = step(batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses[sharded].append(loss.item())
+            with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+                image = batches[0].media["image"][batches[0].present["image"]]
+                assert torch.isfinite(model.encode_media("image", image)[1]).all()
+        return losses
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_bf16_compiled_on_one_gpu_follows_the_unsharded_model():
+    """FSDP2's CUDA path (NCCL, bf16 compute parameters with fp32 reduction, compiled blocks) on a
+    one-rank mesh, as one GPU cannot hold two NCCL ranks: the losses follow the unsharded model's
+    under bf16 autocast. (Two CPU ranks test FSDP2 in bf16 in test_fsdp.py.)"""
+    from test_distributed import _free_port
+
+    losses = fsdp_one_rank_losses("cuda", compiled=True, port=_free_port())
+    torch.testing.assert_close(losses[True], losses[False], rtol=2e-2, atol=0)
