@@ -142,8 +142,7 @@ class Trainer:
         self.log.trim(self.step)
 
     def check_compatible(self, path: Path) -> None:
-        found = {k[len("task."):]: v for k, v in checkpoint.tensor_shapes(path).items() if k.startswith("task.")}
-        if differ := describe(state_differences(self.task.state_dict(), found)):
+        if differ := describe(state_differences(self.task.state_dict(), weight_shapes(path))):
             raise ConfigError(f"train.resume: the checkpoint holds another model than this config builds "
                               f"({differ}); point run.name elsewhere, or train.resume=none to start afresh")
 

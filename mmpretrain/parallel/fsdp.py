@@ -73,8 +73,8 @@ def materialize(task: nn.Module, device: torch.device, seed: int) -> None:
     """Allocate a meta-built (and possibly sharded) task on `device` and initialise it: PyTorch's
     `reset_parameters` on every leaf, then each container's `init_weights` (timm's ViTs and
     pooling, the decoder, video encoder, fusion, objectives), then `init_buffers` (constants such
-    as rotary frequencies and mel filterbanks), then towers copied from others (`init_from_towers`). `seed` should differ per rank: each rank draws
-    its own shards."""
+    as rotary frequencies and mel filterbanks), then towers copied from others
+    (`init_from_towers`). `seed` should differ per rank: each rank draws its own shards."""
     task.to_empty(device=device)
     torch.manual_seed(seed)
     modules = list(task.modules())
