@@ -121,30 +121,23 @@ def fsdp_one_rank_losses(device: str, compiled: bool, port: int) -> dict[bool, l
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from mmpretrain.config import load_config
-    from mmpretrain.model import MultimodalModel
-    from mmpretrain.objectives import Objectives, PretrainingTask
-    from mmpretrain.packing import RowLayout
     from mmpretrain.parallel import DistEnv
     from mmpretrain.parallel.compile import apply_compile
     from mmpretrain.parallel.fsdp import apply_fsdp
 
-    from conftest import TINY, synthetic_batch
+    from test_fsdp import _batches, _task
 
-    cfg = load_config(None, TINY)
-    torch.manual_seed(0)
-    batches = [synthetic_batch(cfg, n=4 + i)[0].to(device) for i in range(3)]
-    vocab = synthetic_batch(cfg, n=1)[1].vocab_size
+    cfg, _ = _task()
+    batches = [b.to(device) for b in _batches(cfg, 3)]
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=0, world_size=1)
     try:
         env = DistEnv(mesh=init_device_mesh(device, (1, 1), mesh_dim_names=("dp", "sp")))
         losses = {}
         for sharded in (False, True):
-            torch.manual_seed(1)
-            model = MultimodalModel(cfg.model, vocab)
-            task = PretrainingTask(model, Objectives(model.modalities, cfg.objectives),
-                                   RowLayout.from_config(cfg)).to(device)
+            _, task = _task()  # the same initial weights each time
+            task.to(device)
+            model = task.model
             if compiled:
                 apply_compile(model, device, cache=not sharded)
             step = apply_fsdp(task, env, device, bf16=True) if sharded else task
