@@ -377,3 +377,25 @@ def test_retrieval_cli_on_unreadable_shards_is_a_clear_error(tiny_cfg, tmp_path)
                 "--device", "cpu"], timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--shards: no readable media-caption sample in 1 shard(s) (skipped: {'bad_image': 1})" in proc.stderr
+
+
+def test_relations_corpus_holds_out_object_pairs_in_every_arrangement(tmp_path):
+    import random
+
+    from mmpretrain.data.demo_relations import EVAL_PAIRS, RELATIONS, encode_sample, split_scenes
+
+    train, held = split_scenes(0)
+    assert len(held) == 4 * EVAL_PAIRS and not set(train) & set(held)
+    pairs = lambda scenes: {frozenset((s.first, s.second)) for s in scenes}  # noqa: E731
+    assert not pairs(train) & pairs(held)  # the objects of a held-out scene never meet in training
+    for s in held:  # its swapped twin and its other relation are candidates too
+        assert {(s.second, s.first), (s.first, s.second)} <= {(h.first, h.second) for h in held if h.relation == s.relation}
+    assert {s.relation for s in held} == set(RELATIONS)
+    assert {s.first for s in held} <= {s.first for s in train}  # every object is learnable
+    s = held[0]
+    first, converse = s.captions
+    assert first.endswith(" ".join(s.second)) and converse.startswith(("a " if s.second[0][0] not in "aeiou"
+                                                                        else "an ") + " ".join(s.second))
+    rng = random.Random(0)
+    assert encode_sample("k", s, rng, train=False)["txt"] == f"{first}\n{converse}"  # both, one per line
+    assert encode_sample("k", s, rng, train=True)["txt"] in s.captions  # one per training sample

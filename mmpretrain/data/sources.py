@@ -48,6 +48,10 @@ def _pattern(data: DataConfig, p: str, split: str) -> str:
         from mmpretrain.data.demo_video import demo_video_corpus
 
         return demo_video_corpus(data.demo.cache_dir, data.demo.variants_per_concept, data.demo.seed)[split]
+    if p == "demo-relations":  # two objects and where they are: binding and order (images only)
+        from mmpretrain.data.demo_relations import demo_relations_corpus
+
+        return demo_relations_corpus(data.demo.cache_dir, seed=data.demo.seed)[split]
     return p
 
 
