@@ -101,6 +101,14 @@ class ImageEncoderConfig:
     depth: int = _check(1, default=4)
     heads: int = _check(1, default=4)
     mlp_ratio: float = _check(1.0, default=4.0)
+    # CLIP's ViT (open_clip's VisionTransformer) in timm's: a LayerNorm before the blocks (ln_pre;
+    # timm's pre_norm, which drops the patch bias) and open_clip's initialisation (PyTorch's default
+    # for linear layers, Xavier for the attention input, class token and position embedding drawn
+    # with std width^-0.5) instead of timm's (truncated normal 0.02). At the demo's sizes the
+    # timm-style tower learned object layout far more slowly (benchmarks/RESULTS.md, learning
+    # against open_clip).
+    pre_norm: bool = True
+    init: Literal["clip", "timm"] = "clip"
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     max_pixels: int = _check(1, default=64_000_000)  # decompression-bomb guard
@@ -168,12 +176,18 @@ class VideoEncoderConfig:
     max_pixels: int = _check(1, default=8_294_400)  # per frame (4K), read from metadata before decoding
     max_seconds: float = _check(0.1, default=3600.0)  # longer videos are refused before decoding
     init_from_image: bool = False  # start from the image encoder's weights (temporal embedding at 0)
+    pre_norm: bool = True  # a LayerNorm before the blocks, no patch bias (as model.image.pre_norm)
 
 
 @dataclass
 class TextConfig:
     tokenizer: Literal["openclip"] = "openclip"
     context_length: int = _check(4, 77, default=24)
+    # learned: each caption token also gets a learned embedding of its place in the caption (CLIP's
+    # text tower), on top of the decoder's rotary positions; with rotary alone, a small decoder
+    # learned word order (and so which object is where) far more slowly (benchmarks/RESULTS.md,
+    # learning against open_clip); none: rotary only. Documents' text has rotary positions only.
+    position_embedding: Literal["learned", "none"] = "learned"
 
 
 @dataclass
@@ -181,6 +195,9 @@ class FusionConfig:
     num_latents: int = _check(1, default=8)  # decoder tokens per media item
     heads: int = _check(1, default=4)
     embed_dim: int = _check(8, default=128)  # shared contrastive embedding width
+    # what the contrastive embedding is pooled from: the mean of the resampler's latents, the
+    # encoder's class token (CLIP), or an attention pool of its own (one learned query, SigLIP's MAP)
+    embed_pool: Literal["latents", "cls", "attention"] = "latents"
 
 
 @dataclass
@@ -480,11 +497,11 @@ def validate(cfg: Config) -> Config:
                  f"model.video.mean/std: {v.mean} / {v.std}; expected 3 values each, std > 0")
         if v.init_from_image:
             i = m.image
-            same = (v.width, v.depth, v.heads, v.mlp_ratio, v.patch_size, v.frame_size) == \
-                (i.width, i.depth, i.heads, i.mlp_ratio, i.patch_size, i.image_size)
+            same = (v.width, v.depth, v.heads, v.mlp_ratio, v.patch_size, v.frame_size, v.pre_norm) == \
+                (i.width, i.depth, i.heads, i.mlp_ratio, i.patch_size, i.image_size, i.pre_norm)
             _require("image" in m.modalities and same,
                      "model.video.init_from_image: needs the image modality with the same width, depth, heads, "
-                     "mlp_ratio, patch_size and image_size (= frame_size)")
+                     "mlp_ratio, patch_size, pre_norm and image_size (= frame_size)")
     if "audio" in m.modalities:
         a = m.audio
         _require(a.n_mels % a.patch_freq == 0,

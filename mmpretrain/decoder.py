@@ -54,10 +54,14 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: DecoderConfig, vocab_size: int, backend: str = "auto"):
+    """`caption_positions` > 0: a learned absolute embedding for each of the first that many
+    positions of a caption, added by `embed_caption` (see TextConfig.position_embedding)."""
+
+    def __init__(self, cfg: DecoderConfig, vocab_size: int, backend: str = "auto", caption_positions: int = 0):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(vocab_size, cfg.width)
+        self.caption_pos = nn.Parameter(torch.empty(caption_positions, cfg.width)) if caption_positions else None
         self.blocks = nn.ModuleList(DecoderBlock(cfg, backend) for _ in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
         self.register_buffer("inv_freq", torch.empty(cfg.width // cfg.heads // 2), persistent=False)
@@ -65,8 +69,9 @@ class Decoder(nn.Module):
         self.init_weights()
 
     def no_weight_decay(self) -> set[str]:
-        """The token embedding (tied to the output head) takes no weight decay."""
-        return {"embed.weight"}
+        """The token embedding (tied to the output head) and the caption positions take no weight
+        decay (positions in input space, as timm's ViT position embedding)."""
+        return {"embed.weight", "caption_pos"}
 
     @torch.no_grad()
     def init_buffers(self) -> None:
@@ -77,11 +82,18 @@ class Decoder(nn.Module):
 
     def init_weights(self):
         nn.init.normal_(self.embed.weight, std=0.02)
+        if self.caption_pos is not None:
+            nn.init.normal_(self.caption_pos, std=0.01)  # CLIP's text position embedding
         for block in self.blocks:
             for lin in (block.qkv, block.mlp.gate_up):
                 nn.init.normal_(lin.weight, std=0.02)
             for lin in (block.proj, block.mlp.down):  # scaled residual projections (GPT-2)
                 nn.init.normal_(lin.weight, std=0.02 / (2 * self.cfg.layers) ** 0.5)
+
+    def embed_caption(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Caption token ids (B, L) -> input embeddings (B, L, C), with caption positions if any."""
+        x = self.embed(tokens)
+        return x if self.caption_pos is None else x + self.caption_pos[: tokens.shape[1]]
 
     def forward(self, x: torch.Tensor, packing: Packing) -> torch.Tensor:
         """x: (T, C) packed input embeddings -> (T, C) normalised hidden states."""

@@ -67,7 +67,8 @@ class MultimodalModel(nn.Module):
         self.modalities = list(cfg.modalities)
         self.towers = nn.ModuleDict({m: MediaTower(m, cfg) for m in self.modalities})
         self.init_from_towers()
-        self.decoder = Decoder(cfg.decoder, vocab_size, cfg.attention.backend)
+        caption_positions = cfg.text.context_length if cfg.text.position_embedding == "learned" else 0
+        self.decoder = Decoder(cfg.decoder, vocab_size, cfg.attention.backend, caption_positions)
         self.text_proj = nn.Linear(cfg.decoder.width, cfg.fusion.embed_dim, bias=False)
 
     def init_from_towers(self) -> None:
@@ -95,7 +96,7 @@ class MultimodalModel(nn.Module):
 
     def _caption_only(self, tokens: torch.Tensor, lengths: torch.Tensor):
         """-> caption embeddings (B, L, C), and one caption-only sequence per sample."""
-        text = self.decoder.embed(tokens)
+        text = self.decoder.embed_caption(tokens)
         return text, [packing.caption_only(text[i, :n]) for i, n in enumerate(lengths.tolist())]
 
     def _text_embedding(self, h: torch.Tensor, row: packing.Packing, n: int) -> torch.Tensor:

@@ -166,3 +166,63 @@ def test_compiled_blocks_equal_eager_without_graph_breaks():
         for a, b in zip(results[1][1], results[0][1]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def test_learned_caption_positions_enter_every_caption():
+    """model.text.position_embedding=learned adds caption_pos[j] to the j-th caption token, in
+    the caption-only and the media+caption sequences; none builds no such parameter and, with the
+    same other weights, equals learned with caption_pos at zero."""
+    cfg = load_config(None, TINY)
+    none_cfg = load_config(None, [*TINY, "model.text.position_embedding=none"])
+    batch, tok = synthetic_batch(cfg)
+    torch.manual_seed(0)
+    model = MultimodalModel(cfg.model, tok.vocab_size)
+    plain = MultimodalModel(none_cfg.model, tok.vocab_size)
+    assert plain.decoder.caption_pos is None
+    assert model.decoder.caption_pos.shape == (cfg.model.text.context_length, cfg.model.decoder.width)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "decoder.caption_pos"})
+    layout = RowLayout.from_config(cfg)
+    with torch.no_grad():
+        differs = model(batch, layout).embeddings["text"]
+        model.decoder.caption_pos.zero_()
+        same, ref = model(batch, layout), plain(batch, layout)
+    torch.testing.assert_close(same.embeddings["text"], ref.embeddings["text"])
+    torch.testing.assert_close(same.lm_hidden, ref.lm_hidden)
+    assert (differs - ref.embeddings["text"]).abs().max() > 1e-3
+    ids = torch.tensor([[3, 4, 5]])
+    torch.testing.assert_close(model.decoder.embed_caption(ids), model.decoder.embed(ids))
+
+
+@pytest.mark.parametrize("pool", ["latents", "cls", "attention"])
+def test_embedding_pools_train_and_pool_what_they_name(pool):
+    cfg = load_config(None, [*TINY, f"model.fusion.embed_pool={pool}"])
+    batch, tok = synthetic_batch(cfg)
+    model = MultimodalModel(cfg.model, tok.vocab_size)
+    tower = model.towers["image"]
+    tokens = tower.encoder(batch.media["image"])
+    fusion = tower.fusion
+    pooled = {"latents": lambda: fusion.pool(tokens).mean(dim=1), "cls": lambda: tokens[:, 0],
+              "attention": lambda: fusion.embed_attention(tokens)}[pool]()
+    expected = torch.nn.functional.normalize(fusion.to_embedding(fusion.embed_norm(pooled)), dim=-1)
+    torch.testing.assert_close(model.encode_media("image", batch.media["image"])[1], expected)
+    loss, _ = Objectives(model.modalities, cfg.objectives)(model(batch, RowLayout.from_config(cfg)))
+    loss.backward()
+    assert fusion.to_embedding.weight.grad is not None
+    if pool == "attention":  # its own pool learns from the contrastive loss
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fusion.embed_attention.parameters())
+
+
+@pytest.mark.parametrize("init", ["clip", "timm"])
+def test_image_tower_takes_open_clips_or_timms_initialisation(init):
+    """clip: as open_clip's VisionTransformer draws its weights (Xavier attention input, PyTorch's
+    default linear layers, class token and position embedding with std width^-0.5); timm: 0.02."""
+    cfg = load_config(None, [f"model.image.init={init}", "model.image.width=96", "model.image.heads=4"])
+    torch.manual_seed(0)
+    vit = ImageEncoder(cfg.model.image).vit
+    w = cfg.model.image.width
+    expected = {"clip": {"qkv": (6 / (w + 3 * w)) ** 0.5 / 3 ** 0.5, "fc2": 1 / (3 * 4 * w) ** 0.5, "pos": w ** -0.5},
+                "timm": {"qkv": 0.02, "fc2": 0.02, "pos": 0.02}}[init]
+    got = {"qkv": vit.blocks[0].attn.qkv.weight, "fc2": vit.blocks[0].mlp.fc2.weight, "pos": vit.pos_embed}
+    for name, p in got.items():
+        assert abs(float(p.std()) / expected[name] - 1) < 0.1, (name, float(p.std()))
+    assert isinstance(vit.norm_pre, torch.nn.LayerNorm) and vit.patch_embed.proj.bias is None  # pre_norm

@@ -213,6 +213,11 @@ def test_init_from_image_copies_the_image_tower():
     assert torch.equal(video.blocks[0].attn.qkv.weight, image.blocks[0].attn.qkv.weight)
     assert torch.equal(video.patch_embed.weight.sum(2), image.patch_embed.proj.weight)
     assert not video.temporal_embed.any()
+    assert cfg.model.image.pre_norm and video.patch_embed.bias is None  # CLIP's ln_pre, on both
+    with torch.no_grad():
+        image.norm_pre.weight.normal_()
+        video.init_from_image(image)
+    assert torch.equal(video.norm_pre.weight, image.norm_pre.weight)
 
 
 def test_variable_frame_rate_uses_timestamps_not_frame_counts():

@@ -22,7 +22,24 @@ class ImageEncoder(nn.Module):
         self.width = cfg.width
         self.vit = VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, num_classes=0,
                                      global_pool="", embed_dim=cfg.width, depth=cfg.depth,
-                                     num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+                                     num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, pre_norm=cfg.pre_norm)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """`init: clip`: open_clip's VisionTransformer initialisation over timm's (which timm's
+        constructor, or `materialize` before this, applied). open_clip draws no weights of its own
+        in the blocks: nn.Linear's default, and nn.MultiheadAttention's Xavier input projection."""
+        if self.cfg.init != "clip":
+            return
+        for name, m in self.vit.named_modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+                if name.endswith("attn.qkv"):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+        self.vit.pos_embed.normal_(std=self.cfg.width ** -0.5)
+        self.vit.cls_token.normal_(std=self.cfg.width ** -0.5)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, S, S) normalised -> tokens (B, 1 + patches, width)."""

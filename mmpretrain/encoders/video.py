@@ -39,13 +39,14 @@ class VideoEncoder(nn.Module):
         super().__init__()
         self.cfg, self.width = cfg, cfg.width
         p, t = cfg.patch_size, cfg.tubelet
-        self.patch_embed = nn.Conv3d(3, cfg.width, kernel_size=(t, p, p), stride=(t, p, p))
+        self.patch_embed = nn.Conv3d(3, cfg.width, kernel_size=(t, p, p), stride=(t, p, p), bias=not cfg.pre_norm)
         grid = (cfg.frame_size // p) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid, cfg.width))  # cls + spatial, as timm's ViT
         self.temporal_embed = nn.Parameter(torch.zeros(1, cfg.num_frames // t, 1, cfg.width))
         self.blocks = nn.Sequential(*[Block(cfg.width, cfg.heads, cfg.mlp_ratio, qkv_bias=True)
                                       for _ in range(cfg.depth)])
+        self.norm_pre = nn.LayerNorm(cfg.width, eps=1e-6) if cfg.pre_norm else nn.Identity()  # timm's
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         self.init_weights()
 
@@ -67,7 +68,7 @@ class VideoEncoder(nn.Module):
         x = x + self.pos_embed[:, None, 1:] + self.temporal_embed
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1)
         x = torch.cat([cls, x.flatten(1, 2)], dim=1)
-        return self.norm(self.blocks(x))
+        return self.norm(self.blocks(self.norm_pre(x)))
 
     def init_from(self, encoders: dict[str, nn.Module]) -> None:
         """Called by the model once every tower is built: `init_from_image` copies the image tower."""
@@ -79,7 +80,9 @@ class VideoEncoder(nn.Module):
         """Copy a timm VisionTransformer of the same geometry (config.validate checks it)."""
         kernel = vit.patch_embed.proj.weight  # (C, 3, p, p) -> spread evenly over the tubelet
         self.patch_embed.weight.copy_(kernel[:, :, None].expand_as(self.patch_embed.weight) / self.cfg.tubelet)
-        self.patch_embed.bias.copy_(vit.patch_embed.proj.bias)
+        if self.patch_embed.bias is not None:  # none with pre_norm, on either side (config.validate)
+            self.patch_embed.bias.copy_(vit.patch_embed.proj.bias)
+        self.norm_pre.load_state_dict(vit.norm_pre.state_dict())
         self.cls_token.copy_(vit.cls_token)
         self.pos_embed.copy_(vit.pos_embed)
         self.temporal_embed.zero_()

@@ -29,6 +29,9 @@ class ResamplerFusion(nn.Module):
                                         pool_type="")
         self.to_decoder = nn.Linear(in_width, out_width)
         self.modality_embed = nn.Parameter(torch.zeros(out_width))
+        self.embed_pool = cfg.embed_pool
+        if cfg.embed_pool == "attention":
+            self.embed_attention = AttentionPoolLatent(in_width, num_heads=cfg.heads, pool_type="token")
         self.embed_norm = nn.LayerNorm(in_width)
         self.to_embedding = nn.Linear(in_width, cfg.embed_dim, bias=False)
 
@@ -39,10 +42,16 @@ class ResamplerFusion(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters (relative names) that take no weight decay: the latent queries and the
         modality embedding are positions in input space, not weights (as timm's ViT tokens)."""
-        return {"pool.latent", "modality_embed"}
+        return {"pool.latent", "modality_embed", "embed_attention.latent"}
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens: (B, N, in_width) -> decoder tokens (B, K, out_width), embedding (B, embed_dim)."""
+        """tokens: (B, N, in_width), the class token first -> decoder tokens (B, K, out_width),
+        embedding (B, embed_dim)."""
         latents = self.pool(tokens)  # (B, K, in_width)
-        pooled = self.to_embedding(self.embed_norm(latents.mean(dim=1)))
-        return self.to_decoder(latents) + self.modality_embed, pooled
+        if self.embed_pool == "cls":
+            pooled = tokens[:, 0]
+        elif self.embed_pool == "attention":
+            pooled = self.embed_attention(tokens)
+        else:
+            pooled = latents.mean(dim=1)
+        return self.to_decoder(latents) + self.modality_embed, self.to_embedding(self.embed_norm(pooled))

@@ -85,8 +85,8 @@ def materialize(task: nn.Module, device: torch.device, seed: int) -> None:
         for m in modules:
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-        for m in modules:  # pre-order: a container's rule first, then its children's own rules
-            if hasattr(m, "init_weights"):
+        for m in reversed(modules):  # children first, then their container's rule, which may
+            if hasattr(m, "init_weights"):  # override theirs (the image encoder over timm's ViT)
                 m.init_weights()
     for m in modules:
         if hasattr(m, "init_buffers"):
