@@ -48,8 +48,15 @@ MEAN_STD = (0.5, 0.5, 0.5)  # ours' image normalisation; open_clip is told it by
 OPENCLIP_DATA_SHIM = ("import webdataset as wds, open_clip_train.data as d; "
                       "d.tarfile_to_samples_nothrow = wds.tarfile_to_samples(handler=d.log_and_continue)")
 # One change at a time against ours' defaults (`--ablate NAME ...`: ours only, one seed each).
+BEFORE = ["model.text.position_embedding=none", "model.image.init=timm", "model.image.pre_norm=false",
+          "objectives.next_token_max_samples=32"]  # the defaults before this benchmark existed
 ABLATIONS = {
     "defaults": [],
+    "before": BEFORE,
+    "rotary_only": ["model.text.position_embedding=none"],
+    "vit_timm_init": ["model.image.init=timm"],
+    "vit_no_pre_norm": ["model.image.pre_norm=false"],
+    "caption_32": ["objectives.next_token_max_samples=32"],
     "contrastive_only": ["objectives.next_token_weight=0"],
     "no_grad_clip": ["train.grad_clip=0"],
     "min_lr_0": ["train.min_lr_ratio=0"],
@@ -104,7 +111,11 @@ def train_open_clip(out: Path, seed: int, steps: int, shards: str) -> tuple[floa
     code = (f"import sys, open_clip; open_clip.add_model_config({str(cfg_dir)!r}); "
             f"{OPENCLIP_DATA_SHIM}; from open_clip_train.main import main; main(sys.argv[1:])")
     return (timed([sys.executable, "-c", code, *args], out / f"open_clip-{seed}.log", out / f"open_clip-{seed}"),
-            out / f"open_clip-{seed}" / "checkpoints" / f"epoch_{epochs}.pt")
+            open_clip_checkpoint(out, seed, steps))
+
+
+def open_clip_checkpoint(out: Path, seed: int, steps: int) -> Path:
+    return out / f"open_clip-{seed}" / "checkpoints" / f"epoch_{steps * 128 // SAMPLES_PER_EPOCH}.pt"
 
 
 def eval_set(pattern: str) -> tuple[list, list[str], torch.Tensor]:
@@ -128,13 +139,34 @@ def eval_set(pattern: str) -> tuple[list, list[str], torch.Tensor]:
     return images, captions, torch.tensor(item)
 
 
-def score(image_emb: torch.Tensor, text_emb: torch.Tensor, item: torch.Tensor) -> dict:
+def score(image_emb: torch.Tensor, text_emb: torch.Tensor, data) -> dict:
     from mmpretrain.eval.retrieval import retrieval_metrics
 
+    _, captions, item = data
     r = retrieval_metrics({"image": image_emb.float(), "text": text_emb.float()},
                           {"image": torch.ones(len(image_emb), dtype=torch.bool)}, item)
     return {"t2i_R@1": r["text->image"]["R@1"], "t2i_R@5": r["text->image"]["R@5"],
-            "i2t_R@1": r["image->text"]["R@1"]}
+            "i2t_R@1": r["image->text"]["R@1"],
+            **within_pair(text_emb.float() @ image_emb.float().t(), captions, item)}
+
+
+def within_pair(sim: torch.Tensor, captions: list[str], item: torch.Tensor) -> dict:
+    """Where text->image retrieval goes wrong: among the 4 held-out scenes of each caption's object
+    pair (2 orders x 2 relations), how often the best-scoring image has the caption's layout
+    (side by side or one above the other; chance 0.5) and how often it is the right scene (chance 0.25)."""
+    from mmpretrain.data.demo_relations import split_scenes
+
+    scene_of = {sc.captions[0]: sc for sc in split_scenes(0)[1]}
+    first = {}
+    for caption, i in zip(captions, item.tolist()):
+        first.setdefault(i, caption)
+    scenes = [scene_of[first[i]] for i in range(len(first))]
+    pairs = [frozenset((sc.first, sc.second)) for sc in scenes]
+    same_pair = torch.tensor([[pairs[i] == p for p in pairs] for i in item.tolist()])  # (captions, items)
+    best = sim.masked_fill(~same_pair, float("-inf")).argmax(dim=1).tolist()
+    truth = item.tolist()
+    return {"layout": statistics.mean(scenes[b].relation == scenes[t].relation for b, t in zip(best, truth)),
+            "scene_of_4": statistics.mean(b == t for b, t in zip(best, truth))}
 
 
 @torch.no_grad()
@@ -143,7 +175,7 @@ def score_ours(export: Path, data) -> dict:
 
     images, captions, item = data
     model = load_pretrained(export)
-    return score(model.encode_image(images), model.encode_text(captions), item)
+    return score(model.encode_image(images), model.encode_text(captions), data)
 
 
 @torch.no_grad()
@@ -157,11 +189,11 @@ def score_open_clip(checkpoint: Path, out: Path, data) -> dict:
     model.eval()
     images, captions, item = data
     img = model.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True)
-    return score(img, model.encode_text(tokenizer(captions), normalize=True), item)
+    return score(img, model.encode_text(tokenizer(captions), normalize=True), data)
 
 
 def summary(rows: list[dict]) -> dict:
-    keys = ("t2i_R@1", "t2i_R@5", "i2t_R@1", "seconds")
+    keys = ("t2i_R@1", "t2i_R@5", "i2t_R@1", "layout", "scene_of_4", "seconds")
     return {k: statistics.mean(r[k] for r in rows) for k in keys}
 
 
@@ -172,10 +204,11 @@ def ablate(a, out: Path, data) -> int:
         rows[name] = {"seed": seed, "overrides": a.ours + ABLATIONS[name], **score_ours(export, data),
                       "seconds": seconds}
         print(f"{name:<20} {json.dumps(rows[name])}", flush=True)
-    print(f"\n{'ablation':<20}{'t2i R@1':>10}{'t2i R@5':>10}{'i2t R@1':>10}{'seconds':>10}  overrides")
+    print(f"\n{'ablation':<20}{'t2i R@1':>10}{'t2i R@5':>10}{'i2t R@1':>10}{'layout':>8}{'of 4':>8}{'seconds':>10}"
+          f"  overrides")
     for name, r in rows.items():
-        print(f"{name:<20}{r['t2i_R@1']:>10.3f}{r['t2i_R@5']:>10.3f}{r['i2t_R@1']:>10.3f}{r['seconds']:>10.0f}  "
-              f"{' '.join(r['overrides'])}")
+        print(f"{name:<20}{r['t2i_R@1']:>10.3f}{r['t2i_R@5']:>10.3f}{r['i2t_R@1']:>10.3f}{r['layout']:>8.2f}"
+              f"{r['scene_of_4']:>8.2f}{r['seconds']:>10.0f}  {' '.join(r['overrides'])}")
     Path(a.out or out / "ablations.json").write_text(json.dumps(rows, indent=1))
     return 0
 
@@ -189,6 +222,8 @@ def main() -> int:
                    help=f"ours only, one run per named change (after --ours), first seed: {', '.join(ABLATIONS)}")
     p.add_argument("--sides", nargs="+", choices=["ours", "open_clip"], default=["ours", "open_clip"])
     p.add_argument("--dir", default="runs/learning_vs_openclip", help="where both sides' runs go")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the runs already in --dir again (keeping their recorded seconds), train nothing")
     p.add_argument("--out", default=None, help="JSON results (default: <dir>/results.json)")
     a = p.parse_args()
     out = Path(a.dir).resolve()
@@ -198,24 +233,30 @@ def main() -> int:
     if a.ablate:
         return ablate(a, out, data)
     rows: dict[str, list[dict]] = {side: [] for side in a.sides}
+    timed_before = json.loads((out / "results.json").read_text())["runs"] if a.rescore else {}
     for seed in a.seeds:  # the sides alternate, so drifting machine load hits both alike
-        if "ours" in a.sides:
-            seconds, export = train_ours(out, seed, a.steps, a.ours)
-            rows["ours"].append({"seed": seed, **score_ours(export, data), "seconds": seconds})
-            print(f"ours       seed {seed}: {json.dumps(rows['ours'][-1])}", flush=True)
-        if "open_clip" in a.sides:
-            seconds, ckpt = train_open_clip(out, seed, a.steps, shards["train"])
-            rows["open_clip"].append({"seed": seed, **score_open_clip(ckpt, out, data), "seconds": seconds})
-            print(f"open_clip  seed {seed}: {json.dumps(rows['open_clip'][-1])}", flush=True)
+        for side in a.sides:
+            if a.rescore:  # the runs already in --dir, and the seconds their training took then
+                seconds = next(r["seconds"] for r in timed_before[side] if r["seed"] == seed)
+            else:
+                seconds, _ = (train_ours(out, seed, a.steps, a.ours) if side == "ours" else
+                              train_open_clip(out, seed, a.steps, shards["train"]))
+            scores = (score_ours(out / f"ours-{seed}" / "export", data) if side == "ours" else
+                      score_open_clip(open_clip_checkpoint(out, seed, a.steps), out, data))
+            rows[side].append({"seed": seed, **scores, "seconds": seconds})
+            print(f"{side:<10} seed {seed}: {json.dumps(rows[side][-1])}", flush=True)
     means = {side: summary(r) for side, r in rows.items()}
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {a.steps} steps, seeds {a.seeds}, "
           f"{len(data[1])} held-out captions over {len(data[0])} scenes; ours: {' '.join(a.ours) or 'defaults'}")
-    print(f"{'system':<12}{'t2i R@1':>10}{'(per seed)':>22}{'t2i R@5':>10}{'i2t R@1':>10}{'seconds':>10}")
+    print(f"{'system':<12}{'t2i R@1':>10}{'(per seed)':>22}{'t2i R@5':>10}{'i2t R@1':>10}{'layout':>8}"
+          f"{'of 4':>8}{'seconds':>10}")
     for side, r in rows.items():
         seeds = " / ".join(f"{x['t2i_R@1']:.2f}" for x in r)
         m = means[side]
         print(f"{side:<12}{m['t2i_R@1']:>10.3f}{seeds:>22}{m['t2i_R@5']:>10.3f}{m['i2t_R@1']:>10.3f}"
-              f"{m['seconds']:>10.0f}")
+              f"{m['layout']:>8.2f}{m['scene_of_4']:>8.2f}{m['seconds']:>10.0f}")
+    print("layout: the best of a caption's 4 same-pair scenes has its layout (chance 0.5); of 4: it is the "
+          "right scene (chance 0.25)")
     if len(rows) == 2:
         o, t = means["ours"], means["open_clip"]
         print(f"ratio ours / open_clip: t2i R@1 {o['t2i_R@1'] / max(t['t2i_R@1'], 1e-9):.2f}x, "
