@@ -53,7 +53,7 @@ BEFORE = ["model.text.position_embedding=none", "model.image.init=timm", "model.
 ABLATIONS = {
     "defaults": [],
     "before": BEFORE,
-    "rotary_only": ["model.text.position_embedding=none"],
+    "learned_caption_positions": ["model.text.position_embedding=learned"],
     "vit_timm_init": ["model.image.init=timm"],
     "vit_no_pre_norm": ["model.image.pre_norm=false"],
     "caption_32": ["objectives.next_token_max_samples=32"],

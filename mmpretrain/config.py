@@ -184,10 +184,11 @@ class TextConfig:
     tokenizer: Literal["openclip"] = "openclip"
     context_length: int = _check(4, 77, default=24)
     # learned: each caption token also gets a learned embedding of its place in the caption (CLIP's
-    # text tower), on top of the decoder's rotary positions; with rotary alone, a small decoder
-    # learned word order (and so which object is where) far more slowly (benchmarks/RESULTS.md,
-    # learning against open_clip); none: rotary only. Documents' text has rotary positions only.
-    position_embedding: Literal["learned", "none"] = "learned"
+    # text tower), on top of the decoder's rotary positions; none: rotary only. Learned positions
+    # rescued the relations benchmark while the image tower had timm's initialisation, are level
+    # with rotary alone since it has CLIP's, and slowed the video demo by half (benchmarks/RESULTS.md).
+    # Documents' text has rotary positions only.
+    position_embedding: Literal["learned", "none"] = "none"
 
 
 @dataclass

@@ -71,7 +71,7 @@ def test_image_encoder_is_timm_vit():
     cfg = load_config(None, ["model.image.width=32", "model.image.heads=2", "model.image.depth=2"]).model.image
     ours = ImageEncoder(cfg)
     ref = VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, num_classes=0, global_pool="",
-                            embed_dim=32, depth=2, num_heads=2)
+                            embed_dim=32, depth=2, num_heads=2, pre_norm=cfg.pre_norm)
     ref.load_state_dict(ours.vit.state_dict())
     x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
     torch.testing.assert_close(ours(x), ref.forward_features(x))
@@ -172,7 +172,7 @@ def test_learned_caption_positions_enter_every_caption():
     """model.text.position_embedding=learned adds caption_pos[j] to the j-th caption token, in
     the caption-only and the media+caption sequences; none builds no such parameter and, with the
     same other weights, equals learned with caption_pos at zero."""
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, [*TINY, "model.text.position_embedding=learned"])
     none_cfg = load_config(None, [*TINY, "model.text.position_embedding=none"])
     batch, tok = synthetic_batch(cfg)
     torch.manual_seed(0)
