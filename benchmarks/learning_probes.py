@@ -14,8 +14,10 @@ Probes:
                     residual projections / sqrt(2 layers), MLP (2 width)^-0.5, text_proj width^-0.5)
   vit_pos_std       our ViT's position embedding drawn with std width^-0.5 (open_clip) instead of 0.02
   vit_torch_init    our ViT's linear layers with PyTorch's default init (open_clip's) instead of timm's
-  vit_pre_norm      timm's pre_norm=True (a LayerNorm before the blocks, no patch bias: open_clip's ln_pre)
-  vit_clip_init     open_clip's ViT initialisation throughout (see vit_clip_init)
+
+Two probes of the first round became config keys: CLIP's pre-norm is model.image.pre_norm and
+open_clip's whole ViT initialisation model.image.init=clip (both now defaults; =false / =timm
+give timm's ViT back). The two ViT probes above change one part of timm's initialisation only.
 
 The relations-corpus overrides of learning_vs_openclip.py come first, so a probe run is one line
 of its ablation table, e.g.:
@@ -25,7 +27,6 @@ of its ablation table, e.g.:
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import torch
@@ -115,29 +116,7 @@ def vit_torch_init():
     after_init(image_module.ImageEncoder, reset)
 
 
-def vit_pre_norm():
-    image_module.VisionTransformer = functools.partial(image_module.VisionTransformer, pre_norm=True)
-
-
-def vit_clip_init():
-    """open_clip's ViT initialisation in our timm ViT: PyTorch's default for linear layers, Xavier for
-    the attention input projection (nn.MultiheadAttention's), class token and position embedding
-    with std width^-0.5."""
-    def reset(self, cfg):
-        with torch.no_grad():
-            for name, m in self.vit.named_modules():
-                if isinstance(m, nn.Linear):
-                    m.reset_parameters()
-                    if name.endswith("attn.qkv"):
-                        nn.init.xavier_uniform_(m.weight)
-                        nn.init.zeros_(m.bias)
-            self.vit.pos_embed.normal_(std=cfg.width ** -0.5)
-            self.vit.cls_token.normal_(std=cfg.width ** -0.5)
-    after_init(image_module.ImageEncoder, reset)
-
-
-PROBES = {f.__name__: f for f in (open_clip_text, open_clip_image, decoder_init, vit_pos_std, vit_torch_init,
-                                  vit_pre_norm, vit_clip_init)}
+PROBES = {f.__name__: f for f in (open_clip_text, open_clip_image, decoder_init, vit_pos_std, vit_torch_init)}
 
 
 def main() -> int:
