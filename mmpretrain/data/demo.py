@@ -32,7 +32,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import soundfile as sf
@@ -192,19 +192,26 @@ def encode_document(key: str, concepts: list[Concept], rng: random.Random) -> di
     return sample
 
 
+def write_shards(folder: Path, split: str, samples: Iterable[dict]) -> str:
+    """Write samples (made as they are drawn) to folder/<split>-000000.tar, ... of SHARD_SIZE
+    each -> the shards' brace pattern. Every built-in corpus writes its splits with it."""
+    n = 0
+    with wds.ShardWriter(str(folder / f"{split}-%06d.tar"), maxcount=SHARD_SIZE, verbose=0) as sink:
+        for n, sample in enumerate(samples, 1):
+            sink.write(sample)
+    return str(folder / f"{split}-{{000000..{(n + SHARD_SIZE - 1) // SHARD_SIZE - 1:06d}}}.tar")
+
+
 def _write_split(folder: Path, split: str, concepts: list[Concept], variants: int, seed: int) -> str:
     rng = random.Random(f"{seed}-{split}")
     items = [(c, v) for c in concepts for v in range(variants)]
     rng.shuffle(items)  # shards hold a mix of concepts, as a real crawl would
-    pattern = str(folder / f"{split}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=SHARD_SIZE, verbose=0) as sink:
-        for i, (c, _) in enumerate(items):
-            if split == "docs":  # a few concepts per document
-                sink.write(encode_document(f"{split}-{i:06d}", rng.sample(concepts, rng.randint(2, 4)), rng))
-            else:
-                sink.write(encode_sample(f"{split}-{i:06d}", c, rng))
-    shards = (len(items) + SHARD_SIZE - 1) // SHARD_SIZE
-    return str(folder / f"{split}-{{000000..{shards - 1:06d}}}.tar")
+    if split == "docs":  # a few concepts per document
+        samples = (encode_document(f"{split}-{i:06d}", rng.sample(concepts, rng.randint(2, 4)), rng)
+                   for i in range(len(items)))
+    else:
+        samples = (encode_sample(f"{split}-{i:06d}", c, rng) for i, (c, _) in enumerate(items))
+    return write_shards(folder, split, samples)
 
 
 def cached_corpus(cache_dir: str, name: str, write: Callable[[Path], dict[str, str]]) -> dict[str, str]:

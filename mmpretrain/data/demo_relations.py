@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageDraw
 
-from mmpretrain.data.demo import COLOURS, cached_corpus, describe, draw_shape
+from mmpretrain.data.demo import COLOURS, cached_corpus, describe, draw_shape, write_shards
 
 VERSION = 1
 IMAGE_SIZE = 32
@@ -38,7 +37,6 @@ RELATIONS = {  # relation -> (its converse, where the first object sits, where t
     "above": ("below", (0.5, 0.27), (0.5, 0.73)),
 }
 EVAL_PAIRS = 60  # unordered object pairs held out: x 2 orders x 2 relations = 240 eval scenes
-SHARD_SIZE = 500
 
 Object = tuple[str, str]  # (colour, shape)
 
@@ -96,11 +94,8 @@ def _write_split(folder: Path, split: str, scenes: list[Scene], variants: int, s
     rng = random.Random(f"{seed}-relations-{split}")
     items = [s for s in scenes for _ in range(variants)]
     rng.shuffle(items)
-    with wds.ShardWriter(str(folder / f"{split}-%06d.tar"), maxcount=SHARD_SIZE, verbose=0) as sink:
-        for i, scene in enumerate(items):
-            sink.write(encode_sample(f"{split}-{i:06d}", scene, rng, train=split == "train"))
-    shards = (len(items) + SHARD_SIZE - 1) // SHARD_SIZE
-    return str(folder / f"{split}-{{000000..{shards - 1:06d}}}.tar")
+    return write_shards(folder, split, (encode_sample(f"{split}-{i:06d}", scene, rng, train=split == "train")
+                                        for i, scene in enumerate(items)))
 
 
 def demo_relations_corpus(cache_dir: str, variants_per_scene: int = 4, seed: int = 0) -> dict[str, str]:

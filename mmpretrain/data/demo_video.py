@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mmpretrain.data.demo import (COLOURS, PLACES, SAMPLE_RATE, SHAPES, Concept, cached_corpus, describe,
-                                  draw_shape, hold_out, render_audio)
+                                  draw_shape, hold_out, render_audio, write_shards)
 
 VERSION = 3
 SIZE = 32
@@ -41,7 +41,6 @@ FPS = 8
 FRAMES = 16  # 2 s
 SPEED = 2.5  # pixels per frame
 EVAL_CONCEPTS = 100
-SHARD_SIZE = 500
 MOTIONS = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1)}
 TIMBRE = dict(zip(MOTIONS, PLACES))  # motion -> the harmonic recipe of a place in the image/audio corpus
 
@@ -116,16 +115,10 @@ def encode_sample(key: str, c: VideoConcept, rng: random.Random) -> dict:
 
 
 def _write_split(folder: Path, split: str, concepts: list[VideoConcept], variants: int, seed: int) -> str:
-    import webdataset as wds
-
     rng = random.Random(f"video-{seed}-{split}")
     items = [c for c in concepts for _ in range(variants)]
     rng.shuffle(items)
-    with wds.ShardWriter(str(folder / f"{split}-%06d.tar"), maxcount=SHARD_SIZE, verbose=0) as sink:
-        for i, c in enumerate(items):
-            sink.write(encode_sample(f"{split}-{i:06d}", c, rng))
-    shards = (len(items) + SHARD_SIZE - 1) // SHARD_SIZE
-    return str(folder / f"{split}-{{000000..{shards - 1:06d}}}.tar")
+    return write_shards(folder, split, (encode_sample(f"{split}-{i:06d}", c, rng) for i, c in enumerate(items)))
 
 
 def demo_video_corpus(cache_dir: str, variants_per_concept: int = 16, seed: int = 0) -> dict[str, str]:
