@@ -1,6 +1,8 @@
 import json
 import io
+import random
 import tarfile
+from pathlib import Path
 
 import torch
 import webdataset as wds
@@ -133,7 +135,7 @@ def test_stream_is_deterministic_and_resumes_exactly(tiny_cfg, tmp_path):
         assert torch.equal(got.media["audio"], expected.media["audio"])
 
 
-def test_demo_corpus_is_zero_shot(demo_cache):
+def test_demo_corpus_is_zero_shot(demo_cache, tmp_path):
     seen, held = split_concepts(0)
     assert len(held) == EVAL_CONCEPTS >= 100
     assert not set(seen) & set(held)
@@ -148,6 +150,12 @@ def test_demo_corpus_is_zero_shot(demo_cache):
             captions.append(s["txt"].decode())
             assert {"png", "flac", "txt", "json"} <= set(s)
     assert sorted(captions) == sorted(c.caption for c in held)
+    # byte-for-byte reproducible, with plain ustar headers (no pax header per member)
+    again = demo_corpus(str(tmp_path / "again"), variants_per_concept=1)["eval"].replace("{000000..000000}", "000000")
+    first = paths["eval"].replace("{000000..000000}", "000000")
+    assert Path(again).read_bytes() == Path(first).read_bytes()
+    with tarfile.open(first) as tar:
+        assert all(not m.pax_headers for m in tar.getmembers())
 
 
 def _budget_batches(tiny_cfg, tmp_path, budget, samples):
@@ -399,3 +407,28 @@ def test_relations_corpus_holds_out_object_pairs_in_every_arrangement(tmp_path):
     rng = random.Random(0)
     assert encode_sample("k", s, rng, train=False)["txt"] == f"{first}\n{converse}"  # both, one per line
     assert encode_sample("k", s, rng, train=True)["txt"] in s.captions  # one per training sample
+
+
+def test_image_preprocessing_equals_torchvisions_transforms():
+    """The crop-and-resize is one Pillow call; torchvision's resized_crop (train) and resize +
+    center_crop (eval) on the decoded tensor are the reference: equal up to rounding."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from mmpretrain.config import ImageEncoderConfig
+    from mmpretrain.encoders.image import ImagePreprocess
+
+    cfg = ImageEncoderConfig(image_size=32, mean=[0.48, 0.46, 0.41], std=[0.27, 0.26, 0.28])
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    for i, (w, h) in enumerate([(32, 32), (48, 40), (100, 64), (24, 30)]):
+        pixels = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen)
+        img = TF.to_pil_image(TF.resize(pixels, [h // 4, w // 4], antialias=True)).resize((w, h))  # smooth
+        x = TF.pil_to_tensor(img)
+        train = ImagePreprocess(cfg, train=True)
+        ref = {"train": TF.resized_crop(x, *train.crop_box(w, h, random.Random(i)), [32, 32], antialias=True),
+               "eval": TF.center_crop(TF.resize(x, [32], antialias=True), [32, 32])}
+        got = {"train": train(img, random.Random(i)), "eval": ImagePreprocess(cfg, train=False)(img)}
+        for split in ("train", "eval"):
+            levels = (got[split] * std + mean) * 255 - ref[split].float()  # in grey levels
+            assert got[split].shape == (3, 32, 32) and got[split].dtype == torch.float32
+            assert levels.abs().mean() < 0.1 and levels.abs().max() < 3.5, (split, (w, h))

@@ -3,6 +3,7 @@
 import io
 import json
 import sys
+import tarfile
 
 import numpy as np
 import webdataset as wds
@@ -71,6 +72,8 @@ def test_make_shards_from_a_folder_and_from_a_manifest(tmp_path):
            for s in wds.WebDataset(str(tmp_path / "out" / u), shardshuffle=False)}
     assert set(got) == {"dog", "sub_rain"} and got["dog"]["txt"] == b"a dog"
     assert got["dog"]["jpg"] == (src / "dog.jpg").read_bytes()  # members keep their bytes
+    with tarfile.open(tmp_path / "out" / "f-0000.tar") as tar:  # plain ustar: no pax header per member
+        assert [m.pax_headers for m in tar.getmembers()] == [{}, {}]
     report = inspect_tool.inspect([str(tmp_path / "out" / "f-0000.tar"), str(tmp_path / "out" / "f-0001.tar")],
                                   __import__("mmpretrain.config", fromlist=["x"]).load_config(), progress=False)
     assert report["usable"] == 2 and report["modalities"] == {"image": 1, "audio": 1}

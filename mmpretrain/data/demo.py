@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3  # 3: whole-second member times (plain ustar headers)
 IMAGE_SIZE = 32
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 1.0
@@ -196,7 +196,11 @@ def write_shards(folder: Path, split: str, samples: Iterable[dict]) -> str:
     """Write samples (made as they are drawn) to folder/<split>-000000.tar, ... of SHARD_SIZE
     each -> the shards' brace pattern. Every built-in corpus writes its splits with it."""
     n = 0
-    with wds.ShardWriter(str(folder / f"{split}-%06d.tar"), maxcount=SHARD_SIZE, verbose=0) as sink:
+    # a fixed whole-second member time: the corpus comes out byte-for-byte the same, and its tar
+    # headers stay plain ustar (webdataset's default, a float time.time(), puts a pax header
+    # before every member, which doubles the cost of reading the shards)
+    with wds.ShardWriter(str(folder / f"{split}-%06d.tar"), maxcount=SHARD_SIZE, verbose=0,
+                         mtime=946684800) as sink:
         for n, sample in enumerate(samples, 1):
             sink.write(sample)
     return str(folder / f"{split}-{{000000..{(n + SHARD_SIZE - 1) // SHARD_SIZE - 1:06d}}}.tar")

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from mmpretrain.data.demo import (COLOURS, PLACES, SAMPLE_RATE, SHAPES, Concept, cached_corpus, describe,
                                   draw_shape, hold_out, render_audio, write_shards)
 
-VERSION = 3
+VERSION = 4  # 4: whole-second member times (plain ustar headers)
 SIZE = 32
 FPS = 8
 FRAMES = 16  # 2 s
