@@ -43,3 +43,40 @@ def test_absent_modality_is_left_out_not_nan():
     emb = {"text": torch.eye(2), "image": torch.eye(2), "audio": torch.zeros(2, 2)}
     present = {"image": torch.tensor([True, True]), "audio": torch.tensor([False, False])}
     assert set(retrieval_metrics(emb, present)) == {"text->image", "image->text"}
+
+
+def test_cli_reads_run_export_and_checkpoint_folders_and_keeps_the_runs_result(tiny_cfg, tmp_path, capsys):
+    import json
+
+    import webdataset as wds
+
+    from conftest import sample_dict
+    from mmpretrain import train
+    from mmpretrain.checkpoint import latest_checkpoint
+    from mmpretrain.eval.retrieval import main
+
+    cfg = tiny_cfg("train.steps=1", "run.name=ev")
+    train.run(cfg)
+    run_dir, evals = cfg.run_dir, cfg.run_dir / "eval"
+    own = (evals / "retrieval.json").read_bytes()
+    with wds.ShardWriter(str(tmp_path / "held-%06d.tar"), maxcount=100, verbose=0) as sink:
+        for i in range(6):
+            sink.write(sample_dict(i))
+    shards = str(tmp_path / "held-{000000..000000}.tar")
+
+    assert main(["--run", str(run_dir), "--device", "cpu"]) == 0  # the run's eval set, named after it
+    assert (evals / "retrieval.json").read_bytes() == own
+    assert json.loads((evals / "retrieval-demo.json").read_text()) == json.loads(own)
+    assert main(["--run", str(run_dir / "export"), "--shards", shards, "--device", "cpu"]) == 0
+    named = evals / f"retrieval-{tmp_path.name}-held-000000..000000.json"
+    assert json.loads(named.read_text())["text->image"]["n"] == 6
+    assert main(["--run", str(latest_checkpoint(run_dir)), "--shards", shards, "--device", "cpu"]) == 0
+    step = evals / f"retrieval-{tmp_path.name}-held-000000..000000-step_00000001.json"
+    assert json.loads(step.read_text()) == json.loads(named.read_text())  # the same weights
+    assert (evals / "retrieval.json").read_bytes() == own
+    capsys.readouterr()
+
+    for wrong in (tmp_path / "nope", tmp_path):  # missing; a folder that is none of the three
+        assert main(["--run", str(wrong), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and str(wrong) in err and "Traceback" not in err

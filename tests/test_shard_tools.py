@@ -52,7 +52,7 @@ def test_inspect_reports_layouts_modalities_skips_and_captions(tmp_path, capsys)
     assert report["modalities"] == {"image": 6, "audio": 8}
     assert report["skipped"] == {"missing_text": 1, "bad_image": 1} and report["usable"] == 9
     assert report["caption_tokens"]["truncated_at_context_length"] == 1
-    assert "training would skip 2 (18.2% of samples)" in text and "missing_text" in text
+    assert "training would skip 2 of 11 sample(s) (18.2%)" in text and "missing_text" in text
     assert inspect_tool.main([str(tmp_path / "none-{0..1}.tar")]) == 2  # missing shards: a clear error
 
 
@@ -110,3 +110,108 @@ def test_overlap_finds_planted_duplicates_and_nothing_else(tmp_path, capsys):
     assert report == {"e1": {"identical_media": ["t3"]}, "e2": {"near_duplicate_image": ["t7"]},
                       "e3": {"identical_caption": ["t12"]}, "e4": {"near_identical_caption": ["t20"]}}
     assert "4 of 10 eval item(s) overlap 40 training sample(s)" in capsys.readouterr().out
+
+
+def test_make_shards_refuses_empty_and_uncaptioned_inputs_and_leaves_no_partial_shard(tmp_path, capsys):
+    def make(source, name) -> tuple[int, str, list[str]]:
+        out = tmp_path / name
+        code = make_shards.main([str(source), "--out", str(out / "s-%02d.tar"), "--max-count", "1"])
+        err = capsys.readouterr().err
+        return code, err, sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("no media here")
+    code, err, files = make(tmp_path / "empty", "o1")
+    assert code == 2 and "no media files" in err and len(err.strip().splitlines()) == 1 and files == []
+
+    src = tmp_path / "src"
+    src.mkdir()
+    smooth_image(0).save(src / "a.png")
+    (src / "a.txt").write_text("a picture")
+    smooth_image(1).save(src / "b.png")  # no caption
+    code, err, files = make(src, "o2")
+    assert code == 2 and "b.png" in err and "caption" in err and files == []  # the open shard is removed
+
+    smooth_image(2).save(src / "c.png")
+    rows = src / "rows.csv"
+    rows.write_text("path,caption\na.png,a picture\nb.png,another\nc.png,\n")  # line 4: no caption
+    code, err, files = make(rows, "o3")
+    assert code == 2 and "line 4" in err and "caption" in err and files == ["s-00.tar"]  # complete ones stay
+    kept = wds.WebDataset(str(tmp_path / "o3" / "s-00.tar"), shardshuffle=False)
+    assert [s["txt"] for s in kept] == [b"a picture"]
+    rows.write_text("path,caption\na.png,a picture\nmissing.png,gone\n")
+    code, err, files = make(rows, "o4")
+    assert code == 2 and "line 3" in err and "missing.png" in err and "Traceback" not in err
+    assert files == []
+    rows.write_text("path,caption\n")
+    code, err, files = make(rows, "o5")
+    assert code == 2 and "no rows" in err and files == []
+    lines = src / "rows.jsonl"
+    lines.write_text(json.dumps({"path": "a.png", "caption": "a picture"}) + "\n{not json\n")
+    code, err, files = make(lines, "o6")
+    assert code == 2 and "line 2" in err and files == []
+
+
+def bad_shards(tmp_path) -> list[str]:
+    """Shards with one bad sample of each kind and shards that are not (all) readable tars."""
+    good = sample_dict(0)
+    mixed = write(tmp_path, "mixed", [good, {"__key__": "broken", "png": b"not a png", "txt": "broken"},
+                                      {"__key__": "nocap", "png": good["png"]}])
+    full = (tmp_path / "mixed-000000.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(full[: len(full) // 2])
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (tmp_path / "text.tar").write_text("not a tar at all " * 40)
+    return [mixed] + [str(tmp_path / n) for n in ("cut.tar", "empty.tar", "text.tar")]
+
+
+def test_inspect_names_bad_samples_and_bad_shards(tmp_path, capsys):
+    urls = bad_shards(tmp_path)
+    out = tmp_path / "report.json"
+    pattern = str(tmp_path / "{mixed-000000,cut,empty,text}.tar")
+    assert inspect_tool.main([pattern, "--json", str(out), "--list-bad"]) == 0
+    text = capsys.readouterr().out
+    bad = json.loads(out.read_text())["bad"]
+    by_key = {(b["shard"], b["key"]): b["reason"] for b in bad}
+    assert by_key[(urls[0], "broken")] == "bad_image" and by_key[(urls[0], "nocap")] == "missing_text"
+    assert {b["shard"] for b in bad if b["reason"] == "bad_tar"} == set(urls[1:])
+    assert all(b["key"] is None for b in bad if b["reason"] == "bad_tar")
+    for b in bad:  # --list-bad: one line per bad sample or shard, naming both
+        assert any(b["shard"] in line and (b["key"] or "") in line and b["reason"] in line
+                   for line in text.splitlines())
+    assert "object at 0x" not in text and "<_io." not in text
+    assert "3 shard(s) with tar errors" in text
+    # only bad shards: the summary says so, not "skip 0"
+    assert inspect_tool.main([str(tmp_path / "{empty,text}.tar")]) == 0
+    text = capsys.readouterr().out
+    assert "skip 0" not in text and "2 shard(s) with tar errors" in text
+
+
+def test_skip_warnings_name_shard_and_key_without_object_reprs(tiny_cfg, tmp_path, caplog):
+    from mmpretrain.data import eval_batches
+    from mmpretrain.tokenizer import Tokenizer
+
+    cfg = tiny_cfg()
+    urls = bad_shards(tmp_path)
+    with caplog.at_level("WARNING", logger="mmpretrain.data.samples"):
+        list(eval_batches(urls, cfg, Tokenizer(cfg.model.text), batch_size=4))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mmpretrain.data.samples"]
+    assert any(urls[0] in w and "broken" in w and "bad_image" in w for w in warnings)
+    assert any(urls[0] in w and "nocap" in w and "missing_text" in w for w in warnings)
+    for url in urls[1:]:
+        assert any(url in w and "bad_tar" in w for w in warnings), url
+    assert not [w for w in warnings if "object at 0x" in w or "<_io." in w]
+
+
+def test_overlap_fails_above_the_threshold_set(tmp_path, capsys):
+    train = [{"__key__": f"t{i}", "png": encoded(smooth_image(i)), "txt": f"training picture number {i}"}
+             for i in range(4)]
+    evals = [{"__key__": f"e{i}", "png": encoded(smooth_image(100 + i)), "txt": f"held out scene {i} alone"}
+             for i in range(4)]
+    evals[0]["png"] = train[0]["png"]  # 1 of 4 eval items contaminated: 25%
+    args = ["--train", write(tmp_path, "train", train), "--eval", write(tmp_path, "eval", evals)]
+    assert overlap.main(args + ["--fail-above", "0.25"]) == 0
+    capsys.readouterr()
+    assert overlap.main(args + ["--fail-above", "0.2"]) == 1
+    assert "25.0% of eval items overlap, above --fail-above 0.2" in capsys.readouterr().err
+    assert overlap.main(args + ["--fail-above", "1.5"]) == 2  # a fraction: a clear error
+    assert "--fail-above" in capsys.readouterr().err

@@ -10,7 +10,8 @@ For every eval sample it looks for training samples with
   - an identical caption after normalisation (case, punctuation, spaces), or a
     near-identical one: word-set Jaccard similarity >= `--min-jaccard`.
 It prints how many eval items are affected by each kind and lists them with the
-training keys they match; `--json` writes the full report.
+training keys they match; `--json` writes the full report. `--fail-above 0.01` exits 1
+when more than 1% of the eval items overlap, so the check can gate a pipeline.
 
 A retrieval score on a contaminated eval set measures memory, not zero-shot
 transfer; clean the eval set (or the training set) before trusting it.
@@ -149,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-colour", type=int, default=16, help="near-duplicate image: quadrant colour levels")
     p.add_argument("--min-jaccard", type=float, default=0.8, help="near-identical caption: word-set Jaccard")
     p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--fail-above", type=float, default=None, metavar="FRACTION",
+                   help="exit 1 when more than this fraction of eval items overlap (0: any), to gate a pipeline")
     args = p.parse_args(argv)
     try:
+        if args.fail_above is not None and not 0 <= args.fail_above <= 1:
+            raise ConfigError(f"--fail-above {args.fail_above}: expected a fraction of eval items, 0 to 1")
         train_urls, eval_urls = expand([args.train], "--train"), expand([args.eval], "--eval")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -170,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"eval_items": len(evals), "train_samples": len(train), "overlap": report}, f, indent=1)
+    share = len(report) / max(1, len(evals))
+    if args.fail_above is not None and share > args.fail_above:
+        print(f"contaminated: {share:.1%} of eval items overlap, above --fail-above {args.fail_above:g}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

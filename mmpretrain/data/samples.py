@@ -12,6 +12,7 @@ import collections
 import json
 import logging
 import random
+import re
 
 from mmpretrain.config import Config
 from mmpretrain.encoders import MODALITIES, BadSample
@@ -22,21 +23,62 @@ log = logging.getLogger(__name__)
 DOC_KEY = "doc.json"  # marks an interleaved document (see SampleParser.document)
 
 
-class SkipCounter:
-    """Per-process tally of skipped samples by reason, with rate-limited logging."""
+# "<_io.BytesIO object at 0x7f..>", " @ <_io.BufferedReader name='a.tar'>": what PIL, tarfile and
+# webdataset put in their messages, which say nothing to a reader of the log
+_OBJECT_REPR = re.compile(r"(\s+@)?\s*<[A-Za-z_][\w.]* [^<>]*>")
 
-    def __init__(self, max_logs: int):
-        self.max_logs = max_logs
+
+def plain(text: str) -> str:
+    """`text` without object reprs."""
+    return _OBJECT_REPR.sub("", str(text)).strip()
+
+
+def describe(e: BaseException) -> str:
+    """An exception as one plain line: its type and message. Webdataset appends the stream and the
+    URL to the args of what it passes its handler, so the first arg is the message."""
+    msg = plain(str(e) if isinstance(e, OSError) or len(e.args) < 2 else e.args[0])
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def tar_error_shard(e: BaseException) -> str | None:
+    """The shard of a tar error webdataset passes its handler: the URL it appends to the args, or
+    the file named by the stream it appends to the message ("... @ <_io.BufferedReader name='a.tar'>")."""
+    if len(e.args) > 1 and isinstance(e.args[-1], str):
+        return e.args[-1]
+    found = re.search(r" @ <[\w.]+ name='([^']*)'>", str(e.args[0]) if e.args else "")
+    return found.group(1) if found else None
+
+
+class SkipCounter:
+    """Per-process tally of skipped samples by reason, with rate-limited logging that names the
+    shard and the key. `keep`: also list every skip in `bad` (for inspect)."""
+
+    def __init__(self, max_logs: int, keep: bool = False):
+        self.max_logs, self.keep = max_logs, keep
         self.total = collections.Counter()
         self.pending = collections.Counter()
+        self.bad: list[dict] = []  # {"shard", "key", "reason", "detail"}; key None for a tar error
 
-    def __call__(self, reason: str, detail: str = "") -> bool:
+    def __call__(self, reason: str, detail: str = "", raw: dict | None = None,
+                 shard: str | None = None) -> bool:
+        """A skipped sample `raw` (its __url__ and __key__ name it), or tar data of `shard`."""
+        key = raw.get("__key__") if raw else None
+        shard = raw.get("__url__") if raw else shard
+        detail = plain(detail)[:200]
         self.total[reason] += 1
         self.pending[reason] += 1
+        if self.keep:
+            self.bad.append({"shard": shard, "key": key, "reason": reason, "detail": detail})
         if self.total[reason] <= self.max_logs:
             suffix = " (further ones are counted, not logged)" if self.total[reason] == self.max_logs else ""
-            log.warning("skipping a sample (%s): %s%s", reason, detail[:200], suffix)
+            what, where = ("a sample", f"{shard}, key {key}") if key else ("tar data", shard or "a shard")
+            tail = f": {detail}" if detail else ""
+            log.warning("skipping %s (%s): %s%s%s", what, reason, where, tail, suffix)
         return True  # webdataset handlers: True means continue
+
+    def bad_tar(self, e: BaseException) -> bool:
+        """webdataset's handler for what it cannot read: a shard that is missing, not a tar, cut short."""
+        return self("bad_tar", describe(e), shard=tar_error_shard(e))
 
     def take(self) -> dict[str, int]:
         out, self.pending = dict(self.pending), collections.Counter()
@@ -80,7 +122,7 @@ def find_captions(raw: dict, keys: list[str]) -> list[str]:
                 return captions
         elif key in raw:
             return decode_captions(raw[key])
-    raise BadSample("missing_text", f"{raw.get('__key__', '?')}: none of data.caption_keys {keys} "
+    raise BadSample("missing_text", f"none of data.caption_keys {keys} "
                                     f"(members: {sorted(k for k in raw if not k.startswith('__'))})")
 
 
@@ -117,7 +159,8 @@ class SampleParser:
             if track is not None:  # no track: the sample simply has no audio
                 out["audio"] = track
         if not any(m in out for m in self.specs):
-            raise BadSample("no_media", raw["__key__"])
+            raise BadSample("no_media", f"none of {list(self.specs)} "
+                                        f"(members: {sorted(k for k in raw if not k.startswith('__'))})")
         return out
 
     def media(self, modality: str, data: bytes, rng: random.Random):

@@ -56,7 +56,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
     def _read(self, source: Source, part: int, parts: int, skips) -> wds.DataPipeline:
         """This reader's raw samples of one source, tagged with its name."""
         seed, urls = self.cfg.run.seed, list(source.urls)
-        read = wds.tarfile_to_samples(handler=lambda e: skips("bad_tar", repr(e)))
+        read = wds.tarfile_to_samples(handler=skips.bad_tar)
         tag = wds.map(lambda raw: {**raw, "__source__": source.name})
         if self.train and self.cfg.data.resampled:  # shards with replacement, forever
             rng = random.Random(f"resample-{seed}-{source.name}-{part}")
@@ -129,7 +129,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             try:
                 sample = parser(raw, random.Random(f"{seed}-{self.epoch}-{key}"))
             except BadSample as e:
-                skips(e.reason, f"{key}: {e}")
+                skips(e.reason, e.detail, raw)
                 continue
             sample["__source__"] = raw["__source__"]
             need = layout.sample_tokens(sample, pairs, parser.specs)

@@ -6,6 +6,11 @@ retrieval each item is a query, found when *any* of its captions is in the
 top k. Media-to-media queries are found when the same item is in the top k.
 
     python -m mmpretrain.eval.retrieval --run runs/demo --shards 'eval-{000..003}.tar'
+
+`--run` is a run folder (its export/, or its newest checkpoint before there is one),
+an export/ folder or a checkpoint folder (runs/demo/checkpoints/step_00000400). The
+table is written beside the training run's own eval/retrieval.json, never over it,
+named after the shards (and the checkpoint): eval/retrieval-eval-000..003.json.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -129,27 +135,65 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def load_model(path: Path, device):
+    """A run folder, an export/ folder or a checkpoint folder -> (Pretrained, its config, the run's
+    eval/ folder, "-step_XXXXXXXX" for a checkpoint else "")."""
+    from mmpretrain.checkpoint import is_checkpoint, latest_checkpoint, read_tensors
     from mmpretrain.config import ConfigError, load_config
+    from mmpretrain.model import MultimodalModel
+    from mmpretrain.pretrained import Pretrained, load_pretrained
+    from mmpretrain.tokenizer import Tokenizer
+
+    expected = "expected a run folder (runs/<name>), its export/ or one of its checkpoints/step_* folders"
+    if not path.is_dir():
+        raise ConfigError(f"--run {path}: no such folder; {expected}")
+    if (path / "export" / "model.safetensors").is_file():
+        path = path / "export"
+    if (path / "model.safetensors").is_file():
+        return load_pretrained(path, device), load_config(path / "config.yaml"), path.parent / "eval", ""
+    checkpoint = path if is_checkpoint(path) else latest_checkpoint(path)
+    if checkpoint is None:
+        raise ConfigError(f"--run {path}: holds no export (model.safetensors) and no complete checkpoint; "
+                          f"{expected}")
+    run = checkpoint.parent.parent
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"--run {checkpoint}: its run folder {run} has no config.yaml")
+    cfg = load_config(run / "config.yaml")
+    model = MultimodalModel(cfg.model, Tokenizer(cfg.model.text).vocab_size)
+    model.load_state_dict(read_tensors(checkpoint, prefix="task.model."))
+    return Pretrained(model, cfg.model).to(device), cfg, run / "eval", f"-{checkpoint.name}"
+
+
+def default_out(eval_dir: Path, patterns: list[str], suffix: str = "") -> Path:
+    """eval/retrieval-<shards><suffix>.json, named after the shard patterns' last two path parts
+    ('/data/coco/test-{000..003}.tar' -> retrieval-coco-test-000..003.json): beside the training
+    run's own eval/retrieval.json, never over it."""
+    names = []
+    for pattern in patterns:
+        name = "-".join([part for part in re.split(r"[/\\]", pattern) if part][-2:])
+        name = name.replace("{", "").replace("}", "").replace(",", "+").removesuffix(".tar")
+        names.append(re.sub(r"[^\w.+-]+", "_", name))
+    return eval_dir / f"retrieval-{'+'.join(names)[:150]}{suffix}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mmpretrain.config import ConfigError
     from mmpretrain.data.sources import expand, resolve_sources
-    from mmpretrain.pretrained import load_pretrained
 
     p = argparse.ArgumentParser(prog="python -m mmpretrain.eval.retrieval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder (uses its export/)")
+    p.add_argument("--run", required=True, help="a run folder, its export/ folder or a checkpoint folder")
     p.add_argument("--shards", default=None,
                    help="shard pattern (brace expansion); default: the run's data.eval_sources")
-    p.add_argument("--out", default=None, help="JSON output (default: <run>/eval/retrieval.json)")
+    p.add_argument("--out", default=None, help="JSON output (default: <run>/eval/retrieval-<shards>.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--static-frames", action="store_true",
                    help="control: every clip shows its first frame throughout (a model that learned motion "
-                        "should drop); writes retrieval_static.json by default")
+                        "should drop); the default output's name ends in -static")
     args = p.parse_args(argv)
 
-    run = Path(args.run)
-    pretrained = load_pretrained(run / "export", device=args.device)
-    cfg = load_config(run / "config.yaml")
     try:
+        pretrained, cfg, eval_dir, suffix = load_model(Path(args.run), args.device)
         urls = expand([args.shards], "--shards") if args.shards else resolve_sources(cfg.data, "eval")
         probe_eval(urls, cfg, pretrained.tokenizer, "--shards" if args.shards else "data.eval_sources")
     except ConfigError as e:
@@ -157,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = evaluate(pretrained.model, cfg, pretrained.tokenizer, urls, args.device, args.static_frames)
     print(format_table(results))
-    default = "retrieval_static.json" if args.static_frames else "retrieval.json"
-    out = Path(args.out) if args.out else run / "eval" / default
+    patterns = [args.shards] if args.shards else cfg.data.eval_sources
+    suffix += "-static" * args.static_frames
+    out = Path(args.out) if args.out else default_out(eval_dir, patterns, suffix)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
