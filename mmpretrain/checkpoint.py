@@ -19,7 +19,7 @@ With `train.async_checkpoint`, periodic checkpoints are written in the backgroun
 (`AsyncCheckpointer`) and completed at the next one; the last checkpoint of a run is written
 at once.
 
-Folders from before 0.3 hold one `state.pt` (full state dicts from rank 0); they still load.
+Older folders hold one `state.pt` (full state dicts from rank 0); they still load.
 """
 
 from __future__ import annotations
@@ -179,11 +179,11 @@ def read_tensors(path: Path, prefix: str = "task.") -> dict[str, torch.Tensor]:
 
 
 def _legacy(path: Path) -> tuple[dict, dict]:
-    """A pre-0.3 `state.pt` -> ({"task.model.*", "task.objectives.*": tensor}, the rest)."""
+    """An older folder's one `state.pt` -> ({"task.model.*", "task.objectives.*": tensor}, the rest)."""
     from mmpretrain.model import split_legacy_objectives
 
     state = torch.load(Path(path) / LEGACY, map_location="cpu", weights_only=True)
-    if "objectives" not in state:  # before 0.2 the temperatures lived in the model
+    if "objectives" not in state:  # older still: the temperatures lived in the model
         state["model"], state["objectives"] = split_legacy_objectives(state["model"])
     tensors = {f"task.{part}.{k}": v for part in ("model", "objectives") for k, v in state.pop(part).items()}
     return {k: v.reshape(1) if k.startswith("task.objectives.") and v.ndim == 0 else v  # scalars then
@@ -210,7 +210,7 @@ def load_checkpoint(path: Path, task: nn.Module, optimizer) -> dict:
 
 
 def _load_legacy(path: Path, task: nn.Module, optimizer) -> dict:
-    """A pre-0.3 `state.pt` (full state dicts) -> this rank's state, as `load_checkpoint`."""
+    """An older folder's one `state.pt` (full state dicts) -> this rank's state, as `load_checkpoint`."""
     tensors, state = _legacy(path)
     full = {k[len("task."):]: v for k, v in tensors.items()}
     set_model_state_dict(task, full, options=StateDictOptions(full_state_dict=True))
@@ -220,13 +220,11 @@ def _load_legacy(path: Path, task: nn.Module, optimizer) -> dict:
 
 def consolidate(path: Path, out: Path) -> Path:
     """One safetensors file of the model's full tensors (the temperatures and optimizer left out)."""
-    from safetensors.torch import save_file
+    from mmpretrain.export import save_weights
 
     tensors = read_tensors(path, prefix="task.model.")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, out)
-    return out
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return save_weights({k: v.contiguous() for k, v in tensors.items()}, out)
 
 
 def describe(path: Path) -> str:

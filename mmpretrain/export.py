@@ -1,19 +1,22 @@
 """Exporting a trained model for downstream use (safetensors only, never pickle).
 
     export/
-      config.yaml           resolved config of the run (model, preprocessing, tokenizer)
-      model.safetensors     encoders, fusion and text tower  -> `load_pretrained(export/)`
-      image/ audio/ text/   each tower alone                 -> `load_encoder(export/image)`
-        config.json         the model config it needs, preprocessing included
+      config.yaml            resolved config of the run (model, preprocessing, tokenizer)
+      model.safetensors      encoders, fusion and text tower  -> `load_pretrained(export/)`
+      objectives.safetensors the objectives' learned state: one temperature per contrasted pair
+                             (`logit_scale.text-image`, log(1/T)) -> `Pretrained.similarity`
+      image/ audio/ text/    each tower alone                 -> `load_encoder(export/image)`
+        config.json          the model config it needs, preprocessing included
         model.safetensors
 
-Training-only state (the objectives' temperatures, optimizer) stays in the
-checkpoints. Loading lives in `mmpretrain.pretrained`.
+The optimizer and the data position stay in the checkpoints. Loading lives in
+`mmpretrain.pretrained`. Every file is written with the mode the process umask gives.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -24,20 +27,39 @@ from mmpretrain.config import Config, to_dict
 
 
 def export_model(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> Path:
-    """`state`: the model's full state dict (gathered from the shards under FSDP2)."""
+    """`state`: the training task's full state dict, `model.*` and `objectives.*` (gathered from
+    the shards under FSDP2)."""
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    model = _under(state, "model.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    save_file(state, out / "model.safetensors")
+    save_weights(model, out / "model.safetensors")
+    save_weights(_under(state, "objectives."), out / "objectives.safetensors")
     model_cfg = to_dict(cfg.model)
-    parts = {m: _under(state, f"towers.{m}.") for m in cfg.model.modalities}
-    parts["text"] = {k: v for k, v in state.items() if k.startswith(("decoder.", "text_proj."))}
+    parts = {m: _under(model, f"towers.{m}.") for m in cfg.model.modalities}
+    parts["text"] = {k: v for k, v in model.items() if k.startswith(("decoder.", "text_proj."))}
     for name, tensors in parts.items():
         (out / name).mkdir(exist_ok=True)
         (out / name / "config.json").write_text(json.dumps({"modality": name, "model": model_cfg}, indent=1))
-        save_file(tensors, out / name / "model.safetensors")
+        save_weights(tensors, out / name / "model.safetensors")
     return out
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    """safetensors' `save_file`, whose file is 0600 whatever the umask, given the mode any new
+    file gets (0644 under umask 022), so that others can read exports as the rest of a run."""
+    save_file(tensors, path)
+    os.chmod(path, 0o666 & ~_umask())
+    return Path(path)
+
+
+def _umask() -> int:
+    """The process umask. Reading it means setting it: for that instant it is 077, so a file
+    another thread creates meanwhile is at worst private, never open to all."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _under(state: dict, prefix: str) -> dict:

@@ -1,20 +1,19 @@
 """Downstream use of an export: `load_pretrained` (every tower) and `load_encoder` (one tower).
 
-Each `encode_*` takes raw inputs, preprocesses them with the same code the
-training pipeline uses (the modality's `ModalitySpec.preprocess`) and returns
-(B, E) unit vectors. Needs no data pipeline and no training code.
+Each `encode_*` takes raw inputs (one or a list: paths, PIL images, arrays, tensors; see the
+modality's `preprocess` in `encoders/`), preprocesses them with the same code the training
+pipeline uses and returns (B, E) unit vectors; `similarity` turns two sets of them into CLIP's
+scaled logits with the temperature training learned. Needs no data pipeline and no training code.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 from mmpretrain.config import ModelConfig, _build, config_from_dict
@@ -22,24 +21,27 @@ from mmpretrain.encoders import MODALITIES
 from mmpretrain.model import MediaTower, MultimodalModel, split_legacy_objectives
 from mmpretrain.tokenizer import Tokenizer
 
-log = logging.getLogger(__name__)
-
 
 class Pretrained(nn.Module):
-    """A trained model with its preprocessing and tokenizer; every `encode_*` returns (B, E) unit vectors."""
+    """A trained model with its preprocessing and tokenizer; every `encode_*` returns (B, E) unit
+    vectors. `objectives`: the objectives' learned tensors (`logit_scale.<pair>`), for `similarity`."""
 
-    def __init__(self, model: MultimodalModel, model_cfg: ModelConfig):
+    def __init__(self, model: MultimodalModel, model_cfg: ModelConfig, objectives: dict | None = None):
         super().__init__()
         self.model = model.eval()
         self.cfg = model_cfg
         self.tokenizer = Tokenizer(model_cfg.text)
+        # pair -> exp(log(1/T)); None: the export predates exported temperatures
+        self.logit_scale = None if objectives is None else {
+            k.removeprefix("logit_scale."): float(v.exp())
+            for k, v in objectives.items() if k.startswith("logit_scale.")}
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
+    def encode_text(self, texts: str | list[str]) -> torch.Tensor:
         tokens, lengths = self.tokenizer(texts)
         return self.model.encode_text(tokens.to(self.device), lengths.to(self.device))
 
@@ -49,37 +51,61 @@ class Pretrained(nn.Module):
         x = MODALITIES[modality].preprocess(inputs, getattr(self.cfg, modality), **kwargs)
         return self.model.encode_media(modality, x.to(self.device))[1]
 
-    def encode_image(self, images: torch.Tensor | list[Image.Image]) -> torch.Tensor:
-        """Preprocessed (B, 3, S, S) tensors, or PIL images (preprocessed here)."""
+    def encode_image(self, images) -> torch.Tensor:
+        """One image or a list: paths, bytes, PIL images, uint8 pixels (H, W, 3) or (3, H, W)
+        (NumPy or torch; (B, ...) for a batch), or float tensors already preprocessed (B, 3, S, S)."""
         return self.encode("image", images)
 
-    def encode_audio(self, waves: torch.Tensor, sample_rate: int | None = None) -> torch.Tensor:
-        """(B, samples) mono waveforms; resampled and cropped/padded to the training clip."""
+    def encode_audio(self, waves, sample_rate: int | None = None) -> torch.Tensor:
+        """Audio files (paths or bytes; their own rate), or float waveforms, NumPy or torch: one clip
+        (N,), a batch (B, N) or (B, C, N), or a list of clips (N,) / (C, N), recorded at
+        `sample_rate` (required: never assumed). Channels are averaged; resampled and cropped /
+        padded to the training clip."""
         return self.encode("audio", waves, sample_rate=sample_rate)
 
-    def encode_video(self, videos) -> torch.Tensor:
-        """Video files (paths or bytes; frames sampled as in evaluation), or frames (B, T, 3, H, W)
-        uint8 (resized and cropped here), or preprocessed float (B, num_frames, 3, S, S)."""
-        return self.encode("video", videos)
+    def encode_video(self, videos, fps: float | None = None) -> torch.Tensor:
+        """Video files (paths or bytes; frames sampled as in evaluation), or uint8 frames
+        (T, 3, H, W) or (T, H, W, 3), one clip, a (B, ...) batch or a list: num_frames of them, or
+        any number at `fps` (then sampled as evaluation samples a file); or float frames already
+        preprocessed (B, num_frames, 3, S, S)."""
+        return self.encode("video", videos, fps=fps)
 
-
-def _drop_training_state(state: dict) -> dict:
-    """Exports written before 0.2 also held the objectives' temperatures; they are training-only."""
-    model, dropped = split_legacy_objectives(state)
-    if dropped:
-        log.info("ignoring %d training-only tensor(s) in an older export: %s", len(dropped), list(dropped))
-    return model
+    @torch.no_grad()
+    def similarity(self, a: torch.Tensor, b: torch.Tensor, pair: str, probs: bool = False) -> torch.Tensor:
+        """CLIP's scaled logits between embeddings from `encode_*`: (Na, E) and (Nb, E) -> (Na, Nb)
+        = exp(logit_scale) * a @ b.T, with the temperature training learned for `pair` ("image-text":
+        a holds images, b texts; either order names the same temperature). probs: each row's
+        softmax over b (zero-shot classification: a the images, b one prompt per class)."""
+        if self.logit_scale is None:
+            raise RuntimeError("similarity: this export has no objectives.safetensors (written before the "
+                               "temperatures were exported); run the training command again to re-export it "
+                               "from its last checkpoint, or use a @ b.T for uncalibrated cosine similarity")
+        x, _, y = pair.partition("-")
+        scale = self.logit_scale.get(f"{x}-{y}", self.logit_scale.get(f"{y}-{x}"))
+        if scale is None:
+            raise ValueError(f"similarity: pair: {pair!r} has no learned temperature; this model's pairs: "
+                             f"{', '.join(self.logit_scale)} (either order)")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+            raise ValueError(f"similarity: expected embeddings (Na, E) and (Nb, E) from encode_*; got "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        logits = scale * a @ b.T
+        return logits.softmax(dim=-1) if probs else logits
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """`load_pretrained("runs/demo/export")` -> a `Pretrained` with encode_text / encode_<modality>."""
+    """`load_pretrained("runs/demo/export")` -> a `Pretrained` with encode_text / encode_<modality>
+    and similarity."""
     path = Path(path)
     if not (path / "model.safetensors").exists():
         raise FileNotFoundError(f"{path}: no model.safetensors here (expected a run's export/ folder)")
     cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
     model = MultimodalModel(cfg.model, Tokenizer(cfg.model.text).vocab_size)
-    model.load_state_dict(_drop_training_state(load_file(path / "model.safetensors")))
-    return Pretrained(model, cfg.model).to(device)
+    # older exports held the temperatures in the model file, as scalars
+    state, legacy = split_legacy_objectives(load_file(path / "model.safetensors"))
+    model.load_state_dict(state)
+    file = path / "objectives.safetensors"
+    objectives = load_file(file) if file.exists() else legacy or None
+    return Pretrained(model, cfg.model, objectives).to(device)
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

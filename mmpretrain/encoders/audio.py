@@ -9,6 +9,7 @@ blocks are timm's VisionTransformer with a (mel, frame) input size and a
 from __future__ import annotations
 
 import io
+import os
 import random
 
 import torch
@@ -18,7 +19,7 @@ import torchaudio.functional as AF
 from timm.models.vision_transformer import VisionTransformer
 
 from mmpretrain.config import AudioEncoderConfig
-from mmpretrain.encoders.spec import BadSample, ModalitySpec
+from mmpretrain.encoders.spec import BadSample, ModalitySpec, as_tensor, file_bytes, file_name
 
 
 class LogMel(nn.Module):
@@ -82,8 +83,8 @@ def to_clip(wave: torch.Tensor, sample_rate: int, cfg: AudioEncoderConfig,
     return torch.nn.functional.pad(wave, (0, n - wave.shape[-1]))
 
 
-def decode(data: bytes, cfg: AudioEncoderConfig, rng: random.Random | None) -> torch.Tensor:
-    """Any soundfile format, sample rate and channel count -> one mono clip (clip_samples,)."""
+def read_audio(data: bytes) -> tuple[torch.Tensor, int]:
+    """Any soundfile format, sample rate and channel count -> (mono (samples,), sample rate)."""
     import soundfile as sf  # the shard decoders' dependency, not the model's
 
     try:
@@ -92,15 +93,67 @@ def decode(data: bytes, cfg: AudioEncoderConfig, rng: random.Random | None) -> t
         raise BadSample("bad_audio", repr(e)) from e
     if wave.shape[0] == 0:
         raise BadSample("empty_audio")
+    return torch.from_numpy(wave).mean(dim=1), sr
+
+
+def decode(data: bytes, cfg: AudioEncoderConfig, rng: random.Random | None) -> torch.Tensor:
+    """Shard member bytes -> one mono clip (clip_samples,)."""
+    wave, sr = read_audio(data)
     shortest = max(cfg.min_seconds, cfg.win_ms / 1000)  # and never less than one spectrogram frame
-    if wave.shape[0] < shortest * sr:
-        raise BadSample("audio_too_short", f"{wave.shape[0] / sr:.3f} s < {shortest} s")
-    return to_clip(torch.from_numpy(wave).mean(dim=1), sr, cfg, rng)
+    if len(wave) < shortest * sr:
+        raise BadSample("audio_too_short", f"{len(wave) / sr:.3f} s < {shortest} s")
+    return to_clip(wave, sr, cfg, rng)
 
 
-def preprocess(waves: torch.Tensor, cfg: AudioEncoderConfig, sample_rate: int | None = None) -> torch.Tensor:
-    """(B, samples) mono waveforms at `sample_rate` (default: the model's) -> (B, clip_samples)."""
-    return to_clip(waves, sample_rate or cfg.sample_rate, cfg)
+ACCEPTED = ("a path, bytes, a float waveform (N,), (B, N) or (B, C, N) (NumPy or torch), or a list of paths, "
+            "bytes or clips (N,) / (C, N)")
+
+
+def preprocess(waves, cfg: AudioEncoderConfig, sample_rate: int | None = None) -> torch.Tensor:
+    """Downstream inputs -> (B, clip_samples) at the model's rate: audio files (their own rate), or
+    float waveforms recorded at `sample_rate` (required for them: never assumed) as one clip (N,),
+    a batch (B, N) or (B, C, N), or a list of clips (N,) / (C, N). Channels are averaged to mono;
+    each clip is resampled, then cropped from the start or zero-padded."""
+    if isinstance(waves, (list, tuple)):
+        items = list(waves)
+    elif isinstance(waves, (str, os.PathLike, bytes)):
+        items = [waves]
+    else:
+        waves = as_tensor(waves, "audio", ACCEPTED)
+        if waves.ndim not in (1, 2, 3):
+            raise ValueError(f"audio inputs: a waveform is (N,), (B, N) or (B, C, N); got {waves.ndim}-D "
+                             f"{tuple(waves.shape)}")
+        items = [waves] if waves.ndim == 1 else list(waves)
+    if not items:
+        raise ValueError("audio inputs: no clips given")
+    return torch.stack([_one_clip(x, cfg, sample_rate) for x in items])
+
+
+def _one_clip(x, cfg: AudioEncoderConfig, sample_rate: int | None) -> torch.Tensor:
+    if (data := file_bytes(x)) is not None:
+        try:
+            wave, rate = read_audio(data)
+        except BadSample as e:
+            raise ValueError(f"audio inputs: {file_name(x)}: {e}") from None
+        if sample_rate not in (None, rate):
+            raise ValueError(f"audio inputs: {file_name(x)} is at {rate} Hz, not sample_rate={sample_rate}; "
+                             f"files carry their rate (leave sample_rate out)")
+    else:
+        wave, rate = as_tensor(x, "audio", ACCEPTED), sample_rate
+        if not wave.is_floating_point():
+            raise ValueError(f"audio inputs: float waveforms in [-1, 1] are expected; got "
+                             f"{str(wave.dtype).removeprefix('torch.')} (16-bit PCM: divide by 32768)")
+        if wave.ndim not in (1, 2):
+            raise ValueError(f"audio inputs: one clip is (N,) or (C, N); got {tuple(wave.shape)}")
+        if rate is None:
+            raise ValueError(f"audio inputs: sample_rate= is required with waveforms: the rate they were "
+                             f"recorded at (this model's is {cfg.sample_rate} Hz; others are resampled)")
+        wave = wave.float().mean(dim=0) if wave.ndim == 2 else wave.float()  # (C, N) -> mono
+    if len(wave) < rate * cfg.win_ms / 1000:
+        raise ValueError(f"audio inputs: a clip of {len(wave)} samples is shorter than one spectrogram "
+                         f"window ({cfg.win_ms} ms at {rate} Hz); a (samples, channels) array, as soundfile "
+                         f"reads one, is one clip as wave.T[None]")
+    return to_clip(wave, rate, cfg)
 
 
 def media_shape(cfg: AudioEncoderConfig) -> tuple[int, ...]:

@@ -6,6 +6,7 @@ import functools
 import io
 import random
 
+import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -13,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torchvision.transforms.v2 import functional as TF
 
 from mmpretrain.config import ImageEncoderConfig
-from mmpretrain.encoders.spec import BadSample, ModalitySpec
+from mmpretrain.encoders.spec import BadSample, ModalitySpec, as_tensor, channels_first, file_bytes, file_name
 
 
 class ImageEncoder(nn.Module):
@@ -103,12 +104,40 @@ def decode(data: bytes, cfg: ImageEncoderConfig, rng: random.Random | None) -> t
     return ImagePreprocess(cfg, train=rng is not None)(open_image(data, cfg), rng)
 
 
-def preprocess(images: torch.Tensor | list[Image.Image], cfg: ImageEncoderConfig) -> torch.Tensor:
-    """Preprocessed (B, 3, S, S) tensors pass through; PIL images get the eval transform."""
-    if isinstance(images, torch.Tensor):
-        return images
+ACCEPTED = ("a path, bytes, a PIL image, uint8 pixels (H, W, 3) or (3, H, W) (NumPy or torch), a float "
+            "tensor already preprocessed (3, S, S), a (B, ...) batch of these or a list")
+
+
+def preprocess(images, cfg: ImageEncoderConfig) -> torch.Tensor:
+    """Downstream inputs -> (B, 3, S, S): one image, a list, or a (B, ...) batch. Paths, bytes, PIL
+    images and uint8 pixels get the eval transform (pixels through PIL, as a decoded file);
+    float tensors are taken as preprocessed and must be (3, S, S)."""
+    array = isinstance(images, (torch.Tensor, np.ndarray))
+    items = list(images) if isinstance(images, (list, tuple)) or (array and images.ndim == 4) else [images]
+    if not items:
+        raise ValueError("image inputs: no images given")
     tf = ImagePreprocess(cfg, train=False)
-    return torch.stack([tf(im.convert("RGB")) for im in images])
+    return torch.stack([_one_image(x, cfg, tf) for x in items])
+
+
+def _one_image(x, cfg: ImageEncoderConfig, tf: ImagePreprocess) -> torch.Tensor:
+    if (data := file_bytes(x)) is not None:
+        try:
+            x = open_image(data, cfg)
+        except BadSample as e:
+            raise ValueError(f"image inputs: {file_name(x)}: {e}") from None
+    if isinstance(x, Image.Image):
+        return tf(x.convert("RGB"))
+    x = as_tensor(x, "image", ACCEPTED)
+    s = cfg.image_size
+    if x.is_floating_point() and x.shape != (3, s, s):
+        raise ValueError(f"image inputs: float tensors are taken as preprocessed (normalised), (3, {s}, {s}) "
+                         f"each; got {tuple(x.shape)}: pass raw pixels as uint8, a PIL image or a path")
+    if x.is_floating_point():
+        return x.float()
+    if x.ndim != 3:
+        raise ValueError(f"image inputs: one image is (H, W, 3) or (3, H, W); got {tuple(x.shape)}")
+    return tf(Image.fromarray(channels_first(x, "image").permute(1, 2, 0).numpy()))
 
 
 def media_shape(cfg: ImageEncoderConfig) -> tuple[int, ...]:

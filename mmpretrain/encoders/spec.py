@@ -8,10 +8,13 @@ touches that module, its config section and one registry line.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -40,3 +43,41 @@ class ModalitySpec:
     def section(self, model_cfg):
         """This modality's config section of a ModelConfig."""
         return getattr(model_cfg, self.name)
+
+
+# ---------------------------------------------------------------------------- downstream inputs
+# what the modalities' `preprocess` share: files given by path or bytes, NumPy arrays or tensors
+
+
+def file_bytes(x) -> bytes | None:
+    """A path (str or os.PathLike) or a file's bytes -> those bytes; anything else -> None."""
+    if isinstance(x, bytes):
+        return x
+    return Path(x).read_bytes() if isinstance(x, (str, os.PathLike)) else None
+
+
+def file_name(x) -> str:
+    return "bytes" if isinstance(x, bytes) else str(x)
+
+
+def as_tensor(x, what: str, accepted: str) -> torch.Tensor:
+    """A NumPy array or a tensor -> a tensor; anything else is a TypeError saying what is accepted."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        # copied where torch cannot share it: flipped (negative strides) or read-only (np.asarray(pil))
+        return torch.from_numpy(np.require(x, requirements=("C_CONTIGUOUS", "WRITEABLE")))
+    raise TypeError(f"{what} inputs: expected {accepted}; got {type(x).__name__}")
+
+
+def channels_first(x: torch.Tensor, what: str) -> torch.Tensor:
+    """uint8 pixels (..., H, W, 3) (PIL, NumPy, OpenCV) or (..., 3, H, W) (torchvision) ->
+    (..., 3, H, W); a shape with 3 in both places, or in neither, is refused, never guessed."""
+    if x.dtype != torch.uint8:
+        raise ValueError(f"{what} inputs: pixels are uint8 (float tensors: already preprocessed); got "
+                         f"{str(x.dtype).removeprefix('torch.')}")
+    last, first = x.shape[-1] == 3, x.shape[-3] == 3
+    if last == first:
+        raise ValueError(f"{what} inputs: cannot tell the channel axis of {tuple(x.shape)}: expected 3 "
+                         f"channels either last (..., H, W, 3) or before height and width (..., 3, H, W)")
+    return x.movedim(-1, -3) if last else x

@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 import io
 import random
-from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block
 from torchvision.transforms.v2 import functional as TF
 
 from mmpretrain.config import VideoEncoderConfig
-from mmpretrain.encoders.spec import BadSample, ModalitySpec
+from mmpretrain.encoders.spec import BadSample, ModalitySpec, as_tensor, channels_first, file_bytes, file_name
 
 THREADED_PIXELS = 640 * 360  # decode frames at least this large with threads
 
@@ -213,7 +213,6 @@ def decode_audio_track(data: bytes, audio_cfg, rng: random.Random | None) -> tor
     """A video's own audio track -> one clip like any audio (see encoders/audio.py); None when it
     has no audio stream."""
     import av
-    import numpy as np
 
     from mmpretrain.encoders.audio import to_clip
 
@@ -232,14 +231,45 @@ def decode_audio_track(data: bytes, audio_cfg, rng: random.Random | None) -> tor
     return to_clip(torch.from_numpy(np.concatenate(chunks)), rate, audio_cfg, rng)
 
 
-def preprocess(videos, cfg: VideoEncoderConfig) -> torch.Tensor:
-    """Downstream: video files (paths or bytes; sampled like evaluation) or frame tensors
-    (B, T, 3, H, W) uint8, or already preprocessed float (B, num_frames, 3, S, S)."""
-    if isinstance(videos, torch.Tensor):
-        if videos.dtype.is_floating_point:
-            return videos
-        return torch.stack([preprocess_frames(v, cfg) for v in videos])
-    return torch.stack([decode(v if isinstance(v, bytes) else Path(v).read_bytes(), cfg, None) for v in videos])
+ACCEPTED = ("a path, bytes, uint8 frames (T, 3, H, W) or (T, H, W, 3) (NumPy or torch), float frames already "
+            "preprocessed (num_frames, 3, S, S), a (B, ...) batch of these or a list")
+
+
+def preprocess(videos, cfg: VideoEncoderConfig, fps: float | None = None) -> torch.Tensor:
+    """Downstream inputs -> (B, num_frames, 3, S, S): one clip, a list, or a (B, ...) batch. Video
+    files (paths or bytes) are sampled as in evaluation; uint8 frames are num_frames frames, or any
+    number at `fps` frames per second, sampled as a file would be; float frames are taken as
+    preprocessed and must be (num_frames, 3, S, S)."""
+    array = isinstance(videos, (torch.Tensor, np.ndarray))
+    items = list(videos) if isinstance(videos, (list, tuple)) or (array and videos.ndim == 5) else [videos]
+    if not items:
+        raise ValueError("video inputs: no videos given")
+    return torch.stack([_one_video(x, cfg, fps) for x in items])
+
+
+def _one_video(x, cfg: VideoEncoderConfig, fps: float | None) -> torch.Tensor:
+    if (data := file_bytes(x)) is not None:
+        try:
+            return decode(data, cfg, None)
+        except BadSample as e:
+            raise ValueError(f"video inputs: {file_name(x)}: {e}") from None
+    x = as_tensor(x, "video", ACCEPTED)
+    if x.ndim != 4:
+        raise ValueError(f"video inputs: one clip's frames are (T, 3, H, W) or (T, H, W, 3); got "
+                         f"{tuple(x.shape)}")
+    if x.is_floating_point():
+        if tuple(x.shape) != media_shape(cfg):
+            raise ValueError(f"video inputs: float frames are taken as preprocessed (normalised), "
+                             f"{media_shape(cfg)}; got {tuple(x.shape)}: pass raw frames as uint8")
+        return x.float()
+    x = channels_first(x, "video")
+    if fps:  # frame i is shown from i / fps: the one shown at each time evaluation picks
+        x = x[[min(len(x) - 1, int(t * fps + 1e-6)) for t in sample_times(len(x) / fps, cfg, None)]]
+    elif len(x) != cfg.num_frames:
+        raise ValueError(f"video inputs: {len(x)} frames given and the model takes num_frames="
+                         f"{cfg.num_frames}: pass {cfg.num_frames}, or fps= (their frame rate) to sample "
+                         f"them as evaluation samples a file, or the file")
+    return preprocess_frames(x, cfg)
 
 
 def media_shape(cfg: VideoEncoderConfig) -> tuple[int, ...]:
