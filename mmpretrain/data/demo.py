@@ -39,6 +39,8 @@ import soundfile as sf
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from mmpretrain.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 VERSION = 3  # 3: whole-second member times (plain ustar headers)
@@ -227,10 +229,16 @@ def cached_corpus(cache_dir: str, name: str, write: Callable[[Path], dict[str, s
     if not index.exists():
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        log.info("generating the demo corpus into %s (once)", root)
-        patterns = write(tmp)
-        (tmp / "index.json").write_text(json.dumps({k: Path(p).name for k, p in patterns.items()}, indent=1))
+        try:
+            tmp.mkdir(parents=True)
+            log.info("generating the demo corpus into %s (once)", root)
+            patterns = write(tmp)
+            names = {k: Path(p).name for k, p in patterns.items()}
+            (tmp / "index.json").write_text(json.dumps(names, indent=1))
+        except OSError as e:  # a read-only or full disk, a file where a folder should be
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ConfigError(f"data.demo.cache_dir: cannot write the demo corpus into {root} "
+                              f"({e.strerror or e}); point it at a writable folder") from None
         try:
             tmp.rename(root)
         except OSError:  # another process finished first; its copy is identical

@@ -1,25 +1,70 @@
-"""Where the shards are: patterns (brace expansion) and the built-in demo corpora -> shard URLs."""
+"""Where the shards are: patterns (brace expansion) and the built-in demo corpora -> shard URLs,
+and the check, before a model is built, that they open and hold a batch."""
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import logging
+import os
+import subprocess
+import tarfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
 
-from mmpretrain.config import ConfigError, DataConfig
+from mmpretrain.config import Config, ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+DEMO_CORPORA = ("demo", "demo-docs", "demo-video", "demo-relations")  # patterns naming a built-in corpus
+URL_TIMEOUT = 10  # seconds an http(s) shard may take to answer the check
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
 
 
 def expand(patterns: list[str], what: str) -> list[str]:
-    """Brace-expand shard patterns; local shards must be readable files. `what` names them in errors."""
-    urls = [u for p in patterns for u in braceexpand.braceexpand(p) if u.strip()]
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not Path(u).is_file()]
+    """Brace-expand shard patterns (a leading `~` is the home folder); local shards must be
+    readable files. `what` names them in errors."""
+    given = []
+    for p in patterns:
+        try:
+            given += [u for u in braceexpand.braceexpand(p) if u.strip()]
+        except braceexpand.UnbalancedBracesError:
+            raise ConfigError(f"{what}: {p!r} has unbalanced braces; a brace pattern reads "
+                              f"'train-{{000000..000127}}.tar'") from None
+    urls = [os.path.expanduser(u) if is_local(u) else u for u in given]
+    missing = [(u, g) for u, g in zip(urls, given) if is_local(u) and not Path(u).is_file()]
     if missing:
-        raise ConfigError(f"{what}: {len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[0]!r}")
+        raise ConfigError(f"{what}: {_missing(missing, len(urls))}")
     if not urls:
         raise ConfigError(f"{what}: {patterns} names no shards")
     return urls
+
+
+def _missing(missing: list[tuple[str, str]], total: int) -> str:
+    """What is wrong with the first of the (path, as given) shards that are not files: a glob, a
+    folder, or nothing there."""
+    path, given = missing[0]
+
+    def example(folder: str) -> str:
+        return f"name shards by a brace pattern, e.g. {os.path.join(folder, 'train-{000000..000127}.tar')!r}"
+
+    if glob.has_magic(path):
+        matches, folder = len(glob.glob(path)), os.path.dirname(path)
+        return f"{path!r} is a glob ({matches} file(s) match it), not a shard: {example(folder)}"
+    if Path(path).is_dir():
+        tars = len(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+        return f"{path!r} is a folder (with {tars} .tar file(s)), not a shard: {example(path)}"
+    named = f"{path!r} (from {given!r})" if path != given else repr(path)
+    return f"{len(missing)} of {total} shard(s) not found, e.g. {named}"
 
 
 @dataclass
@@ -67,3 +112,139 @@ def resolve_sources(data: DataConfig, split: str) -> list[str]:
     if split == "train":
         return [u for source in train_sources(data) for u in source.urls]
     return expand([_pattern(data, p, split) for p in data.eval_sources], "data.eval_sources")
+
+
+TAR_ADVICE = ("`python -m mmpretrain.data.inspect` shows what a shard holds, "
+              "`python -m mmpretrain.data.make_shards` writes WebDataset shards")
+
+
+class _Unreadable(Exception):
+    """Why a shard gave no complete sample (the rest of a sentence that starts with its name), and
+    what to do."""
+
+    def __init__(self, why: str, advice: str = TAR_ADVICE):
+        super().__init__(why)
+        self.advice = advice
+
+
+def check_data(cfg: Config, sources: list[Source], eval_urls: list[str], ranks: int = 1,
+               announce: bool = True) -> None:
+    """Before a model is built: every training source and the eval shards open and hold a complete
+    sample, and the training data hold one global batch (train.batch_size x `ranks` data-parallel
+    ranks). Local shards are read in order, headers only, until that many samples are found, so a
+    large corpus costs its first shard; a URL or `pipe:` source is opened once, within seconds,
+    and read to its first sample (counting it would download it). `announce`: say, in one log
+    line, that own training data are evaluated on the demo corpus."""
+    need, found, counted = cfg.train.batch_size * ranks, 0, True
+    for source in sources:
+        n = _samples(source.urls, "data.sources", max(1, need - found))
+        counted, found = counted and n is not None, found + (n or 0)
+    _samples(eval_urls, "data.eval_sources", 1)
+    # resampled streams repeat shards to fill a batch; token-budget batches may hold fewer samples
+    if counted and found < need and not cfg.data.resampled and not cfg.data.max_tokens:
+        shards = sum(len(s.urls) for s in sources)
+        ranks_note = f" x {ranks} data-parallel ranks = {need}" if ranks > 1 else ""
+        raise ConfigError(f"data.sources: {found} sample(s) in {shards} shard(s), fewer than one global "
+                          f"batch (train.batch_size={cfg.train.batch_size}{ranks_note}); lower "
+                          f"train.batch_size or add data")
+    own = any(s.pattern not in DEMO_CORPORA for s in cfg.data.sources if s.weight > 0)
+    if announce and own and any(p in DEMO_CORPORA for p in cfg.data.eval_sources):
+        log.warning("data.eval_sources is the built-in demo corpus: retrieval is measured on it, not on your "
+                    "data (set data.eval_sources to held-out shards of your own)")
+
+
+def _samples(urls: list[str], what: str, want: int) -> int | None:
+    """Complete samples in the first shards of `urls`, read in order until `want` are found (a
+    bad shard among good ones is skipped, as training skips it); None for a URL or pipe: source,
+    of which only the first shard is read, to its first sample. None found: a ConfigError naming
+    the first shard and why."""
+    local = all(map(is_local, urls))
+    found, failures = 0, []
+    for url in urls if local else urls[:1]:
+        try:
+            found += _shard_samples(url, want - found if local else 1)
+        except _Unreadable as e:
+            failures.append((url, e))
+        if found >= want:
+            break
+    if not found:
+        (url, e), more = failures[0], len(failures) - 1
+        also = f" (and {more} more shard(s) with no complete sample)" if more else ""
+        raise ConfigError(f"{what}: {url!r} {e}{also}; {e.advice}")
+    return found if local else None
+
+
+def _shard_samples(url: str, limit: int) -> int:
+    """Complete samples at the start of one shard, counted up to `limit`."""
+    with contextlib.ExitStack() as stack:
+        if is_local(url):
+            if os.path.getsize(url) == 0:
+                raise _Unreadable("is empty (0 bytes)")
+            where = {"name": url}  # seekable: member data is passed over, not read
+        else:
+            where = {"fileobj": stack.enter_context(_remote(url)), "mode": "r|*"}
+        try:
+            tar = stack.enter_context(tarfile.open(**where))
+        except tarfile.ReadError:
+            raise _Unreadable("is not a tar file") from None
+        return _count(tar, limit)
+
+
+def _count(tar: tarfile.TarFile, limit: int) -> int:
+    """Samples in `tar`, grouped as webdataset groups them (consecutive members sharing the name
+    before the extension), up to `limit`; a sample counts once the next begins or the archive
+    ends, so one that a read error cuts short does not."""
+    n, key, members = 0, None, 0
+    try:
+        for member in tar:
+            members += 1
+            k = base_plus_ext(member.name)[0] if member.isreg() else None
+            if k is None or k == key:
+                continue
+            n, key = n + (key is not None), k
+            if n >= limit:
+                return n
+    except (tarfile.TarError, OSError) as e:
+        if n:
+            return n
+        where = "inside the first" if key else "before one"
+        raise _Unreadable(f"holds no complete sample: it breaks off {where} ({e})") from None
+    n += key is not None
+    if not n:
+        raise _Unreadable("is an empty tar" if not members else
+                          f"holds no sample: none of its {members} member(s) is named <key>.<extension>")
+    return n
+
+
+@contextlib.contextmanager
+def _remote(url: str):
+    """A URL's or a pipe: command's byte stream; one that cannot be opened is _Unreadable at once
+    (webdataset's own opener retries a URL for minutes)."""
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
+        try:
+            yield proc.stdout
+        except _Unreadable:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                if proc.wait(timeout=URL_TIMEOUT):  # it printed nothing of use: did it fail?
+                    raise _Unreadable(f"failed: the command ended with exit status {proc.returncode}",
+                                      "it runs in the shell and must write a tar to its stdout") from None
+            raise
+        finally:
+            proc.kill()  # read far enough
+            proc.wait()
+            proc.stdout.close()
+        return
+    try:  # http(s) with a timeout; webdataset's other schemes (file:, gs:, ...) as it opens them
+        stream = (urllib.request.urlopen(url, timeout=URL_TIMEOUT) if url.startswith(("http://", "https://"))
+                  else wds.gopen(url))
+    except urllib.error.HTTPError as e:
+        raise _Unreadable(f"cannot be opened: HTTP {e.code} {e.reason}", "check the address") from None
+    except (OSError, ValueError) as e:  # URLError is an OSError; ValueError: a scheme nobody knows
+        raise _Unreadable(f"cannot be opened: {getattr(e, 'reason', e)}",
+                          "check the address, and that this machine reaches it") from None
+    try:
+        yield stream
+    finally:
+        with contextlib.suppress(OSError):
+            stream.close()
