@@ -1,7 +1,7 @@
 """Typed configuration: one small dataclass per component, nested in `Config`.
 
 A config is a YAML file (read with `yaml.safe_load`) plus dotted overrides
-(`train.steps=50 model.decoder.layers=2`). Every value is checked against the
+(`train.steps=100 model.decoder.layers=2`). Every value is checked against the
 schema when it is read, so a bad config stops before any work starts, naming
 the key path, the bad value and what is allowed.
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -280,6 +282,10 @@ class TrainConfig:
     # step waits only for the copy to host memory; a checkpoint counts once its write completes
     async_checkpoint: bool = False
     resume: str = _nonempty("auto")  # auto | none | path to a checkpoint folder
+    # A checkpoint's data position belongs to its data.sources; resuming on other sources is refused
+    # (keep), or with reset starts them afresh, keeping weights, optimizer, schedule and step (a
+    # checkpoint of these same sources resumes its data as usual, so reset can stay on a command)
+    resume_data: Literal["keep", "reset"] = "keep"
     # Continued pretraining: start a new run from the weights of an export folder or a checkpoint
     # folder (fresh optimizer and schedule); "" starts from scratch. A resumable checkpoint of this
     # run takes precedence, so an interrupted continued run resumes as usual.
@@ -433,14 +439,59 @@ def _set_dotted(tree: dict, dotted: str, value):
     node[leaf] = value
 
 
+def _brace_pattern(words: list[str]) -> str | None:
+    """The brace pattern bash expands into `words` (`a-{000..127}.tar`, `{laion,cc12m}.tar`) when
+    they look like its expansion: a common prefix or suffix, not only digits, around differing parts."""
+    prefix = os.path.commonprefix(words)
+    suffix = os.path.commonprefix([w[len(prefix):][::-1] for w in words])[::-1]
+    middles = [w[len(prefix):len(w) - len(suffix)] for w in words]
+    if all(m.isdigit() for m in middles):  # whole numbers: {000..009}, not 00{0..9}
+        head, tail = prefix.rstrip(string.digits), suffix.lstrip(string.digits)
+        middles = [prefix[len(head):] + m + suffix[:len(suffix) - len(tail)] for m in middles]
+        prefix, suffix = head, tail
+    if not (prefix + suffix).strip(string.digits) or len(set(middles)) < len(middles):
+        return None
+    if all(m.isdigit() for m in middles):  # a range: equal steps, all zero-padded alike or none
+        n = [int(m) for m in middles]
+        step = n[1] - n[0]
+        padding = len({len(m) for m in middles}) == 1 or all(str(k) == m for k, m in zip(n, middles))
+        if step and padding and all(b - a == step for a, b in zip(n, n[1:])):
+            by = f"..{abs(step)}" if abs(step) > 1 else ""
+            return f"{prefix}{{{middles[0]}..{middles[-1]}{by}}}{suffix}"
+    return f"{prefix}{{{','.join(middles)}}}{suffix}"
+
+
+def _repeated(key: str, given: list[tuple[int, str]]) -> str:
+    """The error for a key given more than once: (argument index, value) each time. Adjacent values
+    that one unquoted brace pattern would expand to are shown as that pattern, quoted."""
+    values = [v for _, v in given]
+    shown = ", ".join(values) if len(values) <= 3 else f"{values[0]}, {values[1]} ... {values[-1]}"
+    message = f"{key}: given {len(values)} times ({shown})"
+    adjacent = [i for i, _ in given] == list(range(given[0][0], given[0][0] + len(given)))
+    if adjacent and (pattern := _brace_pattern(values)):
+        return (f"{message}, which is what the shell makes of an unquoted brace pattern; "
+                f"quote it: {key}='{pattern}'")
+    return f"{message}; give each key once"
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """`["train.steps=50", "data.sources=[a.tar, b.tar]"]` -> nested dict (values as YAML)."""
-    tree: dict = {}
-    for item in overrides:
+    """`["train.steps=50", "data.sources=[a.tar, b.tar]"]` -> nested dict (values as YAML). A key
+    given twice is an error (the shell's expansion of an unquoted brace pattern, often)."""
+    given: dict[str, list[tuple[int, str]]] = {}
+    for i, item in enumerate(overrides):
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value")
-        _set_dotted(tree, key.strip(), _override_value(key.strip(), raw))
+        if "" in key.split("."):
+            raise ConfigError(f"override {item!r}: an empty key in the path {key!r}; expected key.path=value "
+                              f"(e.g. train.steps=5)")
+        given.setdefault(key, []).append((i, raw))
+    tree: dict = {}
+    for key, values in given.items():
+        if len(values) > 1:
+            raise ConfigError(_repeated(key, values))
+        _set_dotted(tree, key, _override_value(key, values[0][1]))
     return tree
 
 
@@ -451,11 +502,23 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _read_text(path: Path) -> str:
+    """A config file's text; a folder or a file that is not UTF-8 text is a ConfigError."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: a directory; expected a YAML file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}); "
+                          f"expected a YAML file") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML config file (optional) and apply dotted overrides."""
     tree: dict = {}
     if path is not None:
-        tree = _yaml(Path(path).read_text(), str(path))
+        tree = _yaml(_read_text(Path(path)), str(path))
         if tree is None:  # an empty file: the defaults
             tree = {}
         if not isinstance(tree, dict):
@@ -467,6 +530,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _check_normalisation(section: str, mean: list[float], std: list[float]) -> None:
+    """Per-channel pixel normalisation: the error names the key at fault."""
+    for key, values in (("mean", mean), ("std", std)):
+        _require(len(values) == 3, f"{section}.{key}: {values}; expected 3 values, one per colour channel")
+    _require(all(x > 0 for x in std), f"{section}.std: {std}; expected values > 0")
 
 
 def validate(cfg: Config) -> Config:
@@ -486,16 +556,14 @@ def validate(cfg: Config) -> Config:
         i = m.image
         _require(i.image_size % i.patch_size == 0,
                  f"model.image.patch_size: {i.patch_size} does not divide model.image.image_size={i.image_size}")
-        _require(len(i.mean) == 3 and len(i.std) == 3 and all(x > 0 for x in i.std),
-                 f"model.image.mean/std: {i.mean} / {i.std}; expected 3 values each, std > 0")
+        _check_normalisation("model.image", i.mean, i.std)
     if "video" in m.modalities:
         v = m.video
         _require(v.frame_size % v.patch_size == 0,
                  f"model.video.patch_size: {v.patch_size} does not divide model.video.frame_size={v.frame_size}")
         _require(v.num_frames % v.tubelet == 0,
                  f"model.video.tubelet: {v.tubelet} does not divide model.video.num_frames={v.num_frames}")
-        _require(len(v.mean) == 3 and len(v.std) == 3 and all(x > 0 for x in v.std),
-                 f"model.video.mean/std: {v.mean} / {v.std}; expected 3 values each, std > 0")
+        _check_normalisation("model.video", v.mean, v.std)
         if v.init_from_image:
             i = m.image
             same = (v.width, v.depth, v.heads, v.mlp_ratio, v.patch_size, v.frame_size, v.pre_norm) == \
@@ -523,6 +591,9 @@ def validate(cfg: Config) -> Config:
     t = cfg.train
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
              f"train.betas: {t.betas}; expected two values in [0, 1)")
+    _require(t.warmup_steps < t.steps,
+             f"train.warmup_steps: {t.warmup_steps} is not below train.steps={t.steps}: the run would end in "
+             f"its warm-up, before the learning rate decays; expected a value below {t.steps} (0: no warm-up)")
     one_pair = 2 * m.text.context_length + len(m.modalities) * m.fusion.num_latents
     _require(not cfg.data.max_tokens or cfg.data.max_tokens >= one_pair,
              f"data.max_tokens: {cfg.data.max_tokens} is below one sample (up to {one_pair} tokens: the caption "

@@ -9,6 +9,7 @@ next-token logits. The objectives' own state (pairs, temperatures) lives in
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from mmpretrain import packing
 from mmpretrain.batch import Batch
-from mmpretrain.config import ModelConfig
+from mmpretrain.config import Config, ConfigError, ModelConfig
 from mmpretrain.decoder import Decoder
 from mmpretrain.encoders import MODALITIES
 from mmpretrain.fusion import ResamplerFusion
@@ -54,7 +55,7 @@ class ModelOutput:
 
 
 def split_legacy_objectives(state: dict) -> tuple[dict, dict]:
-    """A model state dict written before 0.2 -> (model tensors, objectives tensors): the
+    """A model state dict of the older layout -> (model tensors, objectives tensors): the
     temperatures (`logit_scale.*`) lived in the model then and belong to the objectives now."""
     objectives = {k: v for k, v in state.items() if k.startswith("logit_scale.")}
     return {k: v for k, v in state.items() if k not in objectives}, objectives
@@ -128,3 +129,45 @@ class MultimodalModel(nn.Module):
         tokens = {m: iter(self.towers[m](torch.stack(v))[0]) for m, v in items.items() if v}
         return [packing.document([(self.decoder.embed(v), v) if kind == "text" else (next(tokens[kind]), None)
                                   for kind, v in doc]) for doc in documents]
+
+
+ADAMW_BYTES = 16  # per fp32 parameter: the weight, its gradient and AdamW's two moments
+
+
+def parameter_count(cfg: ModelConfig, vocab_size: int) -> int | None:
+    """The model's parameters, counted on the meta device (nothing is allocated); None when a
+    single tensor would be past what torch can address (2^63 bytes)."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in MultimodalModel(cfg, vocab_size).parameters())
+    except RuntimeError as e:
+        if "overflow" not in str(e):  # "Storage size calculation overflowed"
+            raise
+        return None
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory of `device`: the GPU's, or this machine's RAM; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(cfg: Config, vocab_size: int, device: torch.device, world_size: int = 1) -> None:
+    """Refuse, before the model is built, sizes whose weights, gradients and AdamW state alone
+    exceed the device's memory (a lower bound: activations come on top); FSDP2 splits them over
+    the `world_size` processes."""
+    shards = world_size if cfg.parallel.dp_shard == "fsdp" else 1
+    memory, n = device_memory(device), parameter_count(cfg.model, vocab_size)
+    need = (2**63 if n is None else n * ADAMW_BYTES) / shards
+    if memory is None or need <= memory:
+        return
+    what = (f"a tensor past torch's 2^63-byte limit: over {need / 1e9:,.0f} GB" if n is None else
+            f"{n:,} parameters need {need / 1e9:,.1f} GB for weights, gradients and AdamW state")
+    per = f" per process (FSDP2 over {shards})" if shards > 1 else ""
+    where = "this machine" if device.type == "cpu" else f"the GPU ({device})"
+    raise ConfigError(f"model: {what}{per}, more than the {memory / 1e9:,.1f} GB of memory of {where}; "
+                      f"reduce the model's sizes")

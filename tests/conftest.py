@@ -77,10 +77,13 @@ def demo_cache(tmp_path_factory):
 @pytest.fixture
 def tiny_cfg(demo_cache, tmp_path):
     def make(*overrides):
+        # CPU tests stay on CPU, and decode in-process, on a GPU machine too (auto would fork);
+        # a test's own value for one of these keys replaces it (a key given twice is an error)
+        given = {o.split("=", 1)[0] for o in overrides}
+        defaults = [f"data.demo.cache_dir={demo_cache}", f"run.dir={tmp_path / 'runs'}", "train.device=cpu",
+                    "data.num_workers=0"]
         return load_config(ROOT / "configs" / "tiny.yaml",
-                           [f"data.demo.cache_dir={demo_cache}", f"run.dir={tmp_path / 'runs'}",
-                            "train.device=cpu", "data.num_workers=0",  # CPU tests stay on CPU, and
-                            *overrides])  # decode in-process, on a GPU machine too (auto would fork)
+                           [d for d in defaults if d.split("=", 1)[0] not in given] + list(overrides))
     return make
 
 

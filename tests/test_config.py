@@ -1,3 +1,7 @@
+import re
+import shutil
+import subprocess
+
 import pytest
 
 from mmpretrain.config import ConfigError, load_config, parse_overrides, to_yaml
@@ -7,8 +11,8 @@ from conftest import CONFIGS, ROOT
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, ["train.steps=50", "model.decoder.layers=2", "data.sources=[a.tar, b.tar]"])
-    assert cfg.train.steps == 50 and cfg.model.decoder.layers == 2
+    cfg = load_config(None, ["train.steps=100", "model.decoder.layers=2", "data.sources=[a.tar, b.tar]"])
+    assert cfg.train.steps == 100 and cfg.model.decoder.layers == 2
     assert [s.pattern for s in cfg.data.sources] == ["a.tar", "b.tar"]
     assert cfg.train.lr == 1e-3  # untouched default
 
@@ -60,6 +64,82 @@ def test_yaml_file_errors(tmp_path):
 def test_malformed_override():
     with pytest.raises(ConfigError, match="expected key.path=value"):
         parse_overrides(["train.steps"])
+
+
+def test_a_key_given_twice_is_an_error():
+    with pytest.raises(ConfigError, match=r"^train\.steps: given 2 times \(5, 7\); give each key once$"):
+        parse_overrides(["train.steps=5", "train.steps=7"])
+    with pytest.raises(ConfigError, match=r"^data\.sources: given 2 times"):  # not next to each other
+        parse_overrides(["data.sources=/d/a-1.tar", "train.steps=5", "data.sources=/d/a-2.tar"])
+
+
+def _bash_words(text: str, cwd, expand: bool = True) -> list[str]:
+    """The words bash passes to a command for `text`: with brace expansion and globbing (a glob that
+    matches nothing is an error, as in zsh), or (`expand=False`) with quote removal only."""
+    options = "shopt -s failglob" if expand else "set -f +B"
+    proc = subprocess.run(["bash", "-c", f"{options}; printf '%s\\0' {text}"], cwd=cwd, capture_output=True,
+                          text=True, timeout=30)
+    return proc.stdout.split("\0")[:-1] if proc.returncode == 0 else [f"bash failed: {proc.stderr.strip()}"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("key,pattern", [
+    ("data.sources", "/d/train-{000..127}.tar"),  # the README's single-pattern example, unquoted
+    ("data.eval_sources", "/d/eval-{8..12}.tar"),
+    ("data.sources", "/d/{laion,cc12m}-000.tar"),
+    ("data.sources", "[/d/a-{00..10..2}.tar]"),
+])
+def test_a_brace_pattern_the_shell_expanded_says_to_quote_it(key, pattern, tmp_path, capsys):
+    words = _bash_words(f"{key}={pattern}", tmp_path)  # what bash makes of it unquoted
+    assert len(words) > 1
+    assert _bash_words(f"{key}='{pattern}'", tmp_path) == [f"{key}={pattern}"]  # quoted: one word
+    code = main([str(ROOT / "configs" / "tiny.yaml"), *words, "--print-config"])
+    err = capsys.readouterr().err
+    _assert_one_clear_line(code, err, f"{key}: given {len(words)} times")
+    assert f"quote it: {key}='{pattern}'" in err
+
+
+def _readme_commands() -> list[str]:
+    """The README's shell lines (```bash blocks, `&&` split) and its inline `key.path=value` examples."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines() if line.strip()]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S).replace("\n", " ")
+    inline = [c for c in re.findall(r"`([^`]+)`", prose) if re.search(r"\w\.\w+=", c)]
+    return [part for line in lines + inline for part in line.split(" && ")]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_readme_examples_work_pasted_into_bash(tmp_path):
+    """Patterns with braces or brackets are quoted: bash passes every word as it is written."""
+    commands = _readme_commands()
+    assert any("data.sources=" in c for c in commands)
+    for command in commands:
+        assert _bash_words(command, tmp_path) == _bash_words(command, tmp_path, expand=False), command
+
+
+def test_a_config_path_that_is_not_a_yaml_text_file_is_one_line(tmp_path, capsys):
+    assert main([str(tmp_path), "--print-config"]) == 2
+    _assert_one_clear_line(2, capsys.readouterr().err, f"{tmp_path}: a directory; expected a YAML file")
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"train:\n  steps: 3\n\xff\xfe\x00\x01")
+    code = main([str(binary), "--print-config"])
+    _assert_one_clear_line(code, capsys.readouterr().err, f"{binary}: not UTF-8 text (byte 0xff on line 3)")
+
+
+def test_a_model_too_large_for_this_machine_is_refused_with_the_estimate(tmp_path, capsys):
+    """Refused from the config's sizes before anything is allocated or read (no data is needed)."""
+    code = main([str(ROOT / "configs" / "tiny.yaml"), f"run.dir={tmp_path}", "train.device=cpu",
+                 f"data.demo.cache_dir={tmp_path / 'no-demo'}", "model.image.width=1000000000"])
+    err = capsys.readouterr().err
+    _assert_one_clear_line(code, err, "GB")
+    assert re.search(r"over [\d,.]+ GB.* more than the [\d,.]+ GB of memory", err), err
+    assert not (tmp_path / "no-demo").exists()
+    code = main([str(ROOT / "configs" / "tiny.yaml"), f"run.dir={tmp_path}", "train.device=cpu",
+                 f"data.demo.cache_dir={tmp_path / 'no-demo'}", "model.image.width=1000000"])
+    err = capsys.readouterr().err
+    _assert_one_clear_line(code, err, "model: 24,000,161,627,904 parameters")  # counted on the meta device
+    assert re.search(r"need [\d,.]+ GB .* more than the [\d,.]+ GB of memory", err), err
 
 
 def test_cli_print_config_and_error(capsys):
@@ -124,8 +204,11 @@ CROSS_FIELD = [
     (["model.modalities=[image, image]"], "model.modalities"),
     (["model.modalities=[]"], "model.modalities"),
     (["model.modalities=[image, smell]"], "model.modalities[1]"),
-    (["model.image.std=[0.5, 0.5]"], "model.image.mean/std"),
-    (["model.image.std=[0.5, 0.0, 0.5]"], "model.image.mean/std"),
+    (["model.image.std=[0.5, 0.5]"], "model.image.std: [0.5, 0.5]"),  # the key given, not mean/std
+    (["model.image.std=[0.5, 0.0, 0.5]"], "model.image.std: [0.5, 0.0, 0.5]"),
+    (["model.image.mean=[0.5]"], "model.image.mean: [0.5]"),
+    (["model.modalities=[video]", "model.video.std=[1, -1, 1]"], "model.video.std: [1.0, -1.0, 1.0]"),
+    (["model.modalities=[video]", "model.video.mean=[0, 0]"], "model.video.mean: [0.0, 0.0]"),
     (["model.image.std=[.inf, 0.5, 0.5]"], "model.image.std[0]"),
     (["parallel.sp=3"], "parallel.sp"),
     (["objectives.contrastive_weight=0", "objectives.next_token_weight=0"], "objectives"),
@@ -133,6 +216,11 @@ CROSS_FIELD = [
     (["train.betas=[0.9, 1.0]"], "train.betas"),
     (["train.betas=[0.9, .nan]"], "train.betas[1]"),
     (["train.betas=0.9"], "train.betas"),
+    (["train.steps=10", "train.warmup_steps=10"], "train.warmup_steps: 10 is not below train.steps=10"),
+    (["train.steps=5", "train.warmup_steps=50"], "train.warmup_steps: 50 is not below train.steps=5"),
+    ([".steps=5"], "override '.steps=5': an empty key in the path"),
+    (["train..steps=5"], "override 'train..steps=5': an empty key in the path"),
+    (["train.steps.=5"], "override 'train.steps.=5': an empty key in the path"),
     (["data.max_tokens=10"], "data.max_tokens"),
     (["data.sources=[]"], "data.sources"),
     (["data.sources=[{pattern: a.tar, weight: 0}]"], "data.sources"),
