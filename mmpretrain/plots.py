@@ -25,16 +25,29 @@ def _configured_shares(run_dir: Path) -> dict[str, float]:
 
 
 def plot_curves(run_dir: Path) -> Path:
+    """Write run_dir/curves.png from the run's records so far."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(run_dir)
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def curves_figure(run_dir: Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     evals = _read_jsonl(run_dir / "eval" / "history.jsonl")
     mixed = any("source_share" in m for m in metrics)  # several data.sources: a third panel
-    fig, axes = plt.subplots(1, 3 if mixed else 2, figsize=(18 if mixed else 12, 4.5))
+    fig, axes = plt.subplots(1, 3 if mixed else 2, figsize=(18 if mixed else 12, 4.5), sharex=True)
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps (the axes share it)
     ax_loss, ax_r1 = axes[:2]
     steps = [m["step"] for m in metrics]
     terms = [k for k in (metrics[0] if metrics else {}) if k == "loss" or "/" in k or k == "next_token"]
@@ -64,7 +77,4 @@ def plot_curves(run_dir: Path) -> Path:
                     ylim=(0, 1))
         axes[2].legend(fontsize=8)
     fig.tight_layout()
-    out = run_dir / "curves.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig

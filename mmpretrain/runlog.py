@@ -12,16 +12,18 @@ class RunLog:
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self.history_path = Path(run_dir) / "eval" / "history.jsonl"
         self.enabled = enabled
-        self._metrics = None
-        if enabled:
-            self.history_path.parent.mkdir(parents=True, exist_ok=True)
+        self._metrics = None  # nothing is written (no folder made) before the first record
 
     def trim(self, step: int) -> None:
         """Drop records past `step`: a resumed run rewrites what its checkpoint does not cover."""
         for records in (self.metrics_path, self.history_path):
-            if self.enabled and records.exists():
-                keep = [l for l in records.read_text().splitlines() if json.loads(l)["step"] <= step]
-                records.write_text("".join(l + "\n" for l in keep))
+            self._drop_from(records, step + 1)
+
+    def _drop_from(self, records: Path, step: int) -> None:
+        """Drop the records of `step` and later."""
+        if self.enabled and records.exists():
+            keep = [l for l in records.read_text().splitlines() if json.loads(l)["step"] < step]
+            records.write_text("".join(l + "\n" for l in keep))
 
     def metrics(self, record: dict) -> None:
         if self.enabled:
@@ -31,7 +33,10 @@ class RunLog:
             self._metrics.flush()
 
     def eval(self, step: int, results: dict) -> None:
+        """One record per step: a finished run started again evaluates its last step again."""
+        self._drop_from(self.history_path, step)
         if self.enabled:
+            self.history_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.history_path, "a") as f:
                 f.write(json.dumps({"step": step, **results}) + "\n")
 

@@ -1,6 +1,8 @@
 """Pretraining entry point.
 
     python -m mmpretrain.train configs/text_image_audio.yaml [key.path=value ...] [--print-config]
+    mmpretrain-train text_image_audio train.steps=50        # a shipped config by name, from any folder
+    python -m mmpretrain.train --print-config train.steps=100  # no config file: the built-in defaults
     torchrun --nproc_per_node N -m mmpretrain.train configs/text_image_audio.yaml
 
 Reads like the data flow: config -> data -> model -> parallelize -> loop ->
@@ -29,12 +31,12 @@ from torch.distributed.checkpoint.state_dict import (
 
 from mmpretrain import checkpoint, parallel
 from mmpretrain.attention import resolve_backend
-from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_yaml
+from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_dict, to_yaml
 from mmpretrain.data import BatchStream, resolve_sources
-from mmpretrain.data.sources import train_sources
+from mmpretrain.data.sources import check_data, train_sources
 from mmpretrain.eval.retrieval import evaluate, format_table, probe_eval
 from mmpretrain.export import export_model
-from mmpretrain.model import MultimodalModel, split_legacy_objectives
+from mmpretrain.model import MultimodalModel, check_memory, split_legacy_objectives
 from mmpretrain.objectives import Objectives, PretrainingTask
 from mmpretrain.optim import build_optimizer, build_scheduler
 from mmpretrain.packing import RowLayout
@@ -76,9 +78,11 @@ class Trainer:
         self.cfg, self.env, self.device = cfg, env, device
         self.run_dir = cfg.run_dir
         self.tokenizer = Tokenizer(cfg.model.text)
+        check_memory(cfg, self.tokenizer.vocab_size, device, env.world_size)  # before anything is allocated
         self.resume_from, self.init_from = resume_path(cfg), init_path(cfg)
         self.train_sources = train_sources(cfg.data)
         self.eval_urls = resolve_sources(cfg.data, "eval")
+        check_data(cfg, self.train_sources, self.eval_urls, env.dp_size, env.is_main)  # before the model
         probe_eval(self.eval_urls, cfg, self.tokenizer)  # before step 1, not after the last
         try:
             resolve_backend(cfg.model.attention.backend, device.type)
@@ -115,18 +119,25 @@ class Trainer:
     def local_state(self) -> dict:
         """This rank's own part of a checkpoint (the tensors go through DCP)."""
         return {"scheduler": self.scheduler.state_dict(), "step": self.step, "data": self.stream.state_dict(),
-                "rng": rng_state()}
+                "sources": [to_dict(s) for s in self.cfg.data.sources], "rng": rng_state()}
 
     def maybe_resume(self) -> None:
-        """Load the checkpoint `train.resume` names, if any; records past its step are dropped
-        (all of them when there is none), so metrics.jsonl holds each step once."""
+        """Load the checkpoint `train.resume` names, if any, or the weights `train.init_from` names,
+        each checked against this config (model, data.sources) before run() writes anything; records
+        past its step are dropped (all of them when there is none), so metrics.jsonl holds each step
+        once."""
         if self.resume_from is not None:
             self.check_compatible(self.resume_from)
             state = checkpoint.load_checkpoint(self.resume_from, self.task, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
-            if state["writers"] == self.env.world_size:
-                self.stream.load_state_dict(state["data"])
+            same_ranks = state["writers"] == self.env.world_size
+            if same_ranks:
                 set_rng_state(state["rng"])
+            if not self.keeps_data(state.get("sources")):
+                log.warning("train.resume_data=reset: the data start afresh (epoch 0 of data.sources); "
+                            "weights, optimizer and step are the checkpoint's")
+            elif same_ranks:
+                self.stream.load_state_dict(state["data"])
             else:  # see BatchStream.reshard for the rule
                 self.stream.reshard([st["data"] for st in state.get("all", [state])])
             self.step = state["step"]
@@ -145,6 +156,19 @@ class Trainer:
         if differ := describe(state_differences(self.task.state_dict(), weight_shapes(path))):
             raise ConfigError(f"train.resume: the checkpoint holds another model than this config builds "
                               f"({differ}); point run.name elsewhere, or train.resume=none to start afresh")
+
+    def keeps_data(self, theirs: list[dict] | None) -> bool:
+        """Whether the checkpoint's data position goes on: it was written for these data.sources
+        (`theirs`: the checkpoint's; None in checkpoints that did not record them). Other sources
+        are refused, or with train.resume_data=reset start afresh."""
+        ours = [to_dict(s) for s in self.cfg.data.sources]
+        if self.cfg.train.resume_data == "reset":
+            return theirs == ours
+        if theirs is not None and theirs != ours:
+            raise ConfigError(f"train.resume: the checkpoint's data position is in data.sources {_listed(theirs)}, "
+                              f"this config reads {_listed(ours)}; train.resume_data=reset starts the data afresh "
+                              f"(keeping weights, optimizer and step), or point run.name elsewhere")
+        return True
 
     def load_weights(self, path: Path) -> None:
         """Continued pretraining: every tensor of the source that this model has (same name and
@@ -180,9 +204,10 @@ class Trainer:
             self.saver.wait()
         checkpoint.save_checkpoint(*args)
 
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        """Collective: the model's full tensors on the main rank (gathered from the shards)."""
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Collective: the task's full tensors (model.*, objectives.*) on the main rank (gathered
+        from the shards)."""
+        return get_model_state_dict(self.task, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batches) -> dict[str, float]:
@@ -227,8 +252,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
+        """Train from `self.step` (0, or where `maybe_resume` put it) to train.steps, then evaluate."""
         cfg = self.cfg.train
-        self.maybe_resume()
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         bar = _progress(cfg, self.step, self.env.is_main)
         try:
@@ -257,6 +282,7 @@ class Trainer:
         replicas = cfg.grad_accum * self.env.world_size // self.env.sp  # micro-batches per step
         batches = iter(self.stream)
         t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
+        t_start, first = t_last, self.step  # this session's pace, for the ETA
         while self.step < cfg.steps:
             values = self.train_step(batches)
             self.step += 1
@@ -275,6 +301,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
                                 refresh=False)
                 self.log.metrics(record)
+                if bar.disable and self.env.is_main:  # no bar (off, or not a terminal): a plain line
+                    pace = (time.perf_counter() - t_start) / (self.step - first)  # seconds per step
+                    log.info("%s", _log_line(record, cfg.steps, pace))
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                 r = self.evaluate()
                 bar.write(f"step {self.step}: " + "  ".join(f"{k} R@1={v['R@1']:.2f}" for k, v in r.items()))
@@ -282,6 +311,8 @@ class Trainer:
                 self.save(background=True)
             if self._any_rank(self.signalled is not None):
                 self.save()
+                if self.env.is_main:
+                    plot_curves(self.run_dir)  # what the run got to, as at its end
                 raise Preempted(f"stopped by a signal after step {self.step}; checkpoint written, "
                                 f"run the same command again to resume")
 
@@ -370,13 +401,30 @@ def describe(differences: dict[str, list[str]], kinds=("missing", "unexpected", 
                      for kind in kinds if (keys := differences[kind]))
 
 
-def _progress(cfg: TrainConfig, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
+def _listed(sources: list[dict]) -> str:
+    """data.sources in a line: "[a-{000..009}.tar, b.tar (weight 0.3, name b)]"."""
+    def one(s):
+        extra = [f"{k} {s[k]}" for k, default in (("weight", 1.0), ("name", "")) if s[k] != default]
+        return s["pattern"] + (f" ({', '.join(extra)})" if extra else "")
 
-    # redraw often on a terminal, rarely into a log file
+    return "[" + ", ".join(one(s) for s in sources) + "]"
+
+
+def _progress(cfg: TrainConfig, initial: int, enabled: bool):
+    """The progress bar, on a terminal only; without it `_loop` logs `_log_line`s (cluster logs)."""
+    from tqdm import tqdm
+
     return tqdm(total=cfg.steps, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                disable=not (enabled and cfg.progress), file=sys.stdout,
-                mininterval=0.5 if sys.stdout.isatty() else 30)
+                file=sys.stdout, disable=not (enabled and cfg.progress and sys.stdout.isatty()), mininterval=0.5)
+
+
+def _log_line(record: dict, steps: int, seconds_per_step: float) -> str:
+    """"step 20/400  loss 3.2140  lr 1.00e-03  512 samples/s  ETA 04:10": one per logged step."""
+    from tqdm import tqdm
+
+    eta = tqdm.format_interval(seconds_per_step * (steps - record["step"]))
+    return (f"step {record['step']}/{steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"{record['samples_per_s']:.0f} samples/s  ETA {eta}")
 
 
 def run(cfg: Config) -> dict:
@@ -387,18 +435,18 @@ def run(cfg: Config) -> dict:
         device = torch.device("cuda", env.local_rank)
     random.seed(cfg.run.seed + env.rank)
     run_dir = cfg.run_dir
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        log.info("run folder %s", run_dir)
     try:
         trainer = Trainer(cfg, env, device)
+        trainer.maybe_resume()  # the last checks (what it starts from fits this config): then the run folder
         n_params = sum(p.numel() for p in trainer.model.parameters())
         if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+            log.info("run folder %s", run_dir)
             log.info("model: %.1fM parameters, modalities %s, device %s, %d process(es)",
                      n_params / 1e6, cfg.model.modalities, device, env.world_size)
         results = trainer.fit()
-        state = trainer.full_model_state()
+        state = trainer.full_state()
         if env.is_main:
             (run_dir / "eval" / "retrieval.json").write_text(json.dumps(results, indent=1))
             export_model(state, cfg, run_dir / "export")
@@ -412,17 +460,40 @@ def run(cfg: Config) -> dict:
         parallel.cleanup()
 
 
+SHIPPED = Path(__file__).parent / "configs"  # package data; configs/ in a clone is the same folder
+
+
+def shipped_configs() -> str:
+    return ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml")))
+
+
+def config_path(arg: str) -> Path:
+    """A config file, or the name of a shipped config (with or without .yaml), from any folder."""
+    path = Path(arg)
+    if path.exists():
+        return path
+    shipped = SHIPPED / (arg if arg.endswith(".yaml") else f"{arg}.yaml")
+    if path.name == arg and shipped.is_file():
+        return shipped
+    raise ConfigError(f"{arg}: no such config file; expected a YAML file or a shipped config's name "
+                      f"({shipped_configs()})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmpretrain.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", help="YAML config file (default: built-in defaults)")
+    p.add_argument("config", nargs="?", help="a YAML config file or a shipped config's name "
+                   f"({shipped_configs()}); none: the built-in defaults")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    config, overrides = args.config, args.overrides
+    if config is not None and "=" in config and not Path(config).exists():  # overrides only
+        config, overrides = None, [config, *overrides]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config and config_path(config), overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

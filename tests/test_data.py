@@ -1,13 +1,16 @@
+import itertools
 import json
+import re
 import io
 import random
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 import webdataset as wds
 
-from mmpretrain.config import SourceConfig
+from mmpretrain.config import ConfigError, SourceConfig
 from mmpretrain.data import BatchStream, eval_batches, resolve_sources
 from mmpretrain.data.demo import EVAL_CONCEPTS, demo_corpus, split_concepts
 from mmpretrain.tokenizer import Tokenizer
@@ -133,6 +136,61 @@ def test_stream_is_deterministic_and_resumes_exactly(tiny_cfg, tmp_path):
         got = next(rest)
         assert got.keys == expected.keys
         assert torch.equal(got.media["audio"], expected.media["audio"])
+
+
+def _two_epochs(tiny_cfg, tmp_path):
+    """30 samples in 6 shards of 5, batches of 4: one reader's epoch is 7 batches with 2 samples
+    left over; two readers' (one each of 2 ranks) 3 batches each with 3 left over; three
+    readers' 2 with 2 left over (so every rank of a run gets the same number of batches: agreeing
+    on an epoch's end, as `agree` does across processes, changes nothing here)."""
+    cfg = tiny_cfg("train.batch_size=4", "data.shuffle_buffer=10")
+    cfg.data.sources = [SourceConfig(write_shardwriter(tmp_path, [sample_dict(i) for i in range(30)], maxcount=5))]
+    return cfg, resolve_sources(cfg.data, "train"), Tokenizer(cfg.model.text)
+
+
+def _batches(stream, n: int) -> list[tuple[int, list[str]]]:
+    """(epoch, keys) of the next `n` batches of `stream`."""
+    return [(stream.epoch, batch.keys) for batch in itertools.islice(stream, n)]
+
+
+def test_resume_at_every_cut_of_two_epochs_on_one_process(tiny_cfg, tmp_path):
+    """Cut after every batch of two epochs, both epoch ends included (the resumed epoch has less
+    than a batch left: it goes on to the next): the resumed batches are the uninterrupted ones."""
+    cfg, urls, tok = _two_epochs(tiny_cfg, tmp_path)
+    whole = _batches(BatchStream(urls, cfg, tok, 4), 15)
+    assert [epoch for epoch, _ in whole] == [0] * 7 + [1] * 7 + [2]
+    for cut in range(1, 15):
+        stream = BatchStream(urls, cfg, tok, 4)
+        _batches(stream, cut)
+        resumed = BatchStream(urls, cfg, tok, 4)
+        resumed.load_state_dict(stream.state_dict())
+        assert _batches(resumed, 15 - cut) == whole[cut:], f"cut after batch {cut}"
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_resume_from_two_ranks_at_every_cut_of_two_epochs(tiny_cfg, tmp_path, new_world):
+    """Two ranks cut after every batch of two epochs (both epoch ends included), resumed on
+    `new_world` ranks: on 1, the interrupted epoch goes on with the old readers' batches not yet
+    delivered, each once (none at an epoch's end, where each holds less than a batch); on 3 (more
+    ranks than old readers) it ends there. Then the next epoch is the new ranks' own."""
+    cfg, urls, tok = _two_epochs(tiny_cfg, tmp_path)
+    old = [_batches(BatchStream(urls, cfg, tok, 4, r, 2), 6) for r in range(2)]  # 3 batches an epoch
+    per_epoch = 30 // new_world // 4
+    own = [_batches(BatchStream(urls, cfg, tok, 4, r, new_world), 3 * per_epoch) for r in range(new_world)]
+    for cut in range(1, 7):
+        states = []
+        for r in range(2):
+            stream = BatchStream(urls, cfg, tok, 4, r, 2)
+            _batches(stream, cut)
+            states.append(stream.state_dict())
+        epoch = (cut - 1) // 3
+        left = sorted(keys for r in range(2) for _, keys in old[r][cut:3 * epoch + 3]) if new_world == 1 else []
+        for r in range(new_world):
+            resumed = BatchStream(urls, cfg, tok, 4, r, new_world)
+            resumed.reshard(states)
+            got = _batches(resumed, len(left) + per_epoch)
+            assert sorted(keys for e, keys in got[:len(left)] if e == epoch) == left, f"cut after batch {cut}"
+            assert got[len(left):] == [b for b in own[r] if b[0] == epoch + 1], f"cut after batch {cut}"
 
 
 def test_demo_corpus_is_zero_shot(demo_cache, tmp_path):
@@ -432,3 +490,174 @@ def test_image_preprocessing_equals_torchvisions_transforms():
             levels = (got[split] * std + mean) * 255 - ref[split].float()  # in grey levels
             assert got[split].shape == (3, 32, 32) and got[split].dtype == torch.float32
             assert levels.abs().mean() < 0.1 and levels.abs().max() < 3.5, (split, (w, h))
+
+
+class ModelBuilt(Exception):
+    """The trainer got as far as building the model: the data checks passed."""
+
+
+def trainer_until_model(cfg, monkeypatch, dp_size=1):
+    """Trainer(cfg) up to its model: the data checks' ConfigError, or ModelBuilt once they pass."""
+    from mmpretrain import parallel, train
+
+    def built(*args, **kwargs):
+        raise ModelBuilt
+
+    monkeypatch.setattr(train, "MultimodalModel", built)
+    train.Trainer(cfg, parallel.DistEnv(dp_size=dp_size), torch.device("cpu"))
+
+
+def own_data_cfg(tiny_cfg, *patterns, overrides=()):
+    cfg = tiny_cfg(*overrides)
+    cfg.data.sources = [SourceConfig(p) for p in patterns]
+    return cfg
+
+
+def test_data_smaller_than_one_global_batch_is_refused_before_the_model(tiny_cfg, tmp_path, monkeypatch,
+                                                                        demo_cache, capsys):
+    from mmpretrain import train
+
+    pattern = write_shardwriter(tmp_path, [sample_dict(i) for i in range(10)], maxcount=4)  # 3 shards
+    monkeypatch.setattr(train, "MultimodalModel", lambda *a, **k: pytest.fail("the model was built"))
+    tiny = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+    code = train.main([tiny, f"data.sources=[{pattern!r}]", f"data.demo.cache_dir={demo_cache}",
+                       f"run.dir={tmp_path / 'runs'}", "train.device=cpu", "data.num_workers=0",
+                       "train.batch_size=16"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "config error: data.sources: 10 sample(s) in 3 shard(s)" in err and "train.batch_size=16" in err
+    cfg = own_data_cfg(tiny_cfg, pattern, overrides=["train.batch_size=8"])
+    with pytest.raises(ModelBuilt):  # 10 samples hold a batch of 8 on one rank ...
+        trainer_until_model(cfg, monkeypatch)
+    with pytest.raises(ConfigError, match=r"10 sample\(s\).*train.batch_size=8 x 2 data-parallel ranks = 16"):
+        trainer_until_model(cfg, monkeypatch, dp_size=2)  # ... not on two
+
+
+def test_data_check_reads_only_until_one_global_batch(tiny_cfg, tmp_path, monkeypatch):
+    from mmpretrain.data import sources
+
+    pattern = write_shardwriter(tmp_path, [sample_dict(i) for i in range(40)], maxcount=10)  # 4 shards
+    opened = []  # the shards the check opens by name (webdataset's reader opens streams)
+    real_open = sources.tarfile.open
+    monkeypatch.setattr(sources.tarfile, "open",
+                        lambda *a, **k: opened.append(k.get("name")) or real_open(*a, **k))
+    cfg = own_data_cfg(tiny_cfg, pattern, overrides=["train.batch_size=12"])
+    cfg.data.eval_sources = [str(tmp_path / "sw-000003.tar")]
+    with pytest.raises(ModelBuilt):
+        trainer_until_model(cfg, monkeypatch)
+    # 10 + 10 samples >= 12: the third training shard is never opened; then the eval shard
+    assert [Path(n).name for n in opened if n] == ["sw-000000.tar", "sw-000001.tar", "sw-000003.tar"]
+
+
+def test_own_data_evaluated_on_the_demo_corpus_says_so_before_training(tiny_cfg, tmp_path, monkeypatch,
+                                                                       caplog):
+    pattern = write_shardwriter(tmp_path, [sample_dict(i) for i in range(16)], maxcount=16)
+    note = "data.eval_sources is the built-in demo corpus"
+    for eval_sources, said in ((["demo"], True), ([pattern], False)):
+        cfg = own_data_cfg(tiny_cfg, pattern)
+        cfg.data.eval_sources = eval_sources
+        caplog.clear()
+        with caplog.at_level("INFO"), pytest.raises(ModelBuilt):
+            trainer_until_model(cfg, monkeypatch)
+        lines = [r.getMessage() for r in caplog.records if note in r.getMessage()]
+        assert len(lines) == (1 if said else 0) and "\n" not in "".join(lines)
+    caplog.clear()
+    with caplog.at_level("INFO"), pytest.raises(ModelBuilt):  # the demo on both sides: nothing to say
+        trainer_until_model(tiny_cfg(), monkeypatch)
+    assert not [r for r in caplog.records if note in r.getMessage()]
+
+
+def test_shard_paths_that_are_globs_folders_or_home_relative(tiny_cfg, tmp_path, monkeypatch):
+    write_shardwriter(tmp_path, [sample_dict(i) for i in range(16)], maxcount=8)
+    cases = {str(tmp_path / "sw-*.tar"): r"a glob.*2 file\(s\) match.*brace pattern",
+             str(tmp_path): r"is a folder.*2 \.tar file\(s\).*brace pattern",
+             "~/nowhere/sw-000000.tar":
+                 rf"'{tmp_path}/nowhere/sw-000000.tar' \(from '~/nowhere/sw-000000.tar'\)"}
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for pattern, hint in cases.items():
+        with pytest.raises(ConfigError, match=hint) as e:
+            trainer_until_model(own_data_cfg(tiny_cfg, pattern), monkeypatch)
+        assert "\n" not in str(e.value)
+    cfg = own_data_cfg(tiny_cfg, "~/sw-{000000..000001}.tar")
+    assert resolve_sources(cfg.data, "train") == [str(tmp_path / f"sw-00000{i}.tar") for i in range(2)]
+    with pytest.raises(ModelBuilt):
+        trainer_until_model(cfg, monkeypatch)
+
+
+def _serve(folder):
+    """An HTTP server on a free local port serving `folder`, in a thread -> (server, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_url_and_pipe_sources_that_cannot_be_opened_fail_at_once_naming_them(tiny_cfg, tmp_path, monkeypatch):
+    write_shardwriter(tmp_path, [sample_dict(i) for i in range(16)], maxcount=16)
+    server, base = _serve(tmp_path)
+    try:
+        for good in (f"{base}/sw-000000.tar", f"pipe:cat {tmp_path}/sw-000000.tar"):
+            with pytest.raises(ModelBuilt):
+                trainer_until_model(own_data_cfg(tiny_cfg, good), monkeypatch)
+        bad = {f"{base}/missing.tar": "HTTP 404",
+               f"http://127.0.0.1:{_closed_port()}/sw-000000.tar": "cannot be opened",
+               f"pipe:cat {tmp_path}/missing.tar": "exit status 1"}
+        for key in ("sources", "eval_sources"):
+            for url, why in bad.items():
+                cfg = tiny_cfg()
+                setattr(cfg.data, key, [SourceConfig(url)] if key == "sources" else [url])
+                with pytest.raises(ConfigError, match=re.escape(f"data.{key}: {url!r}") + f".*{why}") as e:
+                    trainer_until_model(cfg, monkeypatch)
+                assert "\n" not in str(e.value)
+    finally:
+        server.shutdown()
+
+
+def test_shards_with_no_usable_sample_are_one_line_naming_the_shard(tiny_cfg, tmp_path, monkeypatch):
+    write_shardwriter(tmp_path, [sample_dict(0)], maxcount=1)
+    whole = (tmp_path / "sw-000000.tar").read_bytes()
+    (tmp_path / "junk.tar").write_bytes(b"<html>403 Forbidden</html>" * 40)
+    (tmp_path / "zero.tar").write_bytes(b"")
+    with tarfile.open(tmp_path / "sw-000000.tar") as tar:
+        second = tar.getmembers()[1]
+    (tmp_path / "cut.tar").write_bytes(whole[:second.offset_data + second.size // 2])  # inside sample 1
+    write_tarfile(tmp_path / "empty.tar", [])
+    write_tarfile(tmp_path / "names.tar", [("README", b"no extension"), ("LICENSE", b"none either")])
+    cases = {"junk.tar": "is not a tar file", "zero.tar": r"is empty \(0 bytes\)",
+             "empty.tar": "is an empty tar", "cut.tar": "holds no complete sample",
+             "names.tar": "holds no sample"}
+    for name, why in cases.items():
+        path = str(tmp_path / name)
+        with pytest.raises(ConfigError, match=re.escape(f"data.sources: {path!r} ") + why) as e:
+            trainer_until_model(own_data_cfg(tiny_cfg, path), monkeypatch)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ModelBuilt):  # a bad shard among good ones is skipped at run time, as before
+        trainer_until_model(own_data_cfg(tiny_cfg, f"{tmp_path}/{{junk,sw-000000}}.tar",
+                                         overrides=["train.batch_size=1"]), monkeypatch)
+
+
+def test_unbalanced_braces_and_an_unwritable_demo_cache_are_config_errors(tiny_cfg, tmp_path):
+    from mmpretrain.data.sources import train_sources
+
+    cfg = own_data_cfg(tiny_cfg, str(tmp_path / "train-{000..003.tar"))
+    with pytest.raises(ConfigError, match=r"data.sources\[0\]: .*unbalanced braces"):
+        train_sources(cfg.data)
+    (tmp_path / "a-file").write_text("")
+    cfg = tiny_cfg()
+    cfg.data.demo.cache_dir = str(tmp_path / "a-file" / "cache")
+    with pytest.raises(ConfigError, match=r"data.demo.cache_dir: cannot write .*a-file/cache") as e:
+        train_sources(cfg.data)
+    assert "\n" not in str(e.value)

@@ -1,8 +1,9 @@
 """Structure the rest of the code relies on: import layering, the one owner of the packed row,
-weight-decay declarations, old checkpoints."""
+weight-decay declarations, old checkpoints, packaging (a wheel), what the docs and strings state."""
 
 import itertools
 import json
+import re
 import sys
 
 import pytest
@@ -85,9 +86,9 @@ def test_weight_decay_follows_module_declarations():
     assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
 
 
-def test_checkpoints_from_before_0_3_load(tiny_cfg, tmp_path):
-    """One state.pt from rank 0, written before DCP checkpoints, and before 0.2 (temperatures in
-    the model, as scalars): it resumes; another model's is refused, naming the tensors."""
+def test_single_file_checkpoints_load(tiny_cfg, tmp_path):
+    """One state.pt from rank 0, written before DCP checkpoints, with the temperatures still in
+    the model, as scalars: it resumes; another model's is refused, naming the tensors."""
     from mmpretrain import parallel, train
 
     trainer = train.Trainer(tiny_cfg(), parallel.DistEnv(), torch.device("cpu"))
@@ -110,3 +111,69 @@ def test_checkpoints_from_before_0_3_load(tiny_cfg, tmp_path):
     differ = r"train.resume: the checkpoint holds another model .*shape: model.towers.image.fusion.modality_embed \(32,\)"
     with pytest.raises(ConfigError, match=differ):
         other.maybe_resume()
+
+
+@pytest.mark.slow
+def test_a_wheel_ships_the_configs_and_runs_from_any_folder(tmp_path):
+    """Installed from a wheel (not an editable clone): the configs are package data, a shipped
+    config is found by name from another folder, and the console scripts run."""
+    import shutil
+    import zipfile
+
+    import mmpretrain
+
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the clone
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("mmpretrain", "configs"):
+        shutil.copytree(ROOT / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "dist"), "."]
+    proc = run(build, timeout=300, cwd=src)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wheel, = (tmp_path / "dist").glob(f"mmpretrain-{mmpretrain.__version__}-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert {f"mmpretrain/configs/{p.name}" for p in CONFIGS} <= set(names), names
+    assert "mmpretrain-train = mmpretrain.train:main" in entry_points
+    assert "mmpretrain-eval = mmpretrain.eval.retrieval:main" in entry_points
+
+    target, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    proc = run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    elsewhere.mkdir()
+    env = {"PYTHONPATH": str(target)}
+    where = run([sys.executable, "-c", "import mmpretrain; print(mmpretrain.__file__)"], timeout=120, env=env,
+                cwd=elsewhere)
+    assert where.stdout.startswith(str(target)), (where.stdout, where.stderr[-2000:])
+    for cmd in ([sys.executable, "-m", "mmpretrain.train", "text_image_audio", "--print-config"],
+                [str(target / "bin" / "mmpretrain-train"), "text_image_audio.yaml", "--print-config"]):
+        proc = run(cmd, timeout=120, env=env, cwd=elsewhere)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "name: demo" in proc.stdout, proc.stdout
+    proc = run([str(target / "bin" / "mmpretrain-eval"), "--help"], timeout=120, env=env, cwd=elsewhere)
+    assert proc.returncode == 0 and "--run" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_readme_and_the_main_config_give_the_same_time():
+    """The main job's time on 2 CPU cores, as the README's quickstart and the config's comment say it."""
+    minutes = r"about (\w+) minutes on 2 CPU cores"
+    readme = (ROOT / "README.md").read_text().split("## Quickstart")[1].split("\n## ")[0]
+    config = (ROOT / "configs" / "text_image_audio.yaml").read_text()
+    assert re.findall(minutes, readme)[:1] == re.findall(minutes, config), (re.findall(minutes, readme),
+                                                                            re.findall(minutes, config))
+
+
+def test_no_string_names_a_version_after_this_one():
+    """Wording such as "before 0.3" about formats must not name a version the package has not reached."""
+    import mmpretrain
+
+    current = tuple(int(x) for x in mmpretrain.__version__.split(".")[:2])
+    later = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+             for path in sorted((ROOT / "mmpretrain").rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             for major, minor in re.findall(r"(?:before |pre-|since |until )v?(\d+)\.(\d+)\b", line)
+             if (int(major), int(minor)) > current]
+    assert not later, "\n".join(later)

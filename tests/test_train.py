@@ -1,15 +1,18 @@
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+import webdataset as wds
 
 import mmpretrain
 from mmpretrain import train
 from mmpretrain.checkpoint import checkpoint_dirs, latest_checkpoint, read_tensors
+from mmpretrain.config import ConfigError
 
-from conftest import ROOT, run, run_until_crash
+from conftest import ROOT, run, run_until_crash, sample_dict
 
 
 def read_metrics(run_dir):
@@ -102,6 +105,69 @@ def test_resume_is_exact(tiny_cfg, monkeypatch):
     assert [m["loss"] for m in resumed] == reference  # bitwise, not approximately
 
 
+def write_shards(folder, name: str, samples: int, per_shard: int) -> str:
+    """Demo samples in webdataset shards written here -> their brace pattern."""
+    with wds.ShardWriter(str(folder / f"{name}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(samples):
+            sink.write(sample_dict(i))
+    return str(folder / f"{name}-{{000000..{(samples - 1) // per_shard:06d}}}.tar")
+
+
+def test_resume_at_the_end_of_an_epoch_goes_on_to_the_next(demo_cache, tmp_path):
+    """96 samples in 3 shards, batches of 16: 6 steps (one epoch, nothing left over), then the same
+    command with train.steps=8 resumes into the second epoch, where 8 steps in one go stand."""
+    sources = f"data.sources=[{write_shards(tmp_path, 'train', 96, 32)}]"
+    tiny = [str(ROOT / "configs" / "tiny.yaml"), f"data.demo.cache_dir={demo_cache}", f"run.dir={tmp_path / 'runs'}",
+            "train.device=cpu", "data.num_workers=0", sources, "train.batch_size=16"]
+    for name, steps in (("b", 6), ("b", 8), ("whole", 8)):
+        assert train.main([*tiny, f"run.name={name}", f"train.steps={steps}"]) == 0
+    assert [m["step"] for m in read_metrics(tmp_path / "runs" / "b")] == list(range(1, 9))
+    resumed, whole = (torch.load(latest_checkpoint(tmp_path / "runs" / name) / "rank_00000.pt", weights_only=True)
+                      for name in ("b", "whole"))
+    assert resumed["data"] == whole["data"] and resumed["data"]["epoch"] == 1  # the same samples read
+
+
+def test_a_refused_config_writes_nothing_into_the_run_folder(tiny_cfg):
+    """A resume refused (another model) leaves the run folder as it was, config.yaml included, and
+    makes no folder for a new run."""
+    first = tiny_cfg("train.steps=1", "run.name=first")
+    train.run(first)
+
+    def files(folder):
+        return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    before = files(first.run_dir)
+    with pytest.raises(ConfigError, match="another model"):
+        train.run(tiny_cfg("train.steps=2", "run.name=first", "model.decoder.width=64"))
+    assert files(first.run_dir) == before
+    other = tiny_cfg("run.name=other", f"train.resume={latest_checkpoint(first.run_dir)}", "model.decoder.width=64")
+    with pytest.raises(ConfigError, match="another model"):
+        train.run(other)
+    assert not other.run_dir.exists()
+
+
+def test_resume_on_other_data_sources_is_refused_unless_the_data_is_reset(tiny_cfg, tmp_path):
+    """Data positions belong to the checkpoint's sources: other sources are refused, naming both
+    lists; train.resume_data=reset starts the data afresh and keeps the weights, optimizer and step
+    (and a checkpoint of these same sources then resumes its data as usual)."""
+    first = tiny_cfg("train.steps=2", "run.name=data")
+    train.run(first)
+    pattern = write_shards(tmp_path, "other", 32, 32)
+    moved = ["run.name=data", f"data.sources=[{pattern}]"]
+    with pytest.raises(ConfigError, match=r"data.sources.*\[demo\].*" + re.escape(f"[{pattern}]")):
+        train.run(tiny_cfg(*moved, "train.steps=3"))
+    for steps in (3, 4):
+        train.run(tiny_cfg(*moved, f"train.steps={steps}", "train.resume_data=reset"))
+        ckpt = latest_checkpoint(first.run_dir)
+        data = torch.load(ckpt / "rank_00000.pt", weights_only=True)["data"]
+        assert (data["epoch"], data["batch_in_epoch"], data["drawn"]) == (0, steps - 2, {pattern: 16 * (steps - 2)})
+        optimizer_steps = {v.item() for k, v in read_tensors(ckpt, "optimizer.state.").items() if k.endswith(".step")}
+        assert optimizer_steps == {steps}
+    assert [m["step"] for m in read_metrics(first.run_dir)] == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="train.resume_data"):
+        tiny_cfg("train.resume_data=restart")
+
+
 def test_nonfinite_loss_stops_with_step_and_term(tiny_cfg, monkeypatch):
     cfg = tiny_cfg("run.name=nan")
     from mmpretrain.objectives import Objectives
@@ -176,3 +242,71 @@ def test_continued_pretraining_from_an_export_or_a_checkpoint(tiny_cfg, caplog):
     assert all(v.item() == 1 for k, v in steps.items() if k.endswith(".step"))  # a fresh optimizer
     assert train.main([str(ROOT / "configs" / "tiny.yaml"), f"run.dir={first.run.dir}", "train.init_from=/nowhere",
                        f"data.demo.cache_dir={first.data.demo.cache_dir}"]) == 2
+
+
+def test_print_config_with_overrides_and_no_config_file(capsys):
+    """`--print-config key=value` alone: the built-in defaults with the overrides, as --help says."""
+    from mmpretrain.config import load_config, to_yaml
+
+    assert train.main(["--print-config", "train.steps=70", "run.name=x"]) == 0
+    assert capsys.readouterr().out == to_yaml(load_config(None, ["train.steps=70", "run.name=x"]))
+
+
+def test_a_shipped_config_by_name_from_any_folder(capsys, tmp_path, monkeypatch):
+    from mmpretrain.config import load_config, to_yaml
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    expected = to_yaml(load_config(ROOT / "configs" / "text_image_audio.yaml", ["train.steps=70"]))
+    for name in ("text_image_audio", "text_image_audio.yaml"):
+        assert train.main([name, "train.steps=70", "--print-config"]) == 0
+        assert capsys.readouterr().out == expected
+    assert train.main(["text_image_audoi", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "text_image_audoi" in err and "text_image_audio, " in err, err
+
+
+@pytest.mark.parametrize("progress", ["true", "false"])
+def test_plain_log_line_per_log_every_without_a_bar(tiny_cfg, caplog, progress):
+    """Progress bar off, or stdout not a terminal (as under pytest): one log line per
+    train.log_every steps, with step, loss, lr, samples/s and ETA."""
+    cfg = tiny_cfg("train.steps=4", "train.log_every=2", f"train.progress={progress}", "run.name=plain")
+    with caplog.at_level("INFO", logger="mmpretrain"):
+        train.run(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"], lines
+    plain = r"step \d/4  loss \d+\.\d{4}  lr \d\.\d\de-\d\d  \d+ samples/s  ETA \d\d:\d\d"
+    assert all(re.fullmatch(plain, line) for line in lines), lines
+
+
+def test_rerunning_a_finished_run_appends_nothing(tiny_cfg):
+    cfg = tiny_cfg("train.steps=2", "train.eval_every=1", "run.name=again")
+    train.run(cfg)
+    records = {name: (cfg.run_dir / name).read_text() for name in ("metrics.jsonl", "eval/history.jsonl")}
+    assert [json.loads(l)["step"] for l in records["eval/history.jsonl"].splitlines()] == [1, 2]
+    train.run(cfg)
+    assert {name: (cfg.run_dir / name).read_text() for name in records} == records
+
+
+def test_a_signal_writes_curves_with_integer_step_ticks(tiny_cfg, monkeypatch):
+    import signal
+
+    from mmpretrain.plots import curves_figure
+
+    real = train.Trainer.train_step
+
+    def then_signal(self, batches):
+        values = real(self, batches)
+        if self.step == 2:  # steps 1 and 2 done: SIGTERM arrives during the third
+            self.signalled = signal.SIGTERM
+        return values
+
+    monkeypatch.setattr(train.Trainer, "train_step", then_signal)
+    cfg = tiny_cfg("train.steps=10", "train.eval_every=2", "run.name=stopped")
+    with pytest.raises(train.Preempted):
+        train.run(cfg)
+    assert (cfg.run_dir / "curves.png").is_file()
+    fig = curves_figure(cfg.run_dir)
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(t == int(t) for t in ticks), (ax.get_title(), ticks)

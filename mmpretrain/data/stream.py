@@ -136,7 +136,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             if budget:  # close the row before the sample that would overflow it
                 alone = layout.sample_tokens(sample, 0, parser.specs)  # as the first of a row
                 if alone > budget:
-                    skips("over_token_budget", f"{key}: {alone} tokens > data.max_tokens={budget}")
+                    skips("over_token_budget", f"{alone} tokens > data.max_tokens={budget}", raw)
                     continue
                 if used + need > budget:
                     yield close(n)
@@ -198,7 +198,7 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's own state, written by a run with the same ranks."""
-        if "positions" not in state:  # a checkpoint from before 0.3 (it replayed): the next epoch
+        if "positions" not in state:  # an older checkpoint (it replayed): the next epoch
             return self._next_epoch_after(state)
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.readers = tuple(state["readers"])
@@ -246,6 +246,9 @@ class BatchStream:
     def __iter__(self):
         workers = worker_count(self.cfg)
         while True:
+            # an epoch resumed part-way (positions known, on every rank alike) may have less than a
+            # batch left, none at its end: then the next epoch starts
+            resumed = bool(self.positions)
             ds = _EpochDataset(self.sources, self.cfg, self.tokenizer, self.batch_size, self.epoch, True,
                                self.rank, self.world, self.positions, self.batch_in_epoch, self.readers)
             batches, delivered = iter(_loader(ds, workers)), 0
@@ -254,7 +257,7 @@ class BatchStream:
                 self.drawn.update(batch.sources)  # delivered (another rank's end drops a taken batch)
                 yield batch
             del batches  # stops its workers
-            if delivered == 0:  # agreed, so every rank raises: none waits for the others
+            if delivered == 0 and not resumed:  # agreed, so every rank raises: none waits for the others
                 readers = self.world * max(1, workers)
                 raise RuntimeError(f"an epoch over {sum(len(s.urls) for s in self.sources)} shard(s) gave some "
                                    f"rank no full batch of {self.batch_size}: too little (readable) data for "
