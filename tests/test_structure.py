@@ -53,7 +53,7 @@ def test_budgeted_rows_are_the_rows_the_model_builds(path, variant, demo_cache):
     budget packs against) equals the length of the row the model builds from that batch."""
     cfg = load_config(path, TINY + VARIANTS[variant] + [
         f"data.demo.cache_dir={demo_cache}", "data.demo.variants_per_concept=1", "data.shuffle_buffer=0",
-        "train.batch_size=12", "model.decoder.heads=2"])
+        "train.batch_size=12"])
     tok = Tokenizer(cfg.model.text)
     ds = _EpochDataset(resolve_sources(cfg.data, "train"), cfg, tok, cfg.train.batch_size, 0, train=True)
     model = MultimodalModel(cfg.model, tok.vocab_size).eval()

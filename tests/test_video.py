@@ -22,8 +22,9 @@ from conftest import ROOT, flac_bytes
 
 
 def video_cfg(*overrides):
-    return load_config(None, ["model.modalities=[video]", "model.video.num_frames=4", "model.video.tubelet=2",
-                              *overrides]).model.video
+    given = {o.split("=", 1)[0] for o in overrides}  # a test's own value replaces a default here
+    defaults = ["model.modalities=[video]", "model.video.num_frames=4", "model.video.tubelet=2"]
+    return load_config(None, [d for d in defaults if d.split("=", 1)[0] not in given] + list(overrides)).model.video
 
 
 def numbered_frames(n, size=32) -> list[np.ndarray]:
