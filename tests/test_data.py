@@ -41,6 +41,19 @@ def all_eval(cfg, pattern):
     return list(eval_batches(resolve_sources(cfg.data, "eval"), cfg, tok, batch_size=4))
 
 
+def test_tokenizer_equals_open_clips_and_caches_per_caption(tiny_cfg):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = Tokenizer(tiny_cfg().model.text)
+    ref = SimpleTokenizer(context_length=tok.context_length)
+    texts = ["a red circle", "", "  Café &amp; crème\u2019s   ", "one " * 40, "a red circle"]
+    tokens, lengths = tok(texts)
+    assert torch.equal(tokens, ref(texts)) and tokens.dtype == torch.long
+    assert lengths.tolist() == [int((row != 0).sum()) for row in tokens]
+    assert lengths[3] == tok.context_length and tokens[3, -1] == tok.eot_id  # truncated, eot kept
+    assert tok._caption_ids.cache_info().hits == 1  # the repeated caption
+
+
 def test_reads_shardwriter_shards(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
     samples = [sample_dict(i) for i in range(10)]
