@@ -43,10 +43,8 @@ VIT_B_16 = Shapes(224, 16, 768, 12, 12, 77, 512, 12, 8, 512)  # open_clip's ViT-
 
 def build_ours(batch: int, s: Shapes = TINY, device: str = "cpu", compile: bool = False):
     from mmpretrain.batch import collate
+    from mmpretrain.build import build_task
     from mmpretrain.config import load_config
-    from mmpretrain.model import MultimodalModel
-    from mmpretrain.objectives import Objectives, PretrainingTask
-    from mmpretrain.packing import RowLayout
     from mmpretrain.parallel.compile import apply_compile
     from mmpretrain.tokenizer import Tokenizer
 
@@ -58,10 +56,9 @@ def build_ours(batch: int, s: Shapes = TINY, device: str = "cpu", compile: bool 
         f"model.decoder.width={s.text_width}", f"model.decoder.layers={s.text_layers}",
         f"model.decoder.heads={s.text_heads}", "objectives.next_token_weight=0", "objectives.media_pairs=false"])
     tok = Tokenizer(cfg.model.text)
-    model = MultimodalModel(cfg.model, tok.vocab_size)
-    task = PretrainingTask(model, Objectives(model.modalities, cfg.objectives), RowLayout.from_config(cfg)).to(device)
+    task = build_task(cfg, tok.vocab_size).to(device)
     if compile:
-        apply_compile(model, device)
+        apply_compile(task.model, device)
     g = torch.Generator().manual_seed(0)
     samples = []
     for i in range(batch):

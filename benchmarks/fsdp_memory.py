@@ -50,12 +50,8 @@ def _worker(rank: int, world: int, port: int, mode: str, width: int, layers: int
                       LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
     from mmpretrain import parallel
+    from mmpretrain.build import build
     from mmpretrain.config import load_config
-    from mmpretrain.model import MultimodalModel
-    from mmpretrain.objectives import Objectives, PretrainingTask
-    from mmpretrain.optim import build_optimizer
-    from mmpretrain.packing import RowLayout
-    from mmpretrain.parallel.fsdp import materialize
     from mmpretrain.tokenizer import Tokenizer
 
     cfg = load_config(None, [f"model.decoder.width={width}", f"model.decoder.layers={layers}",
@@ -64,17 +60,10 @@ def _worker(rank: int, world: int, port: int, mode: str, width: int, layers: int
     tok = Tokenizer(cfg.model.text)
     batch = _batch(cfg, tok)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    sharded = parallel.sharded(env, cfg.parallel)
-    torch.manual_seed(0)
-    with torch.device("meta") if sharded else torch.device("cpu"):
-        model = MultimodalModel(cfg.model, tok.vocab_size)
-        task = PretrainingTask(model, Objectives(model.modalities, cfg.objectives), RowLayout.from_config(cfg))
-    loss_fn = parallel.parallelize(task, env, cfg.parallel)
-    if sharded:
-        materialize(task, torch.device("cpu"), seed=rank)
-    optimizer = build_optimizer(task, cfg.train)
+    built = build(cfg, env, torch.device("cpu"), tok)  # FSDP2: on meta, sharded, then allocated shard by shard
+    task, optimizer = built.task, built.optimizer
     for _ in range(2):
-        loss, _ = loss_fn(batch)
+        loss, _ = built.wrapped(batch)
         loss.backward()
         optimizer.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

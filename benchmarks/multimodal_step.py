@@ -3,7 +3,8 @@
     python benchmarks/multimodal_step.py                 # CUDA: realistic size, compiled; CPU: tiny, eager
     python benchmarks/multimodal_step.py --size tiny --steps 5
 
-(a) Full step: image ViT (ViT-B/16 at 224 px on CUDA), audio through the spectrogram transformer
+(a) Full step, the trainer's own (`build.train_step`: clipping, temperature clamp and schedule
+    included): image ViT (ViT-B/16 at 224 px on CUDA), audio through the spectrogram transformer
     (10 s clips, 128 mels, 16x16 patches, ViT-B width), a decoder (~1B on CUDA: width 2048, 18
     layers), both objectives, bf16 autocast on CUDA, each block compiled (`--compile`, default on
     CUDA). Prints samples/s, packed tokens/s and MFU, with
@@ -26,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -63,16 +65,14 @@ def timed(step, n: int, device: str) -> float:
 
 def full_step(size: str, batch: int, device: str, compile: bool):
     from mmpretrain.batch import collate
+    from mmpretrain.build import build, train_step
     from mmpretrain.config import load_config
     from mmpretrain.data.samples import SampleParser
-    from mmpretrain.model import MultimodalModel
-    from mmpretrain.objectives import Objectives, PretrainingTask
-    from mmpretrain.optim import build_optimizer
     from mmpretrain.packing import RowLayout
-    from mmpretrain.parallel.compile import apply_compile
+    from mmpretrain.parallel import DistEnv
     from mmpretrain.tokenizer import Tokenizer
 
-    cfg = load_config(None, SIZES[size])
+    cfg = load_config(None, [*SIZES[size], f"parallel.compile={'on' if compile else 'off'}"])
     tok = Tokenizer(cfg.model.text)
     shapes = SampleParser(cfg, False, tok).media_shapes()
     layout = RowLayout.from_config(cfg)
@@ -90,23 +90,14 @@ def full_step(size: str, batch: int, device: str, compile: bool):
                             **{m: torch.randn(shape, generator=g) for m, shape in shapes.items()}})
         batches.append(collate(samples, shapes, cfg.model.text.context_length).to(device))
         rows.append(sum(layout.sample_tokens(s, i, specs) for i, s in enumerate(samples)))
-    model = MultimodalModel(cfg.model, tok.vocab_size)
-    task = PretrainingTask(model, Objectives(model.modalities, cfg.objectives), layout).to(device)
-    if compile:
-        apply_compile(model, device)
-    opt = build_optimizer(task, cfg.train)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
-    turn = iter(range(10**9))
+    b = build(cfg, DistEnv(), torch.device(device), tok)  # the trainer's objects, seeded with run.seed
+    turn = itertools.cycle(batches)
 
-    def step():
-        with autocast:
-            loss, _ = task(batches[next(turn) % len(batches)])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step():  # the trainer's step: clipping, temperature clamp and schedule included
+        train_step(b.task, b.wrapped, b.optimizer, b.scheduler, b.autocast, turn, cfg.train)
 
-    params = sum(p.numel() for p in task.parameters())
-    return step, task, batches, autocast, params, rows
+    params = sum(p.numel() for p in b.task.parameters())
+    return step, b.task, batches, b.autocast, params, rows
 
 
 def count_flops(task, data, autocast) -> int:

@@ -20,17 +20,17 @@ sequences. Kernels:
   (N, L_max) batch with a causal+padding mask, so memory is O(N * L_max^2), not
   O(T^2) as a single block-diagonal mask over the whole row would be.
 
-`auto` picks by measurement (DESIGN.md; `benchmarks/attention_gpu.py` re-measures):
-one sequence per row goes to SDPA `is_causal` (cuDNN, the fastest measured);
-packed rows go to xformers where its kernels load, else `varlen_attn` on CUDA,
-else SDPA's padded path. The measured rule for FlexAttention (one H100, 64k tokens,
-16 heads x 128, fwd+bwd, against SDPA `is_causal` over the documents as a batch;
-benchmarks/RESULTS.md): flex 0.73x / 0.85x / 0.93x vs varlen 0.64x / 0.77x / 0.95x
-at 2,048 / 512 / 128-token documents, so flex wins once documents average 256
-tokens or more (`FLEX_MIN_MEAN_DOC`). `auto` applies that rule only once
-`FLEX_IN_AUTO` is set, after `pytest -m cuda` has passed the flex kernel on a
-GPU: until then it is chosen only when asked for. It logs once which kernel runs and why. Tests force
-each path with the `backend` argument.
+`auto` picks by measurement (benchmarks/RESULTS.md; `benchmarks/attention_gpu.py`
+re-measures): one sequence per row goes to SDPA `is_causal` (cuDNN, the fastest
+measured); packed rows go to xformers where its kernels load, else `varlen_attn` on
+CUDA, else SDPA's padded path. The measured rule for FlexAttention (one H100, 64k
+tokens, 16 heads x 128, fwd+bwd, against SDPA `is_causal` over the documents as a
+batch; benchmarks/RESULTS.md): flex 0.73x / 0.85x / 0.93x vs varlen 0.64x / 0.77x /
+0.95x at 2,048 / 512 / 128-token documents, so flex wins once documents average 256
+tokens or more. `auto` does not apply that rule until `pytest -m cuda` has passed the
+flex kernel on a GPU (see `AttentionConfig.backend`): until then flex runs only when
+asked for. It logs once which kernel runs and why. Tests force each path with the
+`backend` argument.
 
 Dtypes: each kernel declares what it accepts (`KERNEL_DTYPES`; flash-based
 `varlen_attn` takes only fp16/bf16). Inputs in another dtype (fp32 evaluation
@@ -52,8 +52,6 @@ from mmpretrain.packing import Packing
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "xformers", "varlen", "flex", "sdpa")
-FLEX_IN_AUTO = False  # flip once tests/test_cuda.py has passed "flex" on a GPU (see above)
-FLEX_MIN_MEAN_DOC = 256  # tokens per document from which flex beat varlen (H100, see above)
 
 
 def _sdpa_packed(q, k, v, packing: Packing) -> torch.Tensor:
@@ -97,17 +95,18 @@ def _document_mask(doc: torch.Tensor):
 
 
 def block_mask(packing: Packing):
-    """The row's FlexAttention BlockMask, built on first use and kept on the Packing, which
+    """The row's FlexAttention BlockMask, built on first use and kept by the Packing, which
     every layer of one forward shares."""
-    if packing._block_mask is None:
-        from torch.nn.attention.flex_attention import create_block_mask
+    return packing.block_mask(_build_block_mask)
 
-        t = int(packing.cu_seqlens[-1])
-        doc = torch.repeat_interleave(torch.arange(packing.num_seqs, device=packing.cu_seqlens.device),
-                                      packing.lengths)
-        packing._block_mask = create_block_mask(_document_mask(doc), None, None, t, t,
-                                                device=packing.cu_seqlens.device)
-    return packing._block_mask
+
+def _build_block_mask(packing: Packing):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    t = int(packing.cu_seqlens[-1])
+    doc = torch.repeat_interleave(torch.arange(packing.num_seqs, device=packing.cu_seqlens.device),
+                                  packing.lengths)
+    return create_block_mask(_document_mask(doc), None, None, t, t, device=packing.cu_seqlens.device)
 
 
 @functools.cache
@@ -204,8 +203,6 @@ def packed_causal_attention(q, k, v, packing: Packing, backend: str = "auto",
     kernel = resolved or resolve_backend(backend, q.device.type)
     if backend == "auto" and packing.num_seqs == 1:
         kernel = "sdpa"
-    elif backend == "auto" and FLEX_IN_AUTO and kernel != "sdpa" and len(q) >= FLEX_MIN_MEAN_DOC * packing.num_seqs:
-        kernel = "flex"  # long documents: flex measured faster than varlen (module docstring)
     if q.dtype in KERNEL_DTYPES[kernel]:
         return KERNELS[kernel](q, k, v, packing)
     _log_cast(kernel, q.dtype)

@@ -19,7 +19,9 @@ With `train.async_checkpoint`, periodic checkpoints are written in the backgroun
 (`AsyncCheckpointer`) and completed at the next one; the last checkpoint of a run is written
 at once.
 
-Older folders hold one `state.pt` (full state dicts from rank 0); they still load.
+`train.init_from` reads a checkpoint or an export alike (`weight_shapes`, `read_weights`,
+`load_weights`); `check_compatible` refuses, before `train.resume` loads anything, a checkpoint
+of another model.
 """
 
 from __future__ import annotations
@@ -44,15 +46,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from mmpretrain.config import ConfigError
+
 # DCP says so on every single-process save and load, which is this module's ordinary case
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _NAME = re.compile(r"^step_(\d{8})$")
 MARKER = "complete"
-LEGACY = "state.pt"
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (Path(path) / MARKER).is_file() or (Path(path) / LEGACY).is_file()
+    return (Path(path) / MARKER).is_file()
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -159,8 +162,6 @@ def tensor_shapes(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor a checkpoint holds, as meta tensors of its (global) shape and dtype."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    if (Path(path) / LEGACY).is_file():
-        return {k: v.to("meta") for k, v in _legacy(path)[0].items()}
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     return {k: torch.empty(m.size, dtype=m.properties.dtype, device="meta")
             for k, m in meta.items() if isinstance(m, TensorStorageMetadata)}
@@ -169,25 +170,9 @@ def tensor_shapes(path: Path) -> dict[str, torch.Tensor]:
 def read_tensors(path: Path, prefix: str = "task.") -> dict[str, torch.Tensor]:
     """The full tensors under `prefix` of a checkpoint, in this process alone (no process group
     needed, whatever number of ranks wrote it): for export, init_from and consolidate."""
-    path = Path(path)
-    if (path / LEGACY).is_file():
-        flat = _legacy(path)[0]
-    else:
-        flat = {k: torch.empty(t.shape, dtype=t.dtype) for k, t in tensor_shapes(path).items() if k.startswith(prefix)}
-        dcp.load(flat, checkpoint_id=path, no_dist=True)
+    flat = {k: torch.empty(t.shape, dtype=t.dtype) for k, t in tensor_shapes(path).items() if k.startswith(prefix)}
+    dcp.load(flat, checkpoint_id=Path(path), no_dist=True)
     return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-
-
-def _legacy(path: Path) -> tuple[dict, dict]:
-    """An older folder's one `state.pt` -> ({"task.model.*", "task.objectives.*": tensor}, the rest)."""
-    from mmpretrain.model import split_legacy_objectives
-
-    state = torch.load(Path(path) / LEGACY, map_location="cpu", weights_only=True)
-    if "objectives" not in state:  # older still: the temperatures lived in the model
-        state["model"], state["objectives"] = split_legacy_objectives(state["model"])
-    tensors = {f"task.{part}.{k}": v for part in ("model", "objectives") for k, v in state.pop(part).items()}
-    return {k: v.reshape(1) if k.startswith("task.objectives.") and v.ndim == 0 else v  # scalars then
-            for k, v in tensors.items()}, state
 
 
 def load_checkpoint(path: Path, task: nn.Module, optimizer) -> dict:
@@ -196,8 +181,6 @@ def load_checkpoint(path: Path, task: nn.Module, optimizer) -> dict:
     `writers` (the writing run's rank count) and, when that differs from this run's, `all`:
     every writer's state (the data stream shares theirs out)."""
     path = Path(path)
-    if (path / LEGACY).is_file():
-        return _load_legacy(path, task, optimizer)
     rank, world = _rank()
     state = _tensors(task, optimizer)
     dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
@@ -209,13 +192,78 @@ def load_checkpoint(path: Path, task: nn.Module, optimizer) -> dict:
     return every[rank if rank < writers else 0] | {"writers": writers, "all": every}
 
 
-def _load_legacy(path: Path, task: nn.Module, optimizer) -> dict:
-    """An older folder's one `state.pt` (full state dicts) -> this rank's state, as `load_checkpoint`."""
-    tensors, state = _legacy(path)
-    full = {k[len("task."):]: v for k, v in tensors.items()}
-    set_model_state_dict(task, full, options=StateDictOptions(full_state_dict=True))
-    optimizer.load_state_dict(state.pop("optimizer"))
-    return state | {"writers": 1}
+def weight_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """`read_weights`' tensors as meta tensors of their shapes, from the source's metadata alone
+    (an export's dtypes are not read: only shapes are compared)."""
+    if is_checkpoint(path):
+        return {k[len("task."):]: v for k, v in tensor_shapes(path).items() if k.startswith("task.")}
+    from safetensors import safe_open
+
+    with safe_open(Path(path) / "model.safetensors", framework="pt") as f:
+        return {f"model.{k}": torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+
+
+def read_weights(path: Path, keep) -> dict[str, torch.Tensor]:
+    """The task tensors named in `keep` ("model.*", "objectives.*") of a checkpoint, or of an
+    export (its model's)."""
+    if is_checkpoint(path):
+        tensors = read_tensors(path, "task.")
+    else:
+        from safetensors.torch import load_file
+
+        tensors = {f"model.{k}": v for k, v in load_file(Path(path) / "model.safetensors").items()}
+    return {k: v for k, v in tensors.items() if k in keep}
+
+
+def module_of(key: str) -> str:
+    """A task parameter's module, two levels into the model: towers.video, decoder.blocks,
+    objectives.logit_scale, ..."""
+    return ".".join(key.removeprefix("model.").split(".")[:2])
+
+
+def state_differences(expected: dict, found: dict) -> dict[str, list[str]]:
+    """What keeps `found` from loading where `expected` is: missing, unexpected, reshaped keys."""
+    return {"missing": [k for k in expected if k not in found],
+            "unexpected": [k for k in found if k not in expected],
+            "shape": [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                      if k in found and found[k].shape != v.shape]}
+
+
+def describe_differences(differences: dict[str, list[str]], kinds=("missing", "unexpected", "shape")) -> str:
+    """"missing: a, b; shape: c (2,) vs (3,) ..." for the given kinds; "" when there are none."""
+    return "; ".join(f"{kind}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                     for kind in kinds if (keys := differences[kind]))
+
+
+def check_compatible(task: nn.Module, path: Path) -> None:
+    """`train.resume`: refuse a checkpoint of another model than `task` (names, shapes), before
+    anything is loaded."""
+    if differ := describe_differences(state_differences(task.state_dict(), weight_shapes(path))):
+        raise ConfigError(f"train.resume: the checkpoint holds another model than this config builds "
+                          f"({differ}); point run.name elsewhere, or train.resume=none to start afresh")
+
+
+def load_weights(task: nn.Module, path: Path, rank: int, world_size: int) -> str:
+    """`train.init_from`: every tensor of the source (a checkpoint or an export) that `task` has,
+    same name and shape, is loaded; the rest keeps its fresh initialisation. Collective: every
+    rank checks the shapes from the source's metadata, rank 0 alone reads the tensors and
+    `set_model_state_dict` broadcasts them one by one, each rank keeping its shard (FSDP2) or its
+    copy (DDP): no rank but the first holds the full model in memory. Returns the line to log:
+    what was loaded, what starts afresh, what the source holds beyond this model."""
+    found = weight_shapes(path)
+    own = task.state_dict()
+    differ = state_differences(own, found)
+    if reshaped := describe_differences(differ, ("shape",)):
+        raise ConfigError(f"train.init_from: {path} holds tensors of other shapes than this config "
+                          f"builds ({reshaped})")
+    tensors = read_weights(path, keep=own.keys()) if rank == 0 else {}
+    set_model_state_dict(task, tensors, options=StateDictOptions(
+        full_state_dict=True, strict=False, broadcast_from_rank0=world_size > 1))
+    new = sorted({module_of(k) for k in differ["missing"]})
+    unused = sorted({module_of(k) for k in differ["unexpected"]})
+    return (f"train.init_from {path}: {sum(k in found for k in own)} of {len(own)} tensors loaded"
+            + (f"; initialised afresh: {', '.join(new)}" if new else "")
+            + (f"; in the source but not in this model: {', '.join(unused)}" if unused else ""))
 
 
 def consolidate(path: Path, out: Path) -> Path:
@@ -230,19 +278,14 @@ def consolidate(path: Path, out: Path) -> Path:
 def describe(path: Path) -> str:
     """What a checkpoint holds, in a few lines (for `info`)."""
     path = Path(path)
-    if (path / LEGACY).is_file():
-        shapes, state = _legacy(path)
-        step, writers = state["step"], 1
-    else:
-        shapes, state = tensor_shapes(path), torch.load(path / "rank_00000.pt", weights_only=True)
-        marker = json.loads((path / MARKER).read_text())
-        step, writers = marker["step"], marker["world_size"]
+    shapes, state = tensor_shapes(path), torch.load(path / "rank_00000.pt", weights_only=True)
+    marker = json.loads((path / MARKER).read_text())
+    step, writers = marker["step"], marker["world_size"]
     model = {k: v for k, v in shapes.items() if k.startswith("task.model.")}
     towers = sorted({k.split(".")[3] for k in model if k.startswith("task.model.towers.")})
     params = sum(v.numel() for v in model.values())
     data = state.get("data", {})
-    lines = [f"{path}: step {step}, written by {writers} process(es)"
-             + ("" if (path / LEGACY).is_file() else f" ({len(list(path.glob('*.distcp')))} shard files)"),
+    lines = [f"{path}: step {step}, written by {writers} process(es) ({len(list(path.glob('*.distcp')))} shard files)",
              f"model: {params / 1e6:.1f}M parameters in {len(model)} tensors; towers: {', '.join(towers)}",
              f"optimizer: {sum(1 for k in shapes if k.startswith('optimizer.'))} state tensors",
              f"data: epoch {data.get('epoch', '?')}, {data.get('batch_in_epoch', '?')} batches into it"

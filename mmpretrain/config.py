@@ -94,94 +94,6 @@ class DataConfig:
 
 
 @dataclass
-class ImageEncoderConfig:
-    """A timm VisionTransformer and the preprocessing it was trained with."""
-
-    image_size: int = _check(8, default=32)
-    patch_size: int = _check(1, default=4)
-    width: int = _check(8, default=128)
-    depth: int = _check(1, default=4)
-    heads: int = _check(1, default=4)
-    mlp_ratio: float = _check(1.0, default=4.0)
-    # CLIP's ViT (open_clip's VisionTransformer) in timm's: a LayerNorm before the blocks (ln_pre;
-    # timm's pre_norm, which drops the patch bias) and open_clip's initialisation (PyTorch's default
-    # for linear layers, Xavier for the attention input, class token and position embedding drawn
-    # with std width^-0.5) instead of timm's (truncated normal 0.02). At the demo's sizes the
-    # timm-style tower learned object layout far more slowly (benchmarks/RESULTS.md, learning
-    # against open_clip).
-    pre_norm: bool = True
-    init: Literal["clip", "timm"] = "clip"
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    max_pixels: int = _check(1, default=64_000_000)  # decompression-bomb guard
-
-
-@dataclass
-class AudioEncoderConfig:
-    """An AST-style spectrogram transformer and its log-mel front end."""
-
-    sample_rate: int = _check(1000, default=16000)
-    clip_seconds: float = _check(0.1, default=1.0)
-    n_mels: int = _check(8, default=64)
-    win_ms: float = _check(1.0, default=25.0)
-    hop_ms: float = _check(1.0, default=10.0)
-    patch_freq: int = _check(1, default=8)
-    patch_time: int = _check(1, default=10)
-    width: int = _check(8, default=128)
-    depth: int = _check(1, default=4)
-    heads: int = _check(1, default=4)
-    mlp_ratio: float = _check(1.0, default=4.0)
-    # log-mel normalisation (AST normalises with data-set statistics)
-    mel_mean: float = -4.0
-    mel_std: float = _check(1e-6, default=4.0)
-    min_seconds: float = _check(0.0, default=0.1)  # shorter clips are skipped as audio_too_short
-
-    @property
-    def clip_samples(self) -> int:
-        """Samples in one clip at sample_rate."""
-        return int(round(self.sample_rate * self.clip_seconds))
-
-    @property
-    def win_samples(self) -> int:
-        return int(self.sample_rate * self.win_ms / 1000)
-
-    @property
-    def hop_samples(self) -> int:
-        return int(self.sample_rate * self.hop_ms / 1000)
-
-    @property
-    def frames(self) -> int:
-        """Spectrogram frames of one clip (center=True framing); needs hop_samples >= 1."""
-        return self.clip_samples // self.hop_samples + 1
-
-
-@dataclass
-class VideoEncoderConfig:
-    """A frame sampler (PyAV decoding of only the span needed) and a space-time ViT."""
-
-    frame_size: int = _check(8, default=32)
-    patch_size: int = _check(1, default=8)
-    num_frames: int = _check(1, default=8)
-    tubelet: int = _check(1, default=2)  # frames per space-time patch
-    # segments: the span split into num_frames equal segments, a random frame of each in training,
-    # the middle one in evaluation (TSN); fps: num_frames at `fps` from a random (train) or
-    # centred (eval) start. Clips shorter than needed repeat their last frame.
-    mode: Literal["segments", "fps"] = "segments"
-    fps: float = _check(0.1, default=4.0)
-    span_seconds: float = _check(0.0, default=0.0)  # segments: 0 = the whole clip
-    width: int = _check(8, default=128)
-    depth: int = _check(1, default=4)
-    heads: int = _check(1, default=4)
-    mlp_ratio: float = _check(1.0, default=4.0)
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    max_pixels: int = _check(1, default=8_294_400)  # per frame (4K), read from metadata before decoding
-    max_seconds: float = _check(0.1, default=3600.0)  # longer videos are refused before decoding
-    init_from_image: bool = False  # start from the image encoder's weights (temporal embedding at 0)
-    pre_norm: bool = True  # a LayerNorm before the blocks, no patch bias (as model.image.pre_norm)
-
-
-@dataclass
 class TextConfig:
     tokenizer: Literal["openclip"] = "openclip"
     context_length: int = _check(4, 77, default=24)
@@ -216,20 +128,39 @@ class DecoderConfig:
 @dataclass
 class AttentionConfig:
     # auto: SDPA is_causal for one sequence per row; packed rows: xformers where its CUDA
-    # kernels load, else torch varlen_attn on CUDA, else SDPA with a padded batch.
+    # kernels load, else torch varlen_attn on CUDA, else SDPA with a padded batch. auto never
+    # picks flex for now. Its measured rule (one H100, benchmarks/RESULTS.md), once `pytest -m
+    # cuda` (tests/test_cuda.py, run by benchmarks/gpu_check.py) has passed flex on a GPU: flex for
+    # packed rows on CUDA whose documents average 256 tokens or more, where it beat varlen
+    # (benchmarks/attention_gpu.py re-measures).
     backend: Literal["auto", "xformers", "varlen", "flex", "sdpa"] = "auto"
+
+
+def _modalities() -> dict:
+    """The registered modalities: name -> ModalitySpec (mmpretrain.encoders.MODALITIES)."""
+    from mmpretrain.encoders import MODALITIES  # here: the modalities' config sections import this module
+
+    return MODALITIES
 
 
 @dataclass
 class ModelConfig:
-    modalities: list[Literal["image", "audio", "video"]] = field(default_factory=lambda: ["image", "audio"])
-    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
-    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
-    video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
+    """`modalities`: names of registered modalities (mmpretrain.encoders). `sections`: one per
+    registered modality, its spec's config dataclass (encoders/<name>.py), read and written in place
+    of this field as model.image, model.audio, ... and read as attributes (cfg.model.image)."""
+
+    modalities: list[str] = field(default_factory=lambda: ["image", "audio"])
+    sections: dict[str, Any] = field(default_factory=lambda: {m: s.config() for m, s in _modalities().items()})
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+    def __getattr__(self, name: str):
+        sections = self.__dict__.get("sections", {})
+        if name not in sections:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return sections[name]
 
 
 @dataclass
@@ -244,8 +175,10 @@ class ParallelConfig:
     # offload: full, with each block's saved input in host memory until backward (longest sequences)
     activation_checkpointing: Literal["none", "full", "selective", "offload"] = "none"
     tiled_mlp: int = _check(0, default=0)  # >0: decoder MLPs run over tiles of this many tokens
-    # torch.compile per block (decoder, encoder blocks, fusion). auto is off until
-    # benchmarks/gpu_check.py has run the compiled path on a GPU; then: on for CUDA, off on CPU.
+    # torch.compile per block (decoder, encoder blocks, fusion). auto is off for now. Its rule, once
+    # `pytest -m cuda` test_tiny_training_compiled_on_cuda (tests/test_cuda.py, run by
+    # benchmarks/gpu_check.py) has passed on a GPU: on for CUDA with parallel.sp=1 (Ulysses'
+    # collectives break graphs), off on CPU. Until then the compiled path is checked on CPU only.
     compile: Literal["auto", "on", "off"] = "auto"
 
 
@@ -364,17 +297,36 @@ def _coerce(value: Any, tp, path: str, meta=None):
     return value
 
 
-def _build(cls, data: dict, path: str = ""):
+def _schema(cls) -> dict[str, Any]:
+    """A dataclass's keys -> their types, in order. A ModelConfig's follow the registered
+    modalities: `modalities` takes their names, and their sections are keys of their own in the
+    place of `sections` (model.image, model.audio, ...)."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    schema = {}
+    for f in dataclasses.fields(cls):
+        if cls is ModelConfig and f.name == "modalities":
+            schema[f.name] = list[Literal[tuple(_modalities())]]
+        elif cls is ModelConfig and f.name == "sections":
+            schema.update({m: spec.config for m, spec in _modalities().items()})
+        else:
+            schema[f.name] = hints[f.name]
+    return schema
+
+
+def _build(cls, data: dict, path: str = ""):
+    schema = _schema(cls)
+    metadata = {f.name: f.metadata for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), schema, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{where}: unknown key{hint} (allowed: {', '.join(fields)})")
-        kwargs[key] = _coerce(value, hints[key], where, fields[key].metadata)
+            raise ConfigError(f"{where}: unknown key{hint} (allowed: {', '.join(schema)})")
+        kwargs[key] = _coerce(value, schema[key], where, metadata.get(key))
+    if cls is ModelConfig:  # every registered modality's section: as given, else its defaults
+        kwargs["sections"] = {m: kwargs.pop(m) if m in kwargs else spec.config()
+                              for m, spec in _modalities().items()}
     return cls(**kwargs)
 
 
@@ -532,13 +484,6 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _check_normalisation(section: str, mean: list[float], std: list[float]) -> None:
-    """Per-channel pixel normalisation: the error names the key at fault."""
-    for key, values in (("mean", mean), ("std", std)):
-        _require(len(values) == 3, f"{section}.{key}: {values}; expected 3 values, one per colour channel")
-    _require(all(x > 0 for x in std), f"{section}.std: {std}; expected values > 0")
-
-
 def validate(cfg: Config) -> Config:
     """Checks across fields: what the modules would assert later (geometry, divisibility), here,
     with the key path, the value and what is allowed."""
@@ -546,39 +491,11 @@ def validate(cfg: Config) -> Config:
     _require(len(m.modalities) > 0, "model.modalities: [] has no media modality; expected at least one")
     dup = sorted({x for x in m.modalities if m.modalities.count(x) > 1})
     _require(not dup, f"model.modalities: {m.modalities} lists {dup} twice; each modality once")
-    for name in m.modalities:
-        enc = getattr(m, name)
-        _require(enc.width % enc.heads == 0,
-                 f"model.{name}.heads: {enc.heads} does not divide model.{name}.width={enc.width}")
-        _require(enc.width % m.fusion.heads == 0,
-                 f"model.fusion.heads: {m.fusion.heads} does not divide model.{name}.width={enc.width}")
-    if "image" in m.modalities:
-        i = m.image
-        _require(i.image_size % i.patch_size == 0,
-                 f"model.image.patch_size: {i.patch_size} does not divide model.image.image_size={i.image_size}")
-        _check_normalisation("model.image", i.mean, i.std)
-    if "video" in m.modalities:
-        v = m.video
-        _require(v.frame_size % v.patch_size == 0,
-                 f"model.video.patch_size: {v.patch_size} does not divide model.video.frame_size={v.frame_size}")
-        _require(v.num_frames % v.tubelet == 0,
-                 f"model.video.tubelet: {v.tubelet} does not divide model.video.num_frames={v.num_frames}")
-        _check_normalisation("model.video", v.mean, v.std)
-        if v.init_from_image:
-            i = m.image
-            same = (v.width, v.depth, v.heads, v.mlp_ratio, v.patch_size, v.frame_size, v.pre_norm) == \
-                (i.width, i.depth, i.heads, i.mlp_ratio, i.patch_size, i.image_size, i.pre_norm)
-            _require("image" in m.modalities and same,
-                     "model.video.init_from_image: needs the image modality with the same width, depth, heads, "
-                     "mlp_ratio, patch_size, pre_norm and image_size (= frame_size)")
-    if "audio" in m.modalities:
-        a = m.audio
-        _require(a.n_mels % a.patch_freq == 0,
-                 f"model.audio.patch_freq: {a.patch_freq} does not divide model.audio.n_mels={a.n_mels}")
-        _require(a.hop_samples >= 1 and a.win_samples >= 1,
-                 f"model.audio.hop_ms/win_ms: {a.hop_ms}/{a.win_ms} ms is under one sample at {a.sample_rate} Hz")
-        _require(a.frames >= a.patch_time, f"model.audio.clip_seconds: {a.clip_seconds} s gives {a.frames} frames, "
-                                           f"fewer than one time patch (patch_time={a.patch_time})")
+    for name in m.modalities:  # its own checks (encoders/<name>.py), then the fusion's over its width
+        section = m.sections[name]
+        _modalities()[name].validate(section, m)
+        _require(section.width % m.fusion.heads == 0,
+                 f"model.fusion.heads: {m.fusion.heads} does not divide model.{name}.width={section.width}")
     d = m.decoder
     _require(d.width % d.heads == 0 and (d.width // d.heads) % 2 == 0,
              f"model.decoder.heads: {d.heads} does not split model.decoder.width={d.width} into heads of "
@@ -614,8 +531,20 @@ def config_from_dict(tree: dict) -> Config:
     return _build(Config, tree)
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg):
+    """A config, or any of its values, as plain data as YAML holds it: a ModelConfig's sections in
+    the place of `sections` (model.image, model.audio, ...)."""
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if isinstance(cfg, ModelConfig) and f.name == "sections":
+            out.update({m: to_dict(section) for m, section in cfg.sections.items()})
+        else:
+            out[f.name] = to_dict(getattr(cfg, f.name))
+    return out
 
 
 def to_yaml(cfg) -> str:

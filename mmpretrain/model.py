@@ -33,6 +33,10 @@ class MediaTower(nn.Module):
         self.encoder = spec.encoder(spec.section(cfg))
         self.fusion = ResamplerFusion(self.encoder.width, cfg.decoder.width, cfg.fusion)
 
+    def init_weights(self) -> None:
+        self.fusion.init_weights()
+        self.encoder.init_weights()
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> decoder tokens (B, K, C) and L2-normalised embedding (B, E)."""
         tokens, pooled = self.fusion(self.encoder(x))
@@ -54,13 +58,6 @@ class ModelOutput:
         return self.lm_hidden @ self.lm_head.t()
 
 
-def split_legacy_objectives(state: dict) -> tuple[dict, dict]:
-    """A model state dict of the older layout -> (model tensors, objectives tensors): the
-    temperatures (`logit_scale.*`) lived in the model then and belong to the objectives now."""
-    objectives = {k: v for k, v in state.items() if k.startswith("logit_scale.")}
-    return {k: v for k, v in state.items() if k not in objectives}, objectives
-
-
 class MultimodalModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
@@ -75,9 +72,20 @@ class MultimodalModel(nn.Module):
     def init_from_towers(self) -> None:
         """Encoders that start from another tower's weights (video from image) copy them."""
         encoders = {m: tower.encoder for m, tower in self.towers.items()}
-        for encoder in encoders.values():
-            if hasattr(encoder, "init_from"):
-                encoder.init_from(encoders)
+        for m, encoder in encoders.items():
+            if (init_from := MODALITIES[m].init_from) is not None:
+                init_from(encoder, encoders)
+
+    def init_weights(self) -> None:
+        """Each part's initialisation beyond PyTorch's `reset_parameters` (see
+        `PretrainingTask.init_weights`): the decoder's weights and rotary frequencies, the towers
+        from the last to the first (the order in which they have always drawn from the RNG), then
+        towers copied from others."""
+        self.decoder.init_weights()
+        self.decoder.init_buffers()
+        for tower in reversed(self.towers.values()):
+            tower.init_weights()
+        self.init_from_towers()
 
     @property
     def embed_dim(self) -> int:

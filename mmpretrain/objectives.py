@@ -94,16 +94,18 @@ def next_token_loss(out: ModelOutput, chunk: int = 2048) -> torch.Tensor:
 
 
 class Objectives(nn.Module):
-    """Weighted contrastive + next-token loss, with one learnable temperature per pair."""
+    """Weighted contrastive + next-token loss, with one learnable temperature per pair.
+    `gather_group`: the data-parallel group the contrastive loss gathers over (None: this process
+    alone)."""
 
-    def __init__(self, modalities: list[str], cfg: ObjectivesConfig):
+    def __init__(self, modalities: list[str], cfg: ObjectivesConfig, gather_group=None):
         super().__init__()
         self.cfg = cfg
         # stored as log(1/T) as in CLIP; shape (1,), not a scalar, so that FSDP2 can shard it
         self.logit_scale = nn.ParameterDict({
             f"{a}-{b}": nn.Parameter(torch.tensor([math.log(1 / cfg.init_temperature)]))
             for a, b in contrastive_pairs(modalities, cfg.media_pairs)})
-        self.gather_group = None  # the data-parallel group, handed over by parallel.parallelize
+        self.gather_group = gather_group
 
     def forward(self, out: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """-> (loss, {term: detached value}) for logging."""
@@ -138,6 +140,14 @@ class PretrainingTask(nn.Module):
     def __init__(self, model: MultimodalModel, objectives: Objectives, layout: RowLayout):
         super().__init__()
         self.model, self.objectives, self.layout = model, objectives, layout
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The initialisation of a task built on the meta device, once allocated and every module's
+        `reset_parameters` has run (parallel/fsdp.py `materialize`): each part that needs more has
+        an `init_weights` that its container calls, from here down."""
+        self.objectives.init_weights()
+        self.model.init_weights()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.objectives(self.model(batch, self.layout))

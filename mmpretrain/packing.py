@@ -19,6 +19,7 @@ below, so the two always agree on a row's length.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ class Packing:
     max_len: int
     positions: torch.Tensor  # (T,) position of each token inside its own sequence
     pad_index: torch.Tensor  # (T,) flat index of each token in an (N, max_len) grid
-    _block_mask: object = field(default=None, repr=False, compare=False)  # attention.block_mask's
+    _block_mask: object = field(default=None, repr=False, compare=False)  # see block_mask
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor | list[int], device=None) -> Packing:
@@ -55,6 +56,13 @@ class Packing:
     @property
     def num_seqs(self) -> int:
         return len(self.cu_seqlens) - 1
+
+    def block_mask(self, build: Callable[[Packing], object]) -> object:
+        """The row's attention mask (FlexAttention's BlockMask): `build(self)` on the first call, kept
+        for the later ones (every layer of one forward shares the row)."""
+        if self._block_mask is None:
+            self._block_mask = build(self)
+        return self._block_mask
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from mmpretrain.config import ModelConfig, _build, config_from_dict
 from mmpretrain.encoders import MODALITIES
-from mmpretrain.model import MediaTower, MultimodalModel, split_legacy_objectives
+from mmpretrain.model import MediaTower, MultimodalModel
 from mmpretrain.tokenizer import Tokenizer
 
 
@@ -31,7 +31,7 @@ class Pretrained(nn.Module):
         self.model = model.eval()
         self.cfg = model_cfg
         self.tokenizer = Tokenizer(model_cfg.text)
-        # pair -> exp(log(1/T)); None: the export predates exported temperatures
+        # pair -> exp(log(1/T)); None: none given (load_encoder's text tower)
         self.logit_scale = None if objectives is None else {
             k.removeprefix("logit_scale."): float(v.exp())
             for k, v in objectives.items() if k.startswith("logit_scale.")}
@@ -77,9 +77,8 @@ class Pretrained(nn.Module):
         a holds images, b texts; either order names the same temperature). probs: each row's
         softmax over b (zero-shot classification: a the images, b one prompt per class)."""
         if self.logit_scale is None:
-            raise RuntimeError("similarity: this export has no objectives.safetensors (written before the "
-                               "temperatures were exported); run the training command again to re-export it "
-                               "from its last checkpoint, or use a @ b.T for uncalibrated cosine similarity")
+            raise RuntimeError("similarity: this model has no learned temperatures (load_pretrained of a "
+                               "run's export/ has them); use a @ b.T for uncalibrated cosine similarity")
         x, _, y = pair.partition("-")
         scale = self.logit_scale.get(f"{x}-{y}", self.logit_scale.get(f"{y}-{x}"))
         if scale is None:
@@ -96,16 +95,13 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
     """`load_pretrained("runs/demo/export")` -> a `Pretrained` with encode_text / encode_<modality>
     and similarity."""
     path = Path(path)
-    if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"{path}: no model.safetensors here (expected a run's export/ folder)")
+    for name in ("model.safetensors", "objectives.safetensors"):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{path}: no {name} here (expected a run's export/ folder)")
     cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
     model = MultimodalModel(cfg.model, Tokenizer(cfg.model.text).vocab_size)
-    # older exports held the temperatures in the model file, as scalars
-    state, legacy = split_legacy_objectives(load_file(path / "model.safetensors"))
-    model.load_state_dict(state)
-    file = path / "objectives.safetensors"
-    objectives = load_file(file) if file.exists() else legacy or None
-    return Pretrained(model, cfg.model, objectives).to(device)
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    return Pretrained(model, cfg.model, load_file(path / "objectives.safetensors")).to(device)
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

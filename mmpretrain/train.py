@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import logging
 import random
@@ -26,20 +25,17 @@ import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    set_model_state_dict,
 )
 
 from mmpretrain import checkpoint, parallel
 from mmpretrain.attention import resolve_backend
+from mmpretrain.build import build, train_step
 from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_dict, to_yaml
 from mmpretrain.data import BatchStream, resolve_sources
 from mmpretrain.data.sources import check_data, train_sources
 from mmpretrain.eval.retrieval import evaluate, format_table, probe_eval
 from mmpretrain.export import export_model
-from mmpretrain.model import MultimodalModel, check_memory, split_legacy_objectives
-from mmpretrain.objectives import Objectives, PretrainingTask
-from mmpretrain.optim import build_optimizer, build_scheduler
-from mmpretrain.packing import RowLayout
+from mmpretrain.model import check_memory
 from mmpretrain.plots import plot_curves
 from mmpretrain.runlog import RunLog
 from mmpretrain.tokenizer import Tokenizer
@@ -90,24 +86,9 @@ class Trainer:
             raise ConfigError(f"model.attention.backend: {e}") from None
         self.stream = BatchStream(self.train_sources, cfg, self.tokenizer, cfg.train.batch_size,
                                   env.dp_rank, env.dp_size, agree=self._any_rank if env.world_size > 1 else None)
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-        self.sharded = parallel.sharded(env, cfg.parallel)
-        torch.manual_seed(cfg.run.seed)
-        # FSDP2: built on the meta device (no memory), sharded, then allocated shard by shard
-        with torch.device("meta") if self.sharded else contextlib.nullcontext():
-            self.model = MultimodalModel(cfg.model, self.tokenizer.vocab_size)
-            self.task = PretrainingTask(self.model, Objectives(self.model.modalities, cfg.objectives),
-                                        RowLayout.from_config(cfg))
-        if not self.sharded:
-            self.task.to(device)
-        self.loss = parallel.parallelize(self.task, env, cfg.parallel, device.type, bf16)
-        if self.sharded:
-            from mmpretrain.parallel.fsdp import materialize
-
-            materialize(self.task, device, seed=cfg.run.seed + env.rank)
-        self.optimizer = build_optimizer(self.task, cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        built = build(cfg, env, device, self.tokenizer)
+        self.task, self.wrapped = built.task, built.wrapped  # wrapped: what computes the loss (DDP, FSDP2)
+        self.optimizer, self.scheduler, self.autocast = built.optimizer, built.scheduler, built.autocast
         self.log = RunLog(self.run_dir, env.is_main)
         self.skips_logged: collections.Counter = collections.Counter()  # skips already in metrics.jsonl
         self.data_wait = 0.0  # seconds spent waiting for batches since the last record
@@ -127,13 +108,13 @@ class Trainer:
         past its step are dropped (all of them when there is none), so metrics.jsonl holds each step
         once."""
         if self.resume_from is not None:
-            self.check_compatible(self.resume_from)
+            checkpoint.check_compatible(self.task, self.resume_from)
             state = checkpoint.load_checkpoint(self.resume_from, self.task, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
             same_ranks = state["writers"] == self.env.world_size
             if same_ranks:
                 set_rng_state(state["rng"])
-            if not self.keeps_data(state.get("sources")):
+            if not self.keeps_data(state["sources"]):
                 log.warning("train.resume_data=reset: the data start afresh (epoch 0 of data.sources); "
                             "weights, optimizer and step are the checkpoint's")
             elif same_ranks:
@@ -149,48 +130,22 @@ class Trainer:
                             "evaluating and exporting it (raise train.steps to train on)",
                             self.step, self.cfg.train.steps)
         elif self.init_from is not None:
-            self.load_weights(self.init_from)
+            # fresh optimizer, schedule, data position and step
+            log.info("%s", checkpoint.load_weights(self.task, self.init_from, self.env.rank, self.env.world_size))
         self.log.trim(self.step)
 
-    def check_compatible(self, path: Path) -> None:
-        if differ := describe(state_differences(self.task.state_dict(), weight_shapes(path))):
-            raise ConfigError(f"train.resume: the checkpoint holds another model than this config builds "
-                              f"({differ}); point run.name elsewhere, or train.resume=none to start afresh")
-
-    def keeps_data(self, theirs: list[dict] | None) -> bool:
+    def keeps_data(self, theirs: list[dict]) -> bool:
         """Whether the checkpoint's data position goes on: it was written for these data.sources
-        (`theirs`: the checkpoint's; None in checkpoints that did not record them). Other sources
-        are refused, or with train.resume_data=reset start afresh."""
+        (`theirs`: the checkpoint's). Other sources are refused, or with train.resume_data=reset
+        start afresh."""
         ours = [to_dict(s) for s in self.cfg.data.sources]
         if self.cfg.train.resume_data == "reset":
             return theirs == ours
-        if theirs is not None and theirs != ours:
+        if theirs != ours:
             raise ConfigError(f"train.resume: the checkpoint's data position is in data.sources {_listed(theirs)}, "
                               f"this config reads {_listed(ours)}; train.resume_data=reset starts the data afresh "
                               f"(keeping weights, optimizer and step), or point run.name elsewhere")
         return True
-
-    def load_weights(self, path: Path) -> None:
-        """Continued pretraining: every tensor of the source that this model has (same name and
-        shape) is loaded; the rest of the model keeps its fresh initialisation, and both lists are
-        logged. Optimizer, schedule, data position and step start afresh. Collective: every rank
-        checks the shapes from the source's metadata, rank 0 alone reads the tensors and
-        `set_model_state_dict` broadcasts them one by one, each rank keeping its shard (FSDP2) or
-        its copy (DDP): no rank but the first holds the full model in memory."""
-        found = weight_shapes(path)
-        own = self.task.state_dict()
-        differ = state_differences(own, found)
-        if reshaped := describe(differ, ("shape",)):
-            raise ConfigError(f"train.init_from: {path} holds tensors of other shapes than this config "
-                              f"builds ({reshaped})")
-        tensors = read_weights(path, keep=own.keys()) if self.env.rank == 0 else {}
-        set_model_state_dict(self.task, tensors, options=StateDictOptions(
-            full_state_dict=True, strict=False, broadcast_from_rank0=self.env.world_size > 1))
-        new = sorted({_module_of(k) for k in differ["missing"]})
-        unused = sorted({_module_of(k) for k in differ["unexpected"]})
-        log.info("train.init_from %s: %d of %d tensors loaded%s%s", path, sum(k in found for k in own), len(own),
-                 f"; initialised afresh: {', '.join(new)}" if new else "",
-                 f"; in the source but not in this model: {', '.join(unused)}" if unused else "")
 
     def save(self, background: bool = False) -> None:
         """Collective: every rank writes its shards and its own state. `background` (with
@@ -211,42 +166,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batches) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches -> logged values."""
-        cfg = self.cfg.train
-        sums: dict[str, torch.Tensor] = {}
-        for _ in range(cfg.grad_accum):
+        """One optimizer step (`build.train_step`) -> logged values."""
+        return train_step(self.task, self.wrapped, self.optimizer, self.scheduler, self.autocast,
+                          self._on_device(batches), self.cfg.train, self.step)
+
+    def _on_device(self, batches):
+        """`batches` moved to the device, the time spent waiting for each added to `data_wait`."""
+        while True:
             waited = time.perf_counter()
             batch = next(batches).to(self.device, non_blocking=True)
             self.data_wait += time.perf_counter() - waited
-            with self.autocast:
-                loss, terms = self.loss(batch)
-            if parallel.any_rank(~torch.isfinite(loss.detach())):  # every rank takes the same branch
-                bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
-                if cfg.nan_policy == "stop":
-                    raise FloatingPointError(f"non-finite loss at step {self.step + 1} in {', '.join(bad)}: "
-                                             f"{ {k: float(v) for k, v in terms.items()} }")
-                self.optimizer.zero_grad(set_to_none=True)
-                log.warning("step %d: non-finite loss in %s, skipped", self.step + 1, ", ".join(bad))
-                return {}
-            (loss / cfg.grad_accum).backward()
-            counts = torch.tensor([float(batch.row_tokens), float(len(batch))], device=self.device)
-            stats = {"loss": loss.detach(), **terms, "tokens": counts[0], "samples": counts[1]}
-            if batch.row_budget:
-                stats["packing_efficiency"] = stats["tokens"] / batch.row_budget
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0) + v / cfg.grad_accum
-        if cfg.grad_clip > 0:  # over sharded gradients too (a DTensor norm under FSDP2)
-            norm = torch.nn.utils.clip_grad_norm_(self.task.parameters(), cfg.grad_clip)
-            sums["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.optimizer.step()
-        self.task.objectives.clamp_()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return {k: float(parallel.all_reduce_mean(v.float())) for k, v in sums.items()}
+            yield batch
 
     def evaluate(self) -> dict:
         with self.autocast:  # as in training: FSDP2's bf16 compute parameters need bf16 inputs
-            results = evaluate(self.model, self.cfg, self.tokenizer, self.eval_urls, self.device)
+            results = evaluate(self.task.model, self.cfg, self.tokenizer, self.eval_urls, self.device)
         self.log.eval(self.step, results)
         return results
 
@@ -355,52 +289,6 @@ def init_path(cfg: Config) -> Path | None:
     return path
 
 
-def weight_shapes(path: Path) -> dict[str, torch.Tensor]:
-    """`read_weights`' tensors as meta tensors of their shapes, from the source's metadata alone
-    (an export's dtypes are not read: only shapes are compared)."""
-    if checkpoint.is_checkpoint(path):
-        shapes = checkpoint.tensor_shapes(path)
-        return {k[len("task."):]: v for k, v in shapes.items() if k.startswith("task.")}
-    from safetensors import safe_open
-
-    with safe_open(path / "model.safetensors", framework="pt") as f:
-        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
-    return {f"model.{k}": v for k, v in split_legacy_objectives(shapes)[0].items()}
-
-
-def read_weights(path: Path, keep) -> dict[str, torch.Tensor]:
-    """The task tensors named in `keep` ("model.*", "objectives.*") of a checkpoint, or of an
-    export (its model's)."""
-    if checkpoint.is_checkpoint(path):
-        tensors = checkpoint.read_tensors(path, "task.")
-    else:
-        from safetensors.torch import load_file
-
-        model = split_legacy_objectives(load_file(path / "model.safetensors"))[0]
-        tensors = {f"model.{k}": v for k, v in model.items()}
-    return {k: v for k, v in tensors.items() if k in keep}
-
-
-def _module_of(key: str) -> str:
-    """A task parameter's module, two levels into the model: towers.video, decoder.blocks,
-    objectives.logit_scale, ..."""
-    return ".".join(key.removeprefix("model.").split(".")[:2])
-
-
-def state_differences(expected: dict, found: dict) -> dict[str, list[str]]:
-    """What keeps `found` from loading where `expected` is: missing, unexpected, reshaped keys."""
-    return {"missing": [k for k in expected if k not in found],
-            "unexpected": [k for k in found if k not in expected],
-            "shape": [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                      if k in found and found[k].shape != v.shape]}
-
-
-def describe(differences: dict[str, list[str]], kinds=("missing", "unexpected", "shape")) -> str:
-    """"missing: a, b; shape: c (2,) vs (3,) ..." for the given kinds; "" when there are none."""
-    return "; ".join(f"{kind}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                     for kind in kinds if (keys := differences[kind]))
-
-
 def _listed(sources: list[dict]) -> str:
     """data.sources in a line: "[a-{000..009}.tar, b.tar (weight 0.3, name b)]"."""
     def one(s):
@@ -438,7 +326,7 @@ def run(cfg: Config) -> dict:
     try:
         trainer = Trainer(cfg, env, device)
         trainer.maybe_resume()  # the last checks (what it starts from fits this config): then the run folder
-        n_params = sum(p.numel() for p in trainer.model.parameters())
+        n_params = sum(p.numel() for p in trainer.task.model.parameters())
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -158,7 +158,8 @@ def _schema_cases() -> list[tuple[list[str], str]]:
     import dataclasses
     import typing
 
-    from mmpretrain.config import Config
+    from mmpretrain.config import Config, ModelConfig
+    from mmpretrain.encoders import MODALITIES
 
     cases = []
 
@@ -166,6 +167,10 @@ def _schema_cases() -> list[tuple[list[str], str]]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             key, tp = f"{prefix}{f.name}", hints[f.name]
+            if cls is ModelConfig and f.name == "sections":  # model.image, model.audio, ...
+                for name, spec in MODALITIES.items():
+                    walk(spec.config, f"{prefix}{name}.")
+                continue
             if dataclasses.is_dataclass(tp):
                 walk(tp, key + ".")
                 continue

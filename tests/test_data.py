@@ -280,19 +280,17 @@ def test_interleaved_documents(tiny_cfg, tmp_path, demo_cache):
 
 
 def test_document_only_batch_trains(tiny_cfg, demo_cache):
-    from mmpretrain.model import MultimodalModel
-    from mmpretrain.objectives import Objectives, PretrainingTask
-    from mmpretrain.packing import RowLayout
+    from mmpretrain.build import build_task
 
     cfg = tiny_cfg("data.eval_sources=[demo-docs]")
     tok = Tokenizer(cfg.model.text)
     batch = next(iter(eval_batches(resolve_sources(cfg.data, "eval"), cfg, tok, batch_size=4)))
     assert len(batch.keys) == 0 and len(batch.documents) == 4
-    model = MultimodalModel(cfg.model, tok.vocab_size)
-    loss, terms = PretrainingTask(model, Objectives(model.modalities, cfg.objectives), RowLayout.from_config(cfg))(batch)
+    task = build_task(cfg, tok.vocab_size)
+    loss, terms = task(batch)
     assert set(terms) == {"next_token"} and torch.isfinite(loss)  # no pairs: nothing to contrast
     loss.backward()
-    assert model.towers["image"].encoder.vit.blocks[0].attn.qkv.weight.grad is not None
+    assert task.model.towers["image"].encoder.vit.blocks[0].attn.qkv.weight.grad is not None
 
 
 def test_worker_processes_split_shards_deterministically(tiny_cfg, tmp_path):
@@ -485,8 +483,7 @@ def test_image_preprocessing_equals_torchvisions_transforms():
     center_crop (eval) on the decoded tensor are the reference: equal up to rounding."""
     from torchvision.transforms.v2 import functional as TF
 
-    from mmpretrain.config import ImageEncoderConfig
-    from mmpretrain.encoders.image import ImagePreprocess
+    from mmpretrain.encoders.image import ImageEncoderConfig, ImagePreprocess
 
     cfg = ImageEncoderConfig(image_size=32, mean=[0.48, 0.46, 0.41], std=[0.27, 0.26, 0.28])
     mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
@@ -516,7 +513,7 @@ def trainer_until_model(cfg, monkeypatch, dp_size=1):
     def built(*args, **kwargs):
         raise ModelBuilt
 
-    monkeypatch.setattr(train, "MultimodalModel", built)
+    monkeypatch.setattr(train, "build", built)
     train.Trainer(cfg, parallel.DistEnv(dp_size=dp_size), torch.device("cpu"))
 
 
@@ -531,7 +528,7 @@ def test_data_smaller_than_one_global_batch_is_refused_before_the_model(tiny_cfg
     from mmpretrain import train
 
     pattern = write_shardwriter(tmp_path, [sample_dict(i) for i in range(10)], maxcount=4)  # 3 shards
-    monkeypatch.setattr(train, "MultimodalModel", lambda *a, **k: pytest.fail("the model was built"))
+    monkeypatch.setattr(train, "build", lambda *a, **k: pytest.fail("the model was built"))
     tiny = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
     code = train.main([tiny, f"data.sources=[{pattern!r}]", f"data.demo.cache_dir={demo_cache}",
                        f"run.dir={tmp_path / 'runs'}", "train.device=cpu", "data.num_workers=0",

@@ -14,9 +14,9 @@ import torch.nn as nn
 
 from mmpretrain import parallel
 from mmpretrain.config import ParallelConfig, load_config
-from mmpretrain.model import ModelOutput, MultimodalModel
-from mmpretrain.objectives import Objectives, PretrainingTask, contrastive_losses
-from mmpretrain.packing import RowLayout
+from mmpretrain.build import build_task
+from mmpretrain.model import ModelOutput
+from mmpretrain.objectives import contrastive_losses
 
 from conftest import ROOT, run, synthetic_batch
 
@@ -133,9 +133,7 @@ def _sp_setup(ckpt="none"):
     torch.manual_seed(0)
     batch, tok = synthetic_batch(cfg, n=5, partial=True)  # packed rows of uneven lengths
     torch.manual_seed(1)
-    model = MultimodalModel(cfg.model, tok.vocab_size)
-    return cfg, batch, PretrainingTask(model, Objectives(model.modalities, cfg.objectives),
-                                       RowLayout.from_config(cfg))
+    return cfg, batch, build_task(cfg, tok.vocab_size)
 
 
 def _loss_and_grads(batch, task, loss_module):

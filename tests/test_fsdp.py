@@ -10,11 +10,9 @@ from conftest import ROOT, run, synthetic_batch
 from test_distributed import SP_CFG, _join, _run_workers, _send, _torchrun
 
 from mmpretrain import checkpoint, parallel
+from mmpretrain.build import build_task
 from mmpretrain.config import ParallelConfig, load_config
-from mmpretrain.model import MultimodalModel
-from mmpretrain.objectives import Objectives, PretrainingTask
 from mmpretrain.optim import build_optimizer
-from mmpretrain.packing import RowLayout
 from mmpretrain.parallel.fsdp import materialize
 
 
@@ -22,8 +20,7 @@ def _task(ckpt="none", *extra):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", SP_CFG + [f"parallel.activation_checkpointing={ckpt}",
                                                               "parallel.dp_shard=fsdp", *extra])
     torch.manual_seed(1)
-    model = MultimodalModel(cfg.model, 49408)
-    return cfg, PretrainingTask(model, Objectives(model.modalities, cfg.objectives), RowLayout.from_config(cfg))
+    return cfg, build_task(cfg, 49408)
 
 
 def _batches(cfg, n):
@@ -43,9 +40,8 @@ def _full_grads(task):
 
 def _fsdp_worker(rank, world, port, sp, ckpt, queue):
     env = _join(rank, world, port, sp=sp)
-    cfg, task = _task(ckpt)
+    cfg, task = _task(ckpt)  # no gather group: each rank's loss on its own batch (the gather: its own test)
     loss_fn = parallel.parallelize(task, env, ParallelConfig(sp=sp, dp_shard="fsdp", activation_checkpointing=ckpt))
-    task.objectives.gather_group = None  # each dp rank's loss on its own batch (the gather has its own test)
     batch = _batches(cfg, env.dp_size)[env.dp_rank]
     loss, _ = loss_fn(batch)
     loss.backward()
@@ -110,7 +106,6 @@ def _ckpt_worker(rank, world, port, folder, write, queue):
     env = _join(rank, world, port)
     cfg, task = _task()
     loss_fn = parallel.parallelize(task, env, ParallelConfig(dp_shard="fsdp"))
-    task.objectives.gather_group = None
     optimizer = build_optimizer(task, cfg.train)
     batch = _batches(cfg, 1)[0]
 

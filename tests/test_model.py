@@ -6,8 +6,8 @@ from mmpretrain import packing
 from mmpretrain.config import ConfigError, load_config
 from mmpretrain.decoder import Decoder
 from mmpretrain.encoders import ImageEncoder
+from mmpretrain.build import build_task
 from mmpretrain.model import MultimodalModel
-from mmpretrain.objectives import Objectives
 from mmpretrain.packing import Packing, RowLayout
 
 from conftest import CONFIGS, TINY, synthetic_batch
@@ -17,12 +17,13 @@ from conftest import CONFIGS, TINY, synthetic_batch
 def test_forward_backward_every_config(path, partial):
     cfg = load_config(path, TINY)
     batch, tok = synthetic_batch(cfg, partial=partial)
-    model = MultimodalModel(cfg.model, tok.vocab_size)
-    out = model(batch, RowLayout.from_config(cfg))
+    task = build_task(cfg, tok.vocab_size)
+    model = task.model
+    out = model(batch, task.layout)
     for e in out.embeddings.values():
         assert e.shape == (len(batch), cfg.model.fusion.embed_dim)
         torch.testing.assert_close(e.norm(dim=-1), torch.ones(len(batch)))
-    loss, terms = Objectives(model.modalities, cfg.objectives)(out)
+    loss, terms = task.objectives(out)
     assert torch.isfinite(loss) and "next_token" in terms
     loss.backward()
     for name, p in model.named_parameters():
@@ -141,16 +142,13 @@ def test_compiled_blocks_equal_eager_without_graph_breaks():
 
     import torch._dynamo
 
-    from mmpretrain.objectives import Objectives, PretrainingTask
-    from mmpretrain.packing import RowLayout
     from mmpretrain.parallel.compile import apply_compile
 
     cfg = load_config(None, TINY + ["model.modalities=[image]", "objectives.next_token_max_samples=2"])
     torch.manual_seed(0)
     batches = [synthetic_batch(cfg, n=n)[0] for n in (4, 6, 5)]
     tok_vocab = synthetic_batch(cfg, n=1)[1].vocab_size
-    model = MultimodalModel(cfg.model, tok_vocab)
-    eager = PretrainingTask(model, Objectives(model.modalities, cfg.objectives), RowLayout.from_config(cfg))
+    eager = build_task(cfg, tok_vocab)
     compiled = copy.deepcopy(eager)
     apply_compile(compiled.model, "cpu")
     torch._dynamo.reset()
@@ -197,7 +195,8 @@ def test_learned_caption_positions_enter_every_caption():
 def test_embedding_pools_train_and_pool_what_they_name(pool):
     cfg = load_config(None, [*TINY, f"model.fusion.embed_pool={pool}"])
     batch, tok = synthetic_batch(cfg)
-    model = MultimodalModel(cfg.model, tok.vocab_size)
+    task = build_task(cfg, tok.vocab_size)
+    model = task.model
     tower = model.towers["image"]
     tokens = tower.encoder(batch.media["image"])
     fusion = tower.fusion
@@ -205,7 +204,7 @@ def test_embedding_pools_train_and_pool_what_they_name(pool):
               "attention": lambda: fusion.embed_attention(tokens)}[pool]()
     expected = torch.nn.functional.normalize(fusion.to_embedding(fusion.embed_norm(pooled)), dim=-1)
     torch.testing.assert_close(model.encode_media("image", batch.media["image"])[1], expected)
-    loss, _ = Objectives(model.modalities, cfg.objectives)(model(batch, RowLayout.from_config(cfg)))
+    loss, _ = task(batch)
     loss.backward()
     assert fusion.to_embedding.weight.grad is not None
     if pool == "attention":  # its own pool learns from the contrastive loss

@@ -89,17 +89,17 @@ def test_chunked_cross_entropy_equals_the_plain_one(chunk):
 
 
 def test_no_caption_rows_and_no_logits_without_the_next_token_objective():
+    from mmpretrain.build import build_task
     from mmpretrain.config import load_config
-    from mmpretrain.model import MultimodalModel
-    from mmpretrain.packing import RowLayout
 
     from conftest import TINY, synthetic_batch
 
     cfg = load_config(None, TINY + ["objectives.next_token_weight=0"])
     batch, tok = synthetic_batch(cfg, n=4)
-    layout = RowLayout.from_config(cfg)
-    out = MultimodalModel(cfg.model, tok.vocab_size)(batch, layout)
+    task = build_task(cfg, tok.vocab_size)
+    layout = task.layout
+    out = task.model(batch, layout)
     assert out.packed_tokens == int(batch.lengths.sum()) and len(out.lm_targets) == 0  # captions alone
-    loss, terms = Objectives(cfg.model.modalities, cfg.objectives)(out)
+    loss, terms = task.objectives(out)
     assert "next_token" not in terms and torch.isfinite(loss)
     assert [layout.pair_tokens(10, 2, i) for i in range(2)] == [10, 10]

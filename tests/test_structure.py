@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from mmpretrain.config import ConfigError, load_config
+from mmpretrain.config import load_config
 from mmpretrain.data.sources import resolve_sources
 from mmpretrain.data.stream import _EpochDataset
 from mmpretrain.model import MultimodalModel
@@ -84,33 +84,6 @@ def test_weight_decay_follows_module_declarations():
         f"towers.{m}.{n}" for m in ("image", "audio")
         for n in ("encoder.vit.cls_token", "encoder.vit.pos_embed", "fusion.pool.latent")}
     assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
-
-
-def test_single_file_checkpoints_load(tiny_cfg, tmp_path):
-    """One state.pt from rank 0, written before DCP checkpoints, with the temperatures still in
-    the model, as scalars: it resumes; another model's is refused, naming the tensors."""
-    from mmpretrain import parallel, train
-
-    trainer = train.Trainer(tiny_cfg(), parallel.DistEnv(), torch.device("cpu"))
-    scales = {f"logit_scale.{k}": torch.tensor(3.5) for k in trainer.task.objectives.logit_scale}
-    old = {"model": {**trainer.model.state_dict(), **scales}, "optimizer": trainer.optimizer.state_dict(),
-           "scheduler": trainer.scheduler.state_dict(), "step": 3, "data": trainer.stream.state_dict(),
-           "rng": train.rng_state()}
-    folder = tmp_path / "step_00000003"
-    folder.mkdir()
-    torch.save(old, folder / "state.pt")
-    trainer.resume_from = folder
-    trainer.maybe_resume()
-    assert trainer.step == 3
-    from mmpretrain.checkpoint import describe
-
-    assert describe(folder).startswith(f"{folder}: step 3, written by 1 process(es)\nmodel: ")
-    assert all(float(p.detach()) == 3.5 for p in trainer.task.objectives.logit_scale.values())
-    other = train.Trainer(tiny_cfg("model.decoder.width=64"), parallel.DistEnv(), torch.device("cpu"))
-    other.resume_from = folder
-    differ = r"train.resume: the checkpoint holds another model .*shape: model.towers.image.fusion.modality_embed \(32,\)"
-    with pytest.raises(ConfigError, match=differ):
-        other.maybe_resume()
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ import re
 
 from mmpretrain.config import Config
 from mmpretrain.encoders import MODALITIES, BadSample
-from mmpretrain.encoders.video import decode_audio_track
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +130,12 @@ class SampleParser:
     model's modalities, or {"__key__", "document"}; text is tokenized once, here."""
 
     def __init__(self, cfg: Config, train: bool, tokenizer):
-        self.train, self.tokenizer = train, tokenizer
+        self.cfg, self.train, self.tokenizer = cfg, train, tokenizer
         self.caption_keys = cfg.data.caption_keys
         # registry order, which fixes the order in which media draw from the sample's RNG
         self.specs = {m: spec for m, spec in MODALITIES.items() if m in cfg.model.modalities}
         self.sections = {m: spec.section(cfg.model) for m, spec in self.specs.items()}
-        self.video_audio = cfg.data.video_audio and "audio" in self.specs
+        self.extras = [spec.extras for spec in MODALITIES.values() if spec.extras is not None]
 
     def media_shapes(self) -> dict[str, tuple]:
         return {m: spec.media_shape(self.sections[m]) for m, spec in self.specs.items()}
@@ -154,10 +153,8 @@ class SampleParser:
         for m, spec in self.specs.items():
             if ext := first_key(raw, spec.extensions):
                 out[m] = self.media(m, raw[ext], rng)
-        if self.video_audio and "audio" not in out and (ext := first_key(raw, MODALITIES["video"].extensions)):
-            track = decode_audio_track(raw[ext], self.sections["audio"], rng if self.train else None)
-            if track is not None:  # no track: the sample simply has no audio
-                out["audio"] = track
+        for extras in self.extras:  # media a modality derives from members (a video's audio track)
+            out.update(extras(raw, out, self.cfg, rng if self.train else None))
         if not any(m in out for m in self.specs):
             raise BadSample("no_media", f"none of {list(self.specs)} "
                                         f"(members: {sorted(k for k in raw if not k.startswith('__'))})")

@@ -198,8 +198,6 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's own state, written by a run with the same ranks."""
-        if "positions" not in state:  # an older checkpoint (it replayed): the next epoch
-            return self._next_epoch_after(state)
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.readers = tuple(state["readers"])
         self.positions = {int(k): v for k, v in state["positions"].items()}
@@ -216,15 +214,15 @@ class BatchStream:
         summed over the old ranks and carried by rank 0."""
         by_rank = {st.get("rank", i): st for i, st in enumerate(states)}  # sp peers hold copies
         first = by_rank[min(by_rank)]
-        if "readers" not in first or self.world > first["readers"][0] * first["readers"][1]:
+        if self.world > first["readers"][0] * first["readers"][1]:
             return self._next_epoch_after(first, by_rank.values())
         self.epoch, self.batch_in_epoch, self.readers = first["epoch"], 0, tuple(first["readers"])
         self.positions = {int(k): v for st in by_rank.values() for k, v in st["positions"].items()}
         self._carry_counts(by_rank.values())
 
-    def _next_epoch_after(self, state: dict, states=()) -> None:
+    def _next_epoch_after(self, state: dict, states) -> None:
         self.epoch, self.batch_in_epoch, self.readers, self.positions = state["epoch"] + 1, 0, self._own_readers(), {}
-        self._carry_counts(states or [state])
+        self._carry_counts(states)
 
     def _carry_counts(self, states) -> None:
         self.skipped, self.drawn = collections.Counter(), collections.Counter()

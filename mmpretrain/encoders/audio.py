@@ -1,4 +1,4 @@
-"""Audio: decoding (soundfile), clip fitting, and an AST-style encoder.
+"""Audio: the config section, decoding (soundfile), clip fitting, and an AST-style encoder.
 
 Log-mel filterbank -> time x frequency patches -> transformer. As in AST, the
 spectrogram is treated as a one-channel image, so the patch embedding and
@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import random
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -18,8 +19,60 @@ import torchaudio
 import torchaudio.functional as AF
 from timm.models.vision_transformer import VisionTransformer
 
-from mmpretrain.config import AudioEncoderConfig
-from mmpretrain.encoders.spec import BadSample, ModalitySpec, as_tensor, file_bytes, file_name
+from mmpretrain.config import ConfigError, _check
+from mmpretrain.encoders.spec import BadSample, ModalitySpec, as_tensor, check_heads, file_bytes, file_name
+
+
+@dataclass
+class AudioEncoderConfig:
+    """An AST-style spectrogram transformer and its log-mel front end."""
+
+    sample_rate: int = _check(1000, default=16000)
+    clip_seconds: float = _check(0.1, default=1.0)
+    n_mels: int = _check(8, default=64)
+    win_ms: float = _check(1.0, default=25.0)
+    hop_ms: float = _check(1.0, default=10.0)
+    patch_freq: int = _check(1, default=8)
+    patch_time: int = _check(1, default=10)
+    width: int = _check(8, default=128)
+    depth: int = _check(1, default=4)
+    heads: int = _check(1, default=4)
+    mlp_ratio: float = _check(1.0, default=4.0)
+    # log-mel normalisation (AST normalises with data-set statistics)
+    mel_mean: float = -4.0
+    mel_std: float = _check(1e-6, default=4.0)
+    min_seconds: float = _check(0.0, default=0.1)  # shorter clips are skipped as audio_too_short
+
+    @property
+    def clip_samples(self) -> int:
+        """Samples in one clip at sample_rate."""
+        return int(round(self.sample_rate * self.clip_seconds))
+
+    @property
+    def win_samples(self) -> int:
+        return int(self.sample_rate * self.win_ms / 1000)
+
+    @property
+    def hop_samples(self) -> int:
+        return int(self.sample_rate * self.hop_ms / 1000)
+
+    @property
+    def frames(self) -> int:
+        """Spectrogram frames of one clip (center=True framing); needs hop_samples >= 1."""
+        return self.clip_samples // self.hop_samples + 1
+
+
+def validate(cfg: AudioEncoderConfig, model_cfg) -> None:
+    check_heads("model.audio", cfg)
+    if cfg.n_mels % cfg.patch_freq:
+        raise ConfigError(f"model.audio.patch_freq: {cfg.patch_freq} does not divide model.audio.n_mels="
+                          f"{cfg.n_mels}")
+    if cfg.hop_samples < 1 or cfg.win_samples < 1:
+        raise ConfigError(f"model.audio.hop_ms/win_ms: {cfg.hop_ms}/{cfg.win_ms} ms is under one sample at "
+                          f"{cfg.sample_rate} Hz")
+    if cfg.frames < cfg.patch_time:
+        raise ConfigError(f"model.audio.clip_seconds: {cfg.clip_seconds} s gives {cfg.frames} frames, fewer "
+                          f"than one time patch (patch_time={cfg.patch_time})")
 
 
 class LogMel(nn.Module):
@@ -29,7 +82,7 @@ class LogMel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.mel = self._mel()
-        self.frames = cfg.frames - cfg.frames % cfg.patch_time  # whole time patches (config.validate: >= 1)
+        self.frames = cfg.frames - cfg.frames % cfg.patch_time  # whole time patches (validate: >= 1)
 
     def _mel(self) -> nn.Module:
         cfg = self.cfg
@@ -64,6 +117,12 @@ class AudioEncoder(nn.Module):
             img_size=(cfg.n_mels, self.frontend.frames), patch_size=(cfg.patch_freq, cfg.patch_time),
             in_chans=1, num_classes=0, global_pool="", embed_dim=cfg.width, depth=cfg.depth,
             num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """timm's ViT initialisation, and the front end's filterbank."""
+        self.vit.init_weights()
+        self.frontend.init_buffers()
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         """wave: (B, samples) at cfg.sample_rate -> tokens (B, 1 + patches, width)."""
@@ -161,4 +220,4 @@ def media_shape(cfg: AudioEncoderConfig) -> tuple[int, ...]:
 
 
 AUDIO = ModalitySpec("audio", AudioEncoderConfig, AudioEncoder, ("flac", "wav", "mp3", "ogg"), decode,
-                     preprocess, media_shape)
+                     preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.vit.blocks))

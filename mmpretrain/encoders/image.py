@@ -1,10 +1,13 @@
-"""Images: decoding (Pillow), preprocessing and the encoder (timm's VisionTransformer)."""
+"""Images: the config section, decoding (Pillow), preprocessing and the encoder (timm's
+VisionTransformer)."""
 
 from __future__ import annotations
 
 import functools
 import io
 import random
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -13,8 +16,40 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from torchvision.transforms.v2 import functional as TF
 
-from mmpretrain.config import ImageEncoderConfig
-from mmpretrain.encoders.spec import BadSample, ModalitySpec, as_tensor, channels_first, file_bytes, file_name
+from mmpretrain.config import ConfigError, _check
+from mmpretrain.encoders.spec import (BadSample, ModalitySpec, as_tensor, channels_first, check_heads,
+                                      check_normalisation, file_bytes, file_name)
+
+
+@dataclass
+class ImageEncoderConfig:
+    """A timm VisionTransformer and the preprocessing it was trained with."""
+
+    image_size: int = _check(8, default=32)
+    patch_size: int = _check(1, default=4)
+    width: int = _check(8, default=128)
+    depth: int = _check(1, default=4)
+    heads: int = _check(1, default=4)
+    mlp_ratio: float = _check(1.0, default=4.0)
+    # CLIP's ViT (open_clip's VisionTransformer) in timm's: a LayerNorm before the blocks (ln_pre;
+    # timm's pre_norm, which drops the patch bias) and open_clip's initialisation (PyTorch's default
+    # for linear layers, Xavier for the attention input, class token and position embedding drawn
+    # with std width^-0.5) instead of timm's (truncated normal 0.02). At the demo's sizes the
+    # timm-style tower learned object layout far more slowly (benchmarks/RESULTS.md, learning
+    # against open_clip).
+    pre_norm: bool = True
+    init: Literal["clip", "timm"] = "clip"
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    max_pixels: int = _check(1, default=64_000_000)  # decompression-bomb guard
+
+
+def validate(cfg: ImageEncoderConfig, model_cfg) -> None:
+    check_heads("model.image", cfg)
+    if cfg.image_size % cfg.patch_size:
+        raise ConfigError(f"model.image.patch_size: {cfg.patch_size} does not divide model.image.image_size="
+                          f"{cfg.image_size}")
+    check_normalisation("model.image", cfg.mean, cfg.std)
 
 
 class ImageEncoder(nn.Module):
@@ -25,13 +60,19 @@ class ImageEncoder(nn.Module):
         self.vit = VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, num_classes=0,
                                      global_pool="", embed_dim=cfg.width, depth=cfg.depth,
                                      num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, pre_norm=cfg.pre_norm)
-        self.init_weights()
+        self.init_clip()  # over the initialisation timm's constructor applied
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """`init: clip`: open_clip's VisionTransformer initialisation over timm's (which timm's
-        constructor, or `materialize` before this, applied). open_clip draws no weights of its own
-        in the blocks: nn.Linear's default, and nn.MultiheadAttention's Xavier input projection."""
+        """timm's ViT initialisation, then `init: clip`'s over it."""
+        self.vit.init_weights()
+        self.init_clip()
+
+    @torch.no_grad()
+    def init_clip(self) -> None:
+        """`init: clip`: open_clip's VisionTransformer initialisation over timm's. open_clip draws no
+        weights of its own in the blocks: nn.Linear's default, and nn.MultiheadAttention's Xavier
+        input projection."""
         if self.cfg.init != "clip":
             return
         for name, m in self.vit.named_modules():
@@ -145,4 +186,4 @@ def media_shape(cfg: ImageEncoderConfig) -> tuple[int, ...]:
 
 
 IMAGE = ModalitySpec("image", ImageEncoderConfig, ImageEncoder, ("jpg", "jpeg", "png", "webp"), decode,
-                     preprocess, media_shape)
+                     preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.vit.blocks))

@@ -1,9 +1,10 @@
 """What declares a modality: one `ModalitySpec` per modality, registered in `encoders/__init__.py`.
 
-The data pipeline, the model, export and downstream loading all ask the spec,
-so a modality's file extensions, decoding, preprocessing and encoder live in
-one module (`encoders/image.py`, `encoders/audio.py`), and adding a modality
-touches that module, its config section and one registry line.
+The config, the data pipeline, the model, `parallel/`, export and downstream loading all ask
+the spec, so everything about a modality (its config section and checks, file extensions,
+decoding, preprocessing, encoder, the blocks to shard and compile, its start from another
+tower) lives in one module (`encoders/image.py`, `encoders/audio.py`, `encoders/video.py`), and
+adding a modality is one such module and its `register`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from mmpretrain.config import ConfigError
+
 
 class BadSample(Exception):
     """A sample that cannot be used; `reason` is the short tag the pipeline counts it under."""
@@ -30,8 +33,12 @@ class BadSample(Exception):
 @dataclass(frozen=True)
 class ModalitySpec:
     name: str  # also the key of its section in ModelConfig (model.image, model.audio)
-    config: type  # that section's dataclass
-    encoder: Callable[[Any], nn.Module]  # section -> module mapping a batch to tokens (B, N, width)
+    # that section's dataclass; its `width` is the encoder's token width (the fusion's heads divide it)
+    config: type
+    # section -> module mapping a batch to tokens (B, N, width), with `width` and `init_weights()`:
+    # its initialisation after PyTorch's `reset_parameters` on every module (a model built on the
+    # meta device, then allocated: parallel/fsdp.py `materialize`)
+    encoder: Callable[[Any], nn.Module]
     extensions: tuple[str, ...]  # WebDataset member extensions, in order of preference
     # shard member bytes -> one model input; rng: a random.Random for training, None for eval
     # (deterministic). Raises BadSample.
@@ -39,10 +46,40 @@ class ModalitySpec:
     # downstream raw inputs -> a model input batch, with the code `decode` uses after decoding
     preprocess: Callable[..., torch.Tensor]
     media_shape: Callable[[Any], tuple[int, ...]]  # section -> shape of one model input
+    # (section, ModelConfig) -> None: the checks across fields (geometry the encoder would assert
+    # later), each a ConfigError naming the key; config.validate runs it for each modality in use
+    validate: Callable[[Any, Any], None]
+    # encoder -> its blocks: each one is sharded by FSDP2 and compiled on its own (parallel/)
+    blocks: Callable[[nn.Module], list[nn.Module]]
+    # (encoder, {modality: encoder} of every tower) -> None: a start from another tower's weights,
+    # once every tower is built or initialised (video from image)
+    init_from: Callable[[nn.Module, dict[str, nn.Module]], None] | None = None
+    # (raw sample, the sample parsed so far, Config, rng or None) -> media to add to it (a video's
+    # own audio track); data/samples.py runs it for every registered modality, after the decoding
+    extras: Callable[[dict, dict, Any, random.Random | None], dict] | None = None
 
     def section(self, model_cfg):
         """This modality's config section of a ModelConfig."""
-        return getattr(model_cfg, self.name)
+        return model_cfg.sections[self.name]
+
+
+# ---------------------------------------------------------------------------- config checks
+# what the modalities' `validate` share
+
+
+def check_heads(section: str, cfg) -> None:
+    """A transformer's heads split its width."""
+    if cfg.width % cfg.heads:
+        raise ConfigError(f"{section}.heads: {cfg.heads} does not divide {section}.width={cfg.width}")
+
+
+def check_normalisation(section: str, mean: list[float], std: list[float]) -> None:
+    """Per-channel pixel normalisation: the error names the key at fault."""
+    for key, values in (("mean", mean), ("std", std)):
+        if len(values) != 3:
+            raise ConfigError(f"{section}.{key}: {values}; expected 3 values, one per colour channel")
+    if not all(x > 0 for x in std):
+        raise ConfigError(f"{section}.std: {std}; expected values > 0")
 
 
 # ---------------------------------------------------------------------------- downstream inputs

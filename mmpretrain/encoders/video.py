@@ -1,4 +1,5 @@
-"""Video: PyAV decoding of only the frames needed, the frame sampler, and a space-time ViT.
+"""Video: the config section, PyAV decoding of only the frames needed, the frame sampler, a
+space-time ViT, and a video's own audio track (`data.video_audio`).
 
 Decoding reads the container's stream metadata first (size, duration, rotation)
 and refuses what is over `max_pixels` or `max_seconds` before decoding a frame;
@@ -20,6 +21,8 @@ from __future__ import annotations
 import functools
 import io
 import random
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,10 +31,55 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torchvision.transforms.v2 import functional as TF
 
-from mmpretrain.config import VideoEncoderConfig
-from mmpretrain.encoders.spec import BadSample, ModalitySpec, as_tensor, channels_first, file_bytes, file_name
+from mmpretrain.config import ConfigError, _check
+from mmpretrain.encoders.spec import (BadSample, ModalitySpec, as_tensor, channels_first, check_heads,
+                                      check_normalisation, file_bytes, file_name)
 
 THREADED_PIXELS = 640 * 360  # decode frames at least this large with threads
+
+
+@dataclass
+class VideoEncoderConfig:
+    """A frame sampler (PyAV decoding of only the span needed) and a space-time ViT."""
+
+    frame_size: int = _check(8, default=32)
+    patch_size: int = _check(1, default=8)
+    num_frames: int = _check(1, default=8)
+    tubelet: int = _check(1, default=2)  # frames per space-time patch
+    # segments: the span split into num_frames equal segments, a random frame of each in training,
+    # the middle one in evaluation (TSN); fps: num_frames at `fps` from a random (train) or
+    # centred (eval) start. Clips shorter than needed repeat their last frame.
+    mode: Literal["segments", "fps"] = "segments"
+    fps: float = _check(0.1, default=4.0)
+    span_seconds: float = _check(0.0, default=0.0)  # segments: 0 = the whole clip
+    width: int = _check(8, default=128)
+    depth: int = _check(1, default=4)
+    heads: int = _check(1, default=4)
+    mlp_ratio: float = _check(1.0, default=4.0)
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    max_pixels: int = _check(1, default=8_294_400)  # per frame (4K), read from metadata before decoding
+    max_seconds: float = _check(0.1, default=3600.0)  # longer videos are refused before decoding
+    init_from_image: bool = False  # start from the image encoder's weights (temporal embedding at 0)
+    pre_norm: bool = True  # a LayerNorm before the blocks, no patch bias (as model.image.pre_norm)
+
+
+def validate(cfg: VideoEncoderConfig, model_cfg) -> None:
+    check_heads("model.video", cfg)
+    if cfg.frame_size % cfg.patch_size:
+        raise ConfigError(f"model.video.patch_size: {cfg.patch_size} does not divide model.video.frame_size="
+                          f"{cfg.frame_size}")
+    if cfg.num_frames % cfg.tubelet:
+        raise ConfigError(f"model.video.tubelet: {cfg.tubelet} does not divide model.video.num_frames="
+                          f"{cfg.num_frames}")
+    check_normalisation("model.video", cfg.mean, cfg.std)
+    if cfg.init_from_image:
+        i = model_cfg.image
+        same = (cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.patch_size, cfg.frame_size, cfg.pre_norm) == \
+            (i.width, i.depth, i.heads, i.mlp_ratio, i.patch_size, i.image_size, i.pre_norm)
+        if not ("image" in model_cfg.modalities and same):
+            raise ConfigError("model.video.init_from_image: needs the image modality with the same width, depth, "
+                              "heads, mlp_ratio, patch_size, pre_norm and image_size (= frame_size)")
 
 
 class VideoEncoder(nn.Module):
@@ -70,17 +118,12 @@ class VideoEncoder(nn.Module):
         x = torch.cat([cls, x.flatten(1, 2)], dim=1)
         return self.norm(self.blocks(self.norm_pre(x)))
 
-    def init_from(self, encoders: dict[str, nn.Module]) -> None:
-        """Called by the model once every tower is built: `init_from_image` copies the image tower."""
-        if self.cfg.init_from_image:
-            self.init_from_image(encoders["image"].vit)
-
     @torch.no_grad()
     def init_from_image(self, vit: nn.Module) -> None:
-        """Copy a timm VisionTransformer of the same geometry (config.validate checks it)."""
+        """Copy a timm VisionTransformer of the same geometry (`validate` checks it)."""
         kernel = vit.patch_embed.proj.weight  # (C, 3, p, p) -> spread evenly over the tubelet
         self.patch_embed.weight.copy_(kernel[:, :, None].expand_as(self.patch_embed.weight) / self.cfg.tubelet)
-        if self.patch_embed.bias is not None:  # none with pre_norm, on either side (config.validate)
+        if self.patch_embed.bias is not None:  # none with pre_norm, on either side (validate)
             self.patch_embed.bias.copy_(vit.patch_embed.proj.bias)
         self.norm_pre.load_state_dict(vit.norm_pre.state_dict())
         self.cls_token.copy_(vit.cls_token)
@@ -88,6 +131,12 @@ class VideoEncoder(nn.Module):
         self.temporal_embed.zero_()
         self.blocks.load_state_dict(vit.blocks.state_dict())
         self.norm.load_state_dict(vit.norm.state_dict())
+
+
+def init_from(encoder: VideoEncoder, encoders: dict[str, nn.Module]) -> None:
+    """Once every tower is built: `init_from_image` copies the image tower."""
+    if encoder.cfg.init_from_image:
+        encoder.init_from_image(encoders["image"].vit)
 
 
 def _init_linear(m: nn.Module) -> None:
@@ -231,6 +280,16 @@ def decode_audio_track(data: bytes, audio_cfg, rng: random.Random | None) -> tor
     return to_clip(torch.from_numpy(np.concatenate(chunks)), rate, audio_cfg, rng)
 
 
+def audio_track(raw: dict, media: dict, cfg, rng: random.Random | None) -> dict:
+    """`data.video_audio`: a sample without an audio member takes its audio from its video's own
+    track (AudioSet / VGGSound exports); a video without a track leaves the sample without audio."""
+    ext = next((e for e in VIDEO.extensions if e in raw), None)
+    if not cfg.data.video_audio or "audio" not in cfg.model.modalities or "audio" in media or ext is None:
+        return {}
+    track = decode_audio_track(raw[ext], cfg.model.audio, rng)
+    return {} if track is None else {"audio": track}
+
+
 ACCEPTED = ("a path, bytes, uint8 frames (T, 3, H, W) or (T, H, W, 3) (NumPy or torch), float frames already "
             "preprocessed (num_frames, 3, S, S), a (B, ...) batch of these or a list")
 
@@ -277,4 +336,5 @@ def media_shape(cfg: VideoEncoderConfig) -> tuple[int, ...]:
 
 
 VIDEO = ModalitySpec("video", VideoEncoderConfig, VideoEncoder, ("mp4", "webm", "mkv", "mov", "avi"), decode,
-                     preprocess, media_shape)
+                     preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.blocks),
+                     init_from=init_from, extras=audio_track)

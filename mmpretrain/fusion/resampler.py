@@ -36,7 +36,12 @@ class ResamplerFusion(nn.Module):
         self.to_embedding = nn.Linear(in_width, cfg.embed_dim, bias=False)
 
     @torch.no_grad()
-    def init_weights(self) -> None:  # the pool, norm and linears have their own
+    def init_weights(self) -> None:
+        """The attention pools' own initialisation (timm's), the modality embedding at zero (the
+        norm and linears have PyTorch's `reset_parameters`)."""
+        if self.embed_pool == "attention":
+            self.embed_attention.init_weights()
+        self.pool.init_weights()
         self.modality_embed.zero_()
 
     def no_weight_decay(self) -> set[str]:

@@ -72,11 +72,6 @@ def init_distributed(device_type: str, cfg: ParallelConfig) -> DistEnv:
     return env
 
 
-# Flip once `pytest -m cuda` (test_tiny_training_compiled_on_cuda) has passed on a GPU: the compiled
-# path has only been checked on CPU so far, and a GPU crash costs users more than the speed.
-COMPILE_BY_DEFAULT_ON_CUDA = False
-
-
 def sharded(env: DistEnv, cfg: ParallelConfig) -> bool:
     """Whether FSDP2 shards the model (dp_shard=fsdp with more than one process)."""
     return cfg.dp_shard == "fsdp" and env.world_size > 1
@@ -84,21 +79,18 @@ def sharded(env: DistEnv, cfg: ParallelConfig) -> bool:
 
 def parallelize(task: nn.Module, env: DistEnv, cfg: ParallelConfig, device_type: str = "cpu",
                 bf16: bool = False) -> nn.Module:
-    """Compile, sequence parallelism and checkpointing on the blocks, the objectives' gather
-    group, then FSDP2 (dp_shard=fsdp) or DDP over the dp dimension around `task` (the module
-    whose forward uses every parameter). `task` may still be on the meta device for FSDP2
-    (`fsdp.materialize` allocates it afterwards). Returns what to call."""
+    """Compile, sequence parallelism and checkpointing on the blocks, then FSDP2 (dp_shard=fsdp)
+    or DDP over the dp dimension around `task` (the module whose forward uses every parameter).
+    `task` may still be on the meta device for FSDP2 (`fsdp.materialize` allocates it
+    afterwards). Returns what to call."""
     decoder = task.model.decoder
     fsdp = sharded(env, cfg)
-    if cfg.compile == "on" or (cfg.compile == "auto" and COMPILE_BY_DEFAULT_ON_CUDA and device_type == "cuda"
-                               and env.sp == 1):  # auto leaves Ulysses eager: its collectives break graphs
-        # the blocks themselves, before wrappers reach into them
+    if cfg.compile == "on":  # the blocks themselves, before wrappers reach into them (auto: off, see config)
         apply_compile(task.model, device_type, cache=not fsdp)
     if env.sp > 1:  # before checkpointing, which wraps the blocks this reaches into; under FSDP2
         # the sp sum of the blocks' gradients is part of its reduce-scatter
         apply_ulysses(decoder, env.group("sp"), sum_grads=not fsdp)
     apply_activation_checkpointing(decoder, cfg.activation_checkpointing, cfg.tiled_mlp)
-    task.objectives.gather_group = env.gather_group
     if fsdp:
         from mmpretrain.parallel.fsdp import apply_fsdp
 

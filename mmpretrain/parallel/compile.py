@@ -1,7 +1,7 @@
 """torch.compile per block, applied to a built model from outside (as torchtitan does).
 
-Compiled regions: each decoder block, each encoder block (timm ViT blocks of the image and audio
-towers, the video tower's blocks) and each tower's fusion. Blocks are compiled in place
+Compiled regions: each decoder block, each encoder block (those its modality's spec names: timm
+ViT blocks of the image and audio towers, the video tower's blocks) and each tower's fusion. Blocks are compiled in place
 (`Module.compile`), so parameter names and checkpoints do not change, with dynamic shapes: packed
 rows vary in length every batch and a recompile per length would cost more than it saves. The
 attention kernel is chosen before compiling (choosing logs, which would break the graph); the row
@@ -23,6 +23,7 @@ import logging
 import torch.nn as nn
 
 from mmpretrain.attention import PackedAttention
+from mmpretrain.encoders import MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,8 @@ log = logging.getLogger(__name__)
 def compiled_regions(model: nn.Module) -> list[nn.Module]:
     """The modules compiled one by one: decoder blocks, encoder blocks, fusions."""
     regions = list(model.decoder.blocks)
-    for tower in model.towers.values():
-        blocks = getattr(getattr(tower.encoder, "vit", tower.encoder), "blocks", [])
-        regions += list(blocks) + [tower.fusion]
+    for m, tower in model.towers.items():
+        regions += MODALITIES[m].blocks(tower.encoder) + [tower.fusion]
     return regions
 
 

@@ -1,12 +1,13 @@
 """FSDP2 (`parallel.dp_shard=fsdp`): parameters, gradients and optimizer state sharded over ranks.
 
-`fully_shard` per decoder block, per encoder block, per fusion, on the decoder's final norm, on the
-model and at the root (the task, which adds the temperatures), as torchtitan does. The shards span
-every process: with Ulysses (sp > 1) the ranks of a sequence-parallel group shard the parameters
-too, so the mesh is the (dp, sp) mesh flattened. Their gradients are then reduce-scattered over
-all ranks; inside the token-sharded region (decoder blocks and final norm) each sp rank holds a
-partial gradient that must be summed over sp and averaged over dp, which the divide factor of
-those units (dp instead of dp x sp) does, in place of Ulysses' own sum hooks.
+`fully_shard` per decoder block, per encoder block (those its modality's spec names), per fusion,
+on the decoder's final norm, on the model and at the root (the task, which adds the
+temperatures), as torchtitan does. The shards span every process: with Ulysses (sp > 1) the
+ranks of a sequence-parallel group shard the parameters too, so the mesh is the (dp, sp) mesh
+flattened. Their gradients are then reduce-scattered over all ranks; inside the token-sharded
+region (decoder blocks and final norm) each sp rank holds a partial gradient that must be summed
+over sp and averaged over dp, which the divide factor of those units (dp instead of dp x sp)
+does, in place of Ulysses' own sum hooks.
 
 A model built on the meta device (no memory) is parallelised first and then materialised shard
 by shard (`materialize`): every module's own initialisation runs on its local shards.
@@ -20,6 +21,8 @@ import warnings
 import torch
 import torch.nn as nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from mmpretrain.encoders import MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,8 @@ def apply_fsdp(task: nn.Module, env, device_type: str, bf16: bool) -> nn.Module:
         # gradient on some ranks: they reduce as zeros there (DDP's find_unused_parameters)
         module.set_reduce_scatter_unused_params(True)
 
-    for tower in model.towers.values():
-        for block in getattr(getattr(tower.encoder, "vit", tower.encoder), "blocks", []):
+    for m, tower in model.towers.items():
+        for block in MODALITIES[m].blocks(tower.encoder):
             shard(block)
         shard(tower.fusion)
     token_sharded = list(model.decoder.blocks) + [model.decoder.norm]
@@ -71,26 +74,17 @@ def apply_fsdp(task: nn.Module, env, device_type: str, bf16: bool) -> nn.Module:
 @torch.no_grad()
 def materialize(task: nn.Module, device: torch.device, seed: int) -> None:
     """Allocate a meta-built (and possibly sharded) task on `device` and initialise it: PyTorch's
-    `reset_parameters` on every leaf, then each container's `init_weights` (timm's ViTs and
-    pooling, the decoder, video encoder, fusion, objectives), then `init_buffers` (constants such
-    as rotary frequencies and mel filterbanks), then towers copied from others
-    (`init_from_towers`). `seed` should differ per rank: each rank draws its own shards."""
+    `reset_parameters` on every module that has one (linear, norm, embedding and conv layers),
+    then the task's `init_weights` (`PretrainingTask.init_weights`: each part's own, called
+    explicitly from the top down; constants such as rotary frequencies and mel filterbanks;
+    towers copied from others). `seed` should differ per rank: each rank draws its own shards."""
     task.to_empty(device=device)
     torch.manual_seed(seed)
-    modules = list(task.modules())
     with warnings.catch_warnings():
         # DTensor warns that CPU meshes have no RNG tracker: none is needed, each rank draws its
         # own shards from its own seed
         warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
-        for m in modules:
-            if hasattr(m, "reset_parameters"):
+        for m in task.modules():
+            if hasattr(m, "reset_parameters"):  # PyTorch's protocol for its layers
                 m.reset_parameters()
-        for m in reversed(modules):  # children first, then their container's rule, which may
-            if hasattr(m, "init_weights"):  # override theirs (the image encoder over timm's ViT)
-                m.init_weights()
-    for m in modules:
-        if hasattr(m, "init_buffers"):
-            m.init_buffers()
-    for m in modules:
-        if hasattr(m, "init_from_towers"):  # video starting from the image tower, last
-            m.init_from_towers()
+        task.init_weights()

@@ -54,19 +54,22 @@ def apply_ulysses(decoder: nn.Module, group, sum_grads: bool = True) -> nn.Modul
     for p in list(decoder.blocks.parameters()) + list(decoder.norm.parameters()) if sum_grads else []:
         p.register_hook(lambda g: _sum_over(g, group))
 
+    tokens = 0  # of the row in this forward, before padding: what the output is cut back to
+
     def shard_input(module, args):
+        nonlocal tokens
         x, packing = args
+        tokens = len(x)
         pad = (-len(x)) % sp  # a padding sequence of its own, so it attends to nothing real
         if pad:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
             packing = Packing.from_lengths(packing.lengths.tolist() + [pad], device=x.device)
         rank = dist.get_rank(group)
         local = dataclasses.replace(packing, positions=packing.positions.chunk(sp)[rank])
-        module._sp_total = len(x) - pad
         return SliceIn.apply(x, group), local
 
     def gather_output(module, args, out):
-        return GatherOut.apply(out, group)[: module._sp_total]
+        return GatherOut.apply(out, group)[:tokens]
 
     decoder.register_forward_pre_hook(shard_input)
     decoder.register_forward_hook(gather_output)

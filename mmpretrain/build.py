@@ -1,0 +1,101 @@
+"""The one recipe for what trains: the task (model + objectives + row layout), its parallel
+wrapper, optimizer and schedule (`build`), and one optimizer step on them (`train_step`).
+The trainer, the tests and the benchmarks all build and step through here."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from mmpretrain import parallel
+from mmpretrain.config import Config, TrainConfig
+from mmpretrain.model import MultimodalModel
+from mmpretrain.objectives import Objectives, PretrainingTask
+from mmpretrain.optim import build_optimizer, build_scheduler
+from mmpretrain.packing import RowLayout
+from mmpretrain.tokenizer import Tokenizer
+
+log = logging.getLogger("mmpretrain")
+
+
+def build_task(cfg: Config, vocab_size: int, gather_group=None) -> PretrainingTask:
+    """Model, objectives and row layout in one module, on the default device. `gather_group`: the
+    data-parallel group the contrastive loss gathers over (None: this process alone)."""
+    model = MultimodalModel(cfg.model, vocab_size)
+    return PretrainingTask(model, Objectives(model.modalities, cfg.objectives, gather_group),
+                           RowLayout.from_config(cfg))
+
+
+@dataclass
+class Built:
+    tokenizer: Tokenizer
+    task: PretrainingTask  # holds the parameters: what the optimizer, clipping and checkpoints see
+    wrapped: nn.Module  # what computes the loss: DDP or FSDP2 around `task`, or `task` itself
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    autocast: torch.autocast  # bf16 autocast, enabled when `bf16`
+    bf16: bool
+
+
+def build(cfg: Config, env: parallel.DistEnv, device: torch.device,
+          tokenizer: Tokenizer | None = None) -> Built:
+    """Everything a run trains, seeded with run.seed, on `device`. `tokenizer`: the caller's, when
+    it made one already (one is made otherwise)."""
+    tokenizer = tokenizer or Tokenizer(cfg.model.text)
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    sharded = parallel.sharded(env, cfg.parallel)
+    torch.manual_seed(cfg.run.seed)
+    # FSDP2: built on the meta device (no memory), sharded, then allocated shard by shard
+    with torch.device("meta") if sharded else contextlib.nullcontext():
+        task = build_task(cfg, tokenizer.vocab_size, env.gather_group)
+    if not sharded:
+        task.to(device)
+    wrapped = parallel.parallelize(task, env, cfg.parallel, device.type, bf16)
+    if sharded:
+        from mmpretrain.parallel.fsdp import materialize
+
+        materialize(task, device, seed=cfg.run.seed + env.rank)
+    optimizer = build_optimizer(task, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return Built(tokenizer, task, wrapped, optimizer, scheduler, autocast, bf16)
+
+
+def train_step(task: PretrainingTask, wrapped: nn.Module, optimizer, scheduler, autocast, batches,
+               cfg: TrainConfig, step: int = 0) -> dict[str, float]:
+    """One optimizer step of `build`'s objects over cfg.grad_accum micro-batches drawn from
+    `batches` (an iterator of batches on the device) -> logged values, averaged over the ranks; {}
+    when a non-finite loss was skipped (nan_policy=skip). `step`: the steps done before this one
+    (for messages)."""
+    sums: dict[str, torch.Tensor] = {}
+    for _ in range(cfg.grad_accum):
+        batch = next(batches)
+        with autocast:
+            loss, terms = wrapped(batch)
+        if parallel.any_rank(~torch.isfinite(loss.detach())):  # every rank takes the same branch
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+            if cfg.nan_policy == "stop":
+                raise FloatingPointError(f"non-finite loss at step {step + 1} in {', '.join(bad)}: "
+                                         f"{ {k: float(v) for k, v in terms.items()} }")
+            optimizer.zero_grad(set_to_none=True)
+            log.warning("step %d: non-finite loss in %s, skipped", step + 1, ", ".join(bad))
+            return {}
+        (loss / cfg.grad_accum).backward()
+        counts = torch.tensor([float(batch.row_tokens), float(len(batch))], device=loss.device)
+        stats = {"loss": loss.detach(), **terms, "tokens": counts[0], "samples": counts[1]}
+        if batch.row_budget:
+            stats["packing_efficiency"] = stats["tokens"] / batch.row_budget
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0) + v / cfg.grad_accum
+    if cfg.grad_clip > 0:  # over sharded gradients too (a DTensor norm under FSDP2)
+        norm = torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip)
+        sums["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    optimizer.step()
+    task.objectives.clamp_()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return {k: float(parallel.all_reduce_mean(v.float())) for k, v in sums.items()}
