@@ -135,9 +135,9 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def load_model(path: Path, device):
+def load_model(path: Path, device, flag: str = "--run"):
     """A run folder, an export/ folder or a checkpoint folder -> (Pretrained, its config, the run's
-    eval/ folder, "-step_XXXXXXXX" for a checkpoint else "")."""
+    eval/ folder, "-step_XXXXXXXX" for a checkpoint else ""). `flag`: the option errors name."""
     from mmpretrain.checkpoint import is_checkpoint, latest_checkpoint, read_tensors
     from mmpretrain.config import ConfigError, load_config
     from mmpretrain.model import MultimodalModel
@@ -146,18 +146,18 @@ def load_model(path: Path, device):
 
     expected = "expected a run folder (runs/<name>), its export/ or one of its checkpoints/step_* folders"
     if not path.is_dir():
-        raise ConfigError(f"--run {path}: no such folder; {expected}")
+        raise ConfigError(f"{flag} {path}: no such folder; {expected}")
     if (path / "export" / "model.safetensors").is_file():
         path = path / "export"
     if (path / "model.safetensors").is_file():
         return load_pretrained(path, device), load_config(path / "config.yaml"), path.parent / "eval", ""
     checkpoint = path if is_checkpoint(path) else latest_checkpoint(path)
     if checkpoint is None:
-        raise ConfigError(f"--run {path}: holds no export (model.safetensors) and no complete checkpoint; "
+        raise ConfigError(f"{flag} {path}: holds no export (model.safetensors) and no complete checkpoint; "
                           f"{expected}")
     run = checkpoint.parent.parent
     if not (run / "config.yaml").is_file():
-        raise ConfigError(f"--run {checkpoint}: its run folder {run} has no config.yaml")
+        raise ConfigError(f"{flag} {checkpoint}: its run folder {run} has no config.yaml")
     cfg = load_config(run / "config.yaml")
     model = MultimodalModel(cfg.model, Tokenizer(cfg.model.text).vocab_size)
     model.load_state_dict(read_tensors(checkpoint, prefix="task.model."))
