@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
+import math
 import random
+import resource
 import signal
 import sys
 import time
@@ -32,11 +35,13 @@ from mmpretrain.attention import resolve_backend
 from mmpretrain.build import build, train_step
 from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_dict, to_yaml
 from mmpretrain.data import BatchStream, resolve_sources
-from mmpretrain.data.sources import check_data, train_sources
+from mmpretrain.data.sources import check_data, demo_classification_sets, train_sources
+from mmpretrain.eval.classify import classify_sets
 from mmpretrain.eval.retrieval import evaluate, format_table, probe_eval
 from mmpretrain.export import export_model
 from mmpretrain.model import check_memory
 from mmpretrain.plots import plot_curves
+from mmpretrain.pretrained import load_pretrained
 from mmpretrain.runlog import RunLog
 from mmpretrain.tokenizer import Tokenizer
 
@@ -190,18 +195,18 @@ class Trainer:
         cfg = self.cfg.train
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         bar = _progress(cfg, self.step, self.env.is_main)
-        try:
-            self._loop(bar)
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-            bar.close()
-            self.log.close()
-        self.save()
-        total = parallel.sum_counts(self.stream.skipped, self.env.group("dp"))
-        if total:
-            log.warning("bad samples skipped (all ranks, whole run): %s", dict(total))
-        return self.evaluate()
+        with contextlib.closing(self.log):  # after the final evaluation's record
+            try:
+                self._loop(bar)
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+                bar.close()
+            self.save()
+            total = parallel.sum_counts(self.stream.skipped, self.env.group("dp"))
+            if total:
+                log.warning("bad samples skipped (all ranks, whole run): %s", dict(total))
+            return self.evaluate()
 
     def _any_rank(self, flag: bool) -> bool:
         return parallel.any_rank(torch.tensor(flag, device=self.device))
@@ -230,6 +235,7 @@ class Trainer:
                           "data_wait": self.data_wait / elapsed, "skipped_samples": self._new_skips()}
                 if len(self.train_sources) > 1:
                     record["source_share"] = self._source_shares()
+                record["temperature"], record["memory"] = self._temperatures(), self._memory()
                 self.data_wait = 0.0
                 t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
                 bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
@@ -262,6 +268,23 @@ class Trainer:
         new = self.stream.skipped - self.skips_logged
         self.skips_logged = collections.Counter(self.stream.skipped)
         return dict(parallel.sum_counts(new, self.env.group("dp")))
+
+    @torch.no_grad()
+    def _temperatures(self) -> dict[str, float]:
+        """Each pair's contrastive temperature, 1 / exp(logit scale) (collective under FSDP2: the
+        scales are sharded)."""
+        full = {k: p.full_tensor() if hasattr(p, "full_tensor") else p
+                for k, p in self.task.objectives.logit_scale.items()}
+        return {pair: math.exp(-float(s)) for pair, s in full.items()}
+
+    def _memory(self) -> dict[str, float]:
+        """This process's peak memory so far, GiB: CUDA allocated and reserved, or its resident set
+        on CPU."""
+        if self.device.type == "cuda":
+            return {"cuda_peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2**30,
+                    "cuda_peak_reserved_gib": torch.cuda.max_memory_reserved(self.device) / 2**30}
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return {"peak_rss_gib": rss / 2**30}  # ru_maxrss: bytes on macOS, KiB on Linux
 
 
 def resume_path(cfg: Config) -> Path | None:
@@ -341,8 +364,13 @@ def run(cfg: Config) -> dict:
             plot_curves(run_dir)
             print("\nheld-out zero-shot retrieval (" + str(len(trainer.eval_urls)) + " eval shard(s)):")
             print(format_table(results))
-            print(f"\nwrote {run_dir}/: config.yaml metrics.jsonl checkpoints/ eval/retrieval.json "
-                  f"export/ curves.png")
+            wrote = "eval/retrieval.json"
+            if sets := demo_classification_sets(cfg.data, cfg.model.modalities):
+                table = classify_sets(load_pretrained(run_dir / "export", device), sets, run_dir / "eval")
+                print("\nheld-out zero-shot classification (the eval split by one attribute):")
+                print(table)
+                wrote += " eval/classify-*.json"
+            print(f"\nwrote {run_dir}/: config.yaml metrics.jsonl checkpoints/ {wrote} export/ curves.png")
         return results
     finally:
         parallel.cleanup()

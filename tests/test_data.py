@@ -229,6 +229,34 @@ def test_demo_corpus_is_zero_shot(demo_cache, tmp_path):
         assert all(not m.pax_headers for m in tar.getmembers())
 
 
+@pytest.mark.parametrize("corpus", ["demo", "demo-video"])
+def test_demo_corpora_write_their_eval_split_as_classification_sets(tiny_cfg, corpus):
+    """classify/<modality>-<attribute>/ in CLIP_benchmark's layout: the eval samples' own media bytes, each
+    labelled by the attribute its caption names (and the shape's beats for audio)."""
+    from mmpretrain.data.sources import demo_classification_sets
+    from mmpretrain.eval.classify import read_classnames, read_samples, read_templates, split_shards
+
+    cfg = tiny_cfg(f"data.eval_sources=[{corpus}]")
+    sets = demo_classification_sets(cfg.data, ["image", "audio", "video"])
+    expected = {"demo": {"image-shape": ("png", "shape"), "audio-rhythm": ("flac", "shape")},
+                "demo-video": {"video-direction": ("mp4", "motion")}}[corpus]
+    assert set(sets) == set(expected)
+    assert demo_classification_sets(cfg.data, ["audio"]).keys() == set(expected) & {"audio-rhythm"}
+    eval_samples = {s[ext]: json.loads(s["json"]) for ext, _ in expected.values()
+                    for _, s in read_samples([Path(u) for u in resolve_sources(cfg.data, "eval")])}
+    for name, (ext, attribute) in expected.items():
+        classnames = read_classnames(sets[name])
+        assert len(read_templates(sets[name])) >= 3
+        labels = []
+        for _, s in read_samples(split_shards(sets[name], "test")):
+            assert set(s) == {ext, "cls"}
+            labels.append(int(s["cls"]))
+            # the eval sample's own bytes, labelled by the class its caption names
+            assert eval_samples[s[ext]][attribute] == classnames[labels[-1]]
+        assert len(labels) == EVAL_CONCEPTS and set(labels) == set(range(len(classnames)))
+        assert len(classnames) == {"shape": 6, "motion": 4}[attribute]
+
+
 def _budget_batches(tiny_cfg, tmp_path, budget, samples):
     from mmpretrain.data.stream import _EpochDataset
 

@@ -216,6 +216,9 @@ def test_torchrun_fsdp_trains_checkpoints_and_resumes_on_one_process(demo_cache,
     assert "FSDP2: " in stderr and [m["step"] for m in metrics] == [1, 2]
     assert [p.name for p in checkpoint.checkpoint_dirs(run_dir)] == ["step_00000001", "step_00000002"]
     assert len(list((run_dir / "checkpoints" / "step_00000001").glob("__*.distcp"))) == 2  # written async
+    assert len(list((run_dir / "tb" / "train").iterdir())) == 1  # rank 0's event file only
+    assert {pair: t > 0 for pair, t in metrics[0]["temperature"].items()} == \
+        {"text-image": True, "text-audio": True, "image-audio": True}  # the sharded scales, gathered
     assert json.loads((run_dir / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
     one = run([sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
                f"data.demo.cache_dir={demo_cache}", f"run.dir={run_dir.parent}", "run.name=fsdp",

@@ -1,5 +1,6 @@
 import json
 import re
+import struct
 import subprocess
 import sys
 
@@ -17,6 +18,29 @@ from conftest import ROOT, run, run_until_crash, sample_dict
 
 def read_metrics(run_dir):
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_in_tensorboard(records: list[dict], folder) -> set[str]:
+    """The event files in `folder`, read as TensorBoard reads them, hold each number of the jsonl
+    `records` at its step (as float32), tagged by its keys ("temperature/text-image"), and nothing
+    else: no step twice after a resume -> the tags."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def numbers(tree, prefix=""):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                yield from numbers(v, f"{prefix}{k}/")
+            elif isinstance(v, (int, float)):
+                yield prefix + k, v
+
+    expected = {}
+    for r in records:
+        for tag, v in numbers({k: v for k, v in r.items() if k != "step"}):
+            expected.setdefault(tag, []).append((r["step"], struct.unpack("f", struct.pack("f", v))[0]))
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]} == expected
+    return set(expected)
 
 
 def test_smoke_run_through_the_real_entry_point(demo_cache, tmp_path):
@@ -41,6 +65,20 @@ def test_smoke_run_through_the_real_entry_point(demo_cache, tmp_path):
     assert {"text->image", "image->text", "text->audio", "audio->text"} <= set(results)
     assert set(results["text->image"]) == {"R@1", "R@5", "R@10", "n"} and results["text->image"]["n"] == 100
     assert latest_checkpoint(run_dir).name == "step_00000003"
+    tags = assert_in_tensorboard(metrics, run_dir / "tb" / "train")
+    assert {"loss", "next_token", "contrastive/text-image", "lr", "grad_norm", "samples_per_s", "tokens_per_s",
+            "data_wait", "temperature/image-audio", "temperature/text-image", "temperature/text-audio",
+            "memory/peak_rss_gib"} <= tags, tags
+    assert all(0 < m["temperature"]["text-image"] < 1 and m["memory"]["peak_rss_gib"] > 0.1 for m in metrics)
+    history = [json.loads(l) for l in (run_dir / "eval" / "history.jsonl").read_text().splitlines()]
+    assert "text->image/R@1" in assert_in_tensorboard(history, run_dir / "tb" / "eval")
+    # zero-shot classification of the demo corpus's classification sets, beside retrieval
+    assert "held-out zero-shot classification" in proc.stdout
+    for name, classes in (("image-shape", 6), ("audio-rhythm", 6)):
+        row = re.search(rf"^{name} .*$", proc.stdout, re.M).group(0).split()
+        assert row[1:3] == [name.split("-")[0], str(classes)] and float(row[4]) == round(1 / classes, 3)
+        result = json.loads((run_dir / "eval" / f"classify-{name}.json").read_text())
+        assert result["n"] == 100 and f"{result['acc1']:.3f}" == row[3]
 
     out = tmp_path / "again.json"
     proc = run([sys.executable, "-m", "mmpretrain.eval.retrieval", "--run", str(run_dir), "--out", str(out),
@@ -103,6 +141,7 @@ def test_resume_is_exact(tiny_cfg, monkeypatch):
     resumed = read_metrics(cut.run_dir)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
     assert [m["loss"] for m in resumed] == reference  # bitwise, not approximately
+    assert_in_tensorboard(resumed, cut.run_dir / "tb" / "train")  # the first session's step 3 hidden
 
 
 def write_shards(folder, name: str, samples: int, per_shard: int) -> str:
@@ -285,6 +324,8 @@ def test_rerunning_a_finished_run_appends_nothing(tiny_cfg):
     assert [json.loads(l)["step"] for l in records["eval/history.jsonl"].splitlines()] == [1, 2]
     train.run(cfg)
     assert {name: (cfg.run_dir / name).read_text() for name in records} == records
+    history = [json.loads(l) for l in records["eval/history.jsonl"].splitlines()]
+    assert_in_tensorboard(history, cfg.run_dir / "tb" / "eval")  # step 2 evaluated again, shown once
 
 
 def test_a_signal_writes_curves_with_integer_step_ticks(tiny_cfg, monkeypatch):

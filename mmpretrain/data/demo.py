@@ -18,6 +18,11 @@ audio FLAC (soundfile): the data pipeline decodes them like anyone's shards.
 A third split, "docs", holds interleaved documents over train concepts:
 text segments with images and audio between them, ordered by a `doc.json`
 member ("look: <image> that was a red circle in the top left. listen: ...").
+
+Beside the shards, classify/ holds the eval split labelled by one attribute as zero-shot
+classification sets in CLIP_benchmark's layout (the same media bytes; see eval/classify.py):
+classify/image-shape (the drawn shape, 6 classes) and classify/audio-rhythm (the number of beats,
+named by the shape word the captions pair it with). A set's folder is named <modality>-<attribute>.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from mmpretrain.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-VERSION = 3  # 3: whole-second member times (plain ustar headers)
+VERSION = 4  # 3: whole-second member times (plain ustar headers); 4: classify/ sets
 IMAGE_SIZE = 32
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 1.0
@@ -220,6 +225,24 @@ def _write_split(folder: Path, split: str, concepts: list[Concept], variants: in
     return write_shards(folder, split, samples)
 
 
+SHAPE_TEMPLATES = ["a {c}", "a red {c}", "a blue {c} in the centre", "a yellow {c} in the top left",
+                   "a white {c} in the bottom right"]
+
+
+def write_classification_sets(folder: Path, eval_pattern: str, sets: dict[str, tuple]) -> None:
+    """The eval split's samples labelled by one attribute: folder/classify/<name>/ in CLIP_benchmark's
+    layout (test/ split), for each set name -> (media extension, attribute of the .json member, its
+    values = the class names, prompt templates). The media are the eval shards' own bytes."""
+    import braceexpand
+
+    from mmpretrain.eval.classify import read_samples, write_dataset
+
+    samples = [s for _, s in read_samples([Path(u) for u in braceexpand.braceexpand(eval_pattern)])]
+    for name, (ext, attribute, classnames, templates) in sets.items():
+        rows = [(ext, s[ext], classnames.index(json.loads(s["json"])[attribute])) for s in samples]
+        write_dataset(folder / "classify" / name, classnames, templates, {"test": rows})
+
+
 def cached_corpus(cache_dir: str, name: str, write: Callable[[Path], dict[str, str]]) -> dict[str, str]:
     """Shard patterns by split of the corpus `name` under cache_dir, generated once: `write(folder)`
     writes every split into a temporary folder and returns their patterns; the folder is renamed
@@ -253,8 +276,12 @@ def demo_corpus(cache_dir: str, variants_per_concept: int = 16, seed: int = 0) -
 
     def write(folder: Path) -> dict[str, str]:
         seen, held = split_concepts(seed)
-        return {"train": _write_split(folder, "train", seen, variants_per_concept, seed),
-                "eval": _write_split(folder, "eval", held, 1, seed),
-                "docs": _write_split(folder, "docs", seen, DOCS_PER_CONCEPT, seed)}
+        patterns = {"train": _write_split(folder, "train", seen, variants_per_concept, seed),
+                    "eval": _write_split(folder, "eval", held, 1, seed),
+                    "docs": _write_split(folder, "docs", seen, DOCS_PER_CONCEPT, seed)}
+        write_classification_sets(folder, patterns["eval"],
+                                  {"image-shape": ("png", "shape", list(SHAPES), SHAPE_TEMPLATES),
+                                   "audio-rhythm": ("flac", "shape", list(SHAPES), SHAPE_TEMPLATES)})
+        return patterns
 
     return cached_corpus(cache_dir, f"v{VERSION}-{tag}", write)

@@ -16,7 +16,8 @@ frame) stands beside it, so one sample holds text, image, audio and video:
 
 The eval split holds 100 (colour, shape, motion) combinations that never occur
 in training, one clip each with a distinct caption; every single attribute
-value occurs in training.
+value occurs in training. classify/video-direction holds the eval clips labelled by their motion
+(4 classes) as a zero-shot classification set in CLIP_benchmark's layout (see demo.py).
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mmpretrain.data.demo import (COLOURS, PLACES, SAMPLE_RATE, SHAPES, Concept, cached_corpus, describe,
-                                  draw_shape, hold_out, render_audio, write_shards)
+                                  draw_shape, hold_out, render_audio, write_classification_sets, write_shards)
 
-VERSION = 4  # 4: whole-second member times (plain ustar headers)
+VERSION = 5  # 4: whole-second member times (plain ustar headers); 5: classify/ set
 SIZE = 32
 FPS = 8
 FRAMES = 16  # 2 s
 SPEED = 2.5  # pixels per frame
 EVAL_CONCEPTS = 100
 MOTIONS = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1)}
+MOTION_TEMPLATES = ["a circle {c}", "a red square {c}", "a blue triangle {c}", "a white ring {c}",
+                    "a green cross {c}"]
 TIMBRE = dict(zip(MOTIONS, PLACES))  # motion -> the harmonic recipe of a place in the image/audio corpus
 
 
@@ -127,7 +130,10 @@ def demo_video_corpus(cache_dir: str, variants_per_concept: int = 16, seed: int 
 
     def write(folder: Path) -> dict[str, str]:
         seen, held = split_concepts(seed)
-        return {"train": _write_split(folder, "train", seen, variants_per_concept, seed),
-                "eval": _write_split(folder, "eval", held, 1, seed)}
+        patterns = {"train": _write_split(folder, "train", seen, variants_per_concept, seed),
+                    "eval": _write_split(folder, "eval", held, 1, seed)}
+        write_classification_sets(folder, patterns["eval"],
+                                  {"video-direction": ("mp4", "motion", list(MOTIONS), MOTION_TEMPLATES)})
+        return patterns
 
     return cached_corpus(cache_dir, f"video-v{VERSION}-{tag}", write)

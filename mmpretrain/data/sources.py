@@ -114,6 +114,15 @@ def resolve_sources(data: DataConfig, split: str) -> list[str]:
     return expand([_pattern(data, p, split) for p in data.eval_sources], "data.eval_sources")
 
 
+def demo_classification_sets(data: DataConfig, modalities: list[str]) -> dict[str, Path]:
+    """The zero-shot classification sets of `modalities` that the demo corpora among data.eval_sources
+    write beside their shards (classify/<modality>-<attribute>/, CLIP_benchmark's layout): name -> folder."""
+    folders = [Path(_pattern(data, p, "eval")).parent / "classify"
+               for p in data.eval_sources if p in DEMO_CORPORA]
+    return {d.name: d for folder in folders if folder.is_dir() for d in sorted(folder.iterdir())
+            if d.name.partition("-")[0] in modalities}
+
+
 TAR_ADVICE = ("`python -m mmpretrain.data.inspect` shows what a shard holds, "
               "`python -m mmpretrain.data.make_shards` writes WebDataset shards")
 

@@ -204,6 +204,19 @@ def zero_shot_classify(pretrained, dataset: str | Path, split: str = "test", bat
 # ---------------------------------------------------------------------------- outputs
 
 
+def classify_sets(pretrained, sets: dict[str, Path], eval_dir: Path) -> str:
+    """Zero-shot classification on each set (name -> folder), as at the end of a run on the demo corpus:
+    eval_dir/classify-<name>.json each -> the table (set, modality, classes, top-1, chance)."""
+    lines = [f"{'set':<18}{'modality':<10}{'classes':>8}{'top-1':>8}{'chance':>8}"]
+    for name, folder in sets.items():
+        r = zero_shot_classify(pretrained, folder)
+        (eval_dir / f"classify-{name}.json").write_text(json.dumps(r, indent=1))
+        classes = len(r["per_class_recall"])
+        lines.append(f"{name:<18}{r['modality']:<10}{classes:>8}{r['acc1']:>8.3f}{1 / classes:>8.3f}")
+    return "\n".join(lines)
+
+
+
 def plot_confusion(confusion: list[list[int]], classnames: list[str], title: str, path: Path) -> Path:
     import matplotlib
 
