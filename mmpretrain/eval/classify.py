@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from mmpretrain.config import ConfigError
+from mmpretrain.data.samples import first_key
 
 CLASSNAMES, TEMPLATES = "classnames.txt", "zeroshot_classification_templates.txt"
 
@@ -111,7 +112,7 @@ def sample_modality(sample: dict[str, bytes], modalities: list[str], where: str)
     from mmpretrain.encoders import MODALITIES
 
     for name, spec in MODALITIES.items():
-        if ext := next((e for e in spec.extensions if e in sample), None):
+        if ext := first_key(sample, spec.extensions):
             if name not in modalities:
                 raise ConfigError(f"{where}: its samples are {name} (.{ext}), which this model has no tower for "
                                   f"(its modalities: {', '.join(modalities)})")
@@ -137,7 +138,7 @@ def embed_split(pretrained, dataset: Path, split: str, batch_size: int = 64) -> 
             modality = sample_modality(sample, model.modalities, where)
             spec = MODALITIES[modality]
             section = spec.section(pretrained.cfg)
-        ext = next((e for e in spec.extensions if e in sample), None)
+        ext = first_key(sample, spec.extensions)
         if ext is None or "cls" not in sample:
             raise ConfigError(f"{where}: sample {key} has no {modality} member or no .cls "
                               f"(members: {', '.join(sorted(sample))})")
