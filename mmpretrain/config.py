@@ -228,6 +228,39 @@ class TrainConfig:
 
 
 @dataclass
+class LogConfig:
+    # Weights & Biases besides TensorBoard (the `wandb` extra): every number of metrics.jsonl and of
+    # the evaluations, from the main process; WANDB_MODE=offline writes it into the run folder
+    wandb: bool = False
+    wandb_project: str = _nonempty("mmpretrain")
+
+
+@dataclass
+class EvalSetConfig:
+    """One named eval set (mmpretrain/eval/sets.py)."""
+
+    name: str = _nonempty("set")  # its records: eval/<name>.json, eval/history.jsonl, tb/eval/<name>/
+    # retrieval: R@1/5/10 on shards of media-caption samples; classification: zero-shot, and
+    # linear_probe: a logistic-regression head on frozen train/ embeddings, on a folder in
+    # CLIP_benchmark's layout (classnames.txt, zeroshot_classification_templates.txt, test/, train/)
+    kind: Literal["retrieval", "classification", "linear_probe"] = "classification"
+    path: str = _nonempty("data/set")  # retrieval: shard patterns (brace expansion) or a demo corpus' name
+    # retrieval: only the directions with this modality; classification: its samples must be of it;
+    # "": any of the model's
+    modality: str = ""
+    split: str = "test"  # classification, linear_probe: the split reported
+    every: int = _check(0, default=0)  # steps between evaluations; 0: train.eval_every
+
+
+@dataclass
+class EvalConfig:
+    # Sets evaluated besides the retrieval on data.eval_sources (named "retrieval") and the built-in
+    # demo corpora's classification sets (when one is among data.eval_sources): each every its
+    # `every` steps (0: train.eval_every) and at the end, split across the data-parallel ranks.
+    sets: list[EvalSetConfig] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -235,6 +268,8 @@ class Config:
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -521,6 +556,14 @@ def validate(cfg: Config) -> Config:
     _require(len(set(labels)) == len(labels), f"data.sources: two sources are named alike ({labels}); give them "
              f"distinct names")
     _require(bool(cfg.data.eval_sources), "data.eval_sources: [] names no shards")
+    names = ["retrieval"] + [s.name for s in cfg.eval.sets]
+    _require(len(set(names)) == len(names), f"eval.sets: two sets are named alike ({names}, \"retrieval\" is "
+             f"data.eval_sources'); give them distinct names")
+    for i, s in enumerate(cfg.eval.sets):
+        _require(s.modality in ("", *m.modalities), f"eval.sets[{i}].modality: {s.modality!r} is not one of "
+                 f"model.modalities {m.modalities} (or \"\": any)")
+        _require(re.fullmatch(r"[\w.+-]+", s.name) is not None, f"eval.sets[{i}].name: {s.name!r}; expected "
+                 f"letters, digits, '_', '.', '+', '-' (it names files)")
     _require(all(k and (not k.startswith("json:") or k[5:]) for k in cfg.data.caption_keys) and
              bool(cfg.data.caption_keys), f"data.caption_keys: {cfg.data.caption_keys}; expected extensions "
                                           f"('txt') or JSON fields ('json:caption')")

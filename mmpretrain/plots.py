@@ -1,5 +1,5 @@
-"""curves.png: training losses and held-out recall against step (and the realised mix of the
-data sources, when a run has several)."""
+"""curves.png: training losses, held-out recall and classification top-1 against step (and the
+realised mix of the data sources, when a run has several)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,14 @@ from pathlib import Path
 
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _by_set(record: dict) -> dict:
+    """A history.jsonl record as {"step", set name: result}; records written before eval sets had
+    names hold the retrieval's directions at the top."""
+    if any("->" in k for k in record):
+        return {"step": record["step"], "retrieval": {k: v for k, v in record.items() if "->" in k}}
+    return record
 
 
 def _configured_shares(run_dir: Path) -> dict[str, float]:
@@ -44,9 +52,11 @@ def curves_figure(run_dir: Path):
 
     run_dir = Path(run_dir)
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    evals = _read_jsonl(run_dir / "eval" / "history.jsonl")
-    mixed = any("source_share" in m for m in metrics)  # several data.sources: a third panel
-    fig, axes = plt.subplots(1, 3 if mixed else 2, figsize=(18 if mixed else 12, 4.5), sharex=True)
+    evals = [_by_set(e) for e in _read_jsonl(run_dir / "eval" / "history.jsonl")]
+    classified = sorted({name for e in evals for name, r in e.items() if name != "step" and "acc1" in r})  # a panel of their own
+    mixed = any("source_share" in m for m in metrics)  # several data.sources: a panel
+    panels = 2 + bool(classified) + mixed
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), sharex=True)
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps (the axes share it)
     ax_loss, ax_r1 = axes[:2]
     steps = [m["step"] for m in metrics]
@@ -55,26 +65,38 @@ def curves_figure(run_dir: Path):
         ax_loss.plot(steps, [m.get(k, float("nan")) for m in metrics], label=k, lw=2 if k == "loss" else 1)
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
     ax_loss.legend(fontsize=8)
-    directions = [k for k in (evals[-1] if evals else {}) if "->" in k]
-    for k in directions:
-        ax_r1.plot([e["step"] for e in evals], [e[k]["R@1"] for e in evals], marker="o", label=k)
-    if evals:
-        n = evals[-1][directions[0]]["n"]
-        ax_r1.axhline(1 / n, color="gray", ls=":", label=f"chance (1/{n})")
+    retrieval = sorted({name for e in evals for name, r in e.items() if name != "step" and "acc1" not in r})
+    chances = set()
+    for name in retrieval:
+        runs = [e for e in evals if name in e]
+        for k in runs[-1][name]:
+            label = k if retrieval == ["retrieval"] else f"{name} {k}"
+            ax_r1.plot([e["step"] for e in runs], [e[name][k]["R@1"] for e in runs], marker="o", label=label)
+            chances.add(runs[-1][name][k]["n"])
+    if chances:  # the largest set's, the lowest
+        ax_r1.axhline(1 / max(chances), color="gray", ls=":", label=f"chance (1/{max(chances)})")
     ax_r1.set(xlabel="step", ylabel="R@1", title="held-out zero-shot retrieval", ylim=(0, 1))
-    if evals:
+    if retrieval:
         ax_r1.legend(fontsize=8)
+    if classified:
+        ax = axes[2]
+        for i, name in enumerate(classified):
+            runs = [e for e in evals if name in e]
+            ax.plot([e["step"] for e in runs], [e[name]["acc1"] for e in runs], marker="o", color=f"C{i}", label=name)
+            ax.axhline(1 / runs[-1][name]["classes"], color=f"C{i}", ls=":", lw=1)
+        ax.set(xlabel="step", ylabel="top-1", title="classification (dotted: chance)", ylim=(0, 1))
+        ax.legend(fontsize=8)
     if mixed:
         shares = [m for m in metrics if "source_share" in m]
         target = _configured_shares(run_dir)
         for i, name in enumerate(shares[-1]["source_share"]):
             colour = f"C{i}"
-            axes[2].plot([m["step"] for m in shares], [m["source_share"].get(name, 0.0) for m in shares],
-                         color=colour, label=name)
+            axes[-1].plot([m["step"] for m in shares], [m["source_share"].get(name, 0.0) for m in shares],
+                          color=colour, label=name)
             if name in target:
-                axes[2].axhline(target[name], color=colour, ls="--", lw=1, label=f"{name} (configured)")
-        axes[2].set(xlabel="step", ylabel="share of samples so far", title="data sources (realised mix)",
-                    ylim=(0, 1))
-        axes[2].legend(fontsize=8)
+                axes[-1].axhline(target[name], color=colour, ls="--", lw=1, label=f"{name} (configured)")
+        axes[-1].set(xlabel="step", ylabel="share of samples so far", title="data sources (realised mix)",
+                     ylim=(0, 1))
+        axes[-1].legend(fontsize=8)
     fig.tight_layout()
     return fig

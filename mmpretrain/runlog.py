@@ -1,9 +1,13 @@
-"""The run's records: `metrics.jsonl` (one line per logged step) and `eval/history.jsonl`
-(retrieval during training), each number of them also in TensorBoard event files under `tb/train/`
-and `tb/eval/` (`tensorboard --logdir runs`). Only the main process writes them."""
+"""The run's records: `metrics.jsonl` (one line per logged step) and `eval/history.jsonl` (one line
+per evaluation: {"step", <set name>: its headline metrics}), each number of them also in TensorBoard
+event files under `tb/train/` and `tb/eval/` (`tensorboard --logdir runs`; tags such as
+`retrieval/text->image/R@1`, `image-shape/acc1`). Only the main process writes them. With `log.wandb=true` (the `wandb` extra) every number also goes
+to a Weights & Biases run (train/<key>, eval/<set>/<metric>), one per run folder, continued on
+resume; `WANDB_MODE=offline` keeps it in `wandb/` of the run folder with no network."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,11 +15,16 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.metrics_path = Path(run_dir) / "metrics.jsonl"
-        self.history_path = Path(run_dir) / "eval" / "history.jsonl"
+    def __init__(self, run_dir: Path, enabled: bool, wandb: dict | None = None):
+        """`wandb`: wandb.init's project and config (None: no W&B); only `enabled` (the main process) logs."""
+        self.run_dir = Path(run_dir)
+        self._wandb_init, self._wandb = (wandb if enabled else None), None
+        if self._wandb_init is not None:
+            _import_wandb()  # before training: a missing package is a config error, not a crash at step 1
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.history_path = self.run_dir / "eval" / "history.jsonl"
         self.enabled = enabled
-        self.tb_dir = Path(run_dir) / "tb"
+        self.tb_dir = self.run_dir / "tb"
         self._metrics = None  # nothing is written (no folder made) before the first record
         self._writers: dict[str, SummaryWriter] = {}  # tb/train/, tb/eval/: made at the first record
         self._hide_from: dict[str, int] = {}  # "train", "eval": the first step `trim` dropped
@@ -39,7 +48,9 @@ class RunLog:
             self._metrics.write(json.dumps(record) + "\n")
             self._metrics.flush()
             step = record["step"]
-            _add_scalars(self._writer("train", step), step, {k: v for k, v in record.items() if k != "step"})
+            values = dict(_numbers({k: v for k, v in record.items() if k != "step"}))
+            _add_scalars(self._writer("train", step), step, values)
+            self._to_wandb("train", step, values)
 
     def eval(self, step: int, results: dict) -> None:
         """One record per step: a finished run started again evaluates its last step again."""
@@ -48,7 +59,19 @@ class RunLog:
             self.history_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.history_path, "a") as f:
                 f.write(json.dumps({"step": step, **results}) + "\n")
-            _add_scalars(self._writer("eval", step), step, results)
+            values = dict(_numbers(results))
+            _add_scalars(self._writer("eval", step), step, values)
+            self._to_wandb("eval", step, values)
+
+    def _to_wandb(self, kind: str, step: int, values: dict[str, float]) -> None:
+        if self._wandb_init is None:
+            return
+        if self._wandb is None:  # one W&B run per run folder: a resumed run goes on in it
+            folder = str(self.run_dir.resolve())
+            self._wandb = _import_wandb().init(project=self._wandb_init["project"], name=self.run_dir.name,
+                                               id=hashlib.sha1(folder.encode()).hexdigest()[:16], resume="allow",
+                                               dir=str(self.run_dir), config=self._wandb_init["config"])
+        self._wandb.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
 
     def _writer(self, kind: str, step: int) -> SummaryWriter:
         """tb/<kind>/'s writer, made at its first record (at `step`): TensorBoard hides the events
@@ -66,13 +89,31 @@ class RunLog:
         for writer in self._writers.values():
             writer.close()
         self._writers = {}
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
-def _add_scalars(events: SummaryWriter, step: int, record: dict, prefix: str = "") -> None:
-    """Each number in a nested record as a scalar tagged by its keys: {"a": {"b": 1.0}} -> "a/b"."""
+def _numbers(record: dict, prefix: str = ""):
+    """Each number in a nested record, tagged by its keys: {"a": {"b": 1.0}} -> ("a/b", 1.0)."""
     for key, value in record.items():
         if isinstance(value, dict):
-            _add_scalars(events, step, value, f"{prefix}{key}/")
+            yield from _numbers(value, f"{prefix}{key}/")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            events.add_scalar(prefix + key, value, step)
+            yield prefix + key, value
+
+
+def _add_scalars(events: SummaryWriter, step: int, values: dict[str, float]) -> None:
+    for tag, value in values.items():
+        events.add_scalar(tag, value, step)
     events.flush()
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError:
+        from mmpretrain.config import ConfigError
+
+        raise ConfigError("log.wandb=true needs the wandb package: pip install 'mmpretrain[wandb]'") from None
+    return wandb

@@ -34,14 +34,15 @@ from mmpretrain import checkpoint, parallel
 from mmpretrain.attention import resolve_backend
 from mmpretrain.build import build, train_step
 from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_dict, to_yaml
-from mmpretrain.data import BatchStream, resolve_sources
-from mmpretrain.data.sources import check_data, demo_classification_sets, train_sources
-from mmpretrain.eval.classify import classify_sets
-from mmpretrain.eval.retrieval import evaluate, format_table, probe_eval
+from mmpretrain.data import BatchStream
+from mmpretrain.data.sources import check_data, train_sources
+from mmpretrain.eval.classify import plot_confusion
+from mmpretrain.eval.retrieval import format_table, probe_eval
+from mmpretrain.eval.sets import Evaluator, format_classification, headline, run_sets
 from mmpretrain.export import export_model
 from mmpretrain.model import check_memory
+from mmpretrain.parallel.fsdp import gathered
 from mmpretrain.plots import plot_curves
-from mmpretrain.pretrained import load_pretrained
 from mmpretrain.runlog import RunLog
 from mmpretrain.tokenizer import Tokenizer
 
@@ -82,7 +83,8 @@ class Trainer:
         check_memory(cfg, self.tokenizer.vocab_size, device, env.world_size)  # before anything is allocated
         self.resume_from, self.init_from = resume_path(cfg), init_path(cfg)
         self.train_sources = train_sources(cfg.data)
-        self.eval_urls = resolve_sources(cfg.data, "eval")
+        self.eval_sets = run_sets(cfg)  # [0]: the retrieval on data.eval_sources
+        self.eval_urls = self.eval_sets[0].urls
         check_data(cfg, self.train_sources, self.eval_urls, env.dp_size, env.is_main)  # before the model
         probe_eval(self.eval_urls, cfg, self.tokenizer)  # before step 1, not after the last
         try:
@@ -94,7 +96,10 @@ class Trainer:
         built = build(cfg, env, device, self.tokenizer)
         self.task, self.wrapped = built.task, built.wrapped  # wrapped: what computes the loss (DDP, FSDP2)
         self.optimizer, self.scheduler, self.autocast = built.optimizer, built.scheduler, built.autocast
-        self.log = RunLog(self.run_dir, env.is_main)
+        self.evaluator = Evaluator(self.task.model, cfg, self.tokenizer, device, env.dp_rank, env.dp_size,
+                                   lambda obj: parallel.gather_objects(obj, env.group("dp")))
+        wandb = {"project": cfg.log.wandb_project, "config": to_dict(cfg)} if cfg.log.wandb else None
+        self.log = RunLog(self.run_dir, env.is_main, wandb)
         self.skips_logged: collections.Counter = collections.Counter()  # skips already in metrics.jsonl
         self.data_wait = 0.0  # seconds spent waiting for batches since the last record
         self.step = 0
@@ -183,10 +188,22 @@ class Trainer:
             self.data_wait += time.perf_counter() - waited
             yield batch
 
-    def evaluate(self) -> dict:
-        with self.autocast:  # as in training: FSDP2's bf16 compute parameters need bf16 inputs
-            results = evaluate(self.task.model, self.cfg, self.tokenizer, self.eval_urls, self.device)
-        self.log.eval(self.step, results)
+    def evaluate(self, final: bool = False) -> dict[str, dict]:
+        """The sets due at this step (every set when `final`), split across the ranks -> {name: result};
+        the main rank records them: eval/<name>.json, eval/history.jsonl, TensorBoard."""
+        sets = [s for s in self.eval_sets if final or s.due(self.step)]
+        # autocast as in training: FSDP2's bf16 compute parameters need bf16 inputs
+        with self.autocast, gathered(self.task):
+            results = self.evaluator.evaluate(sets)
+        self.log.eval(self.step, {s.name: headline(s.kind, results[s.name]) for s in sets})
+        if self.env.is_main:
+            for s in sets:
+                out = self.run_dir / "eval" / f"{s.name}.json"
+                out.write_text(json.dumps(results[s.name], indent=1))
+                if final and s.kind != "retrieval":
+                    r = results[s.name]
+                    plot_confusion(r["confusion_matrix"], list(r["per_class_recall"]),
+                                   f"{s.name} ({s.kind}): acc1 {r['acc1']:.3f}", out.with_suffix(".png"))
         return results
 
     # ------------------------------------------------------------------ loop
@@ -206,7 +223,7 @@ class Trainer:
             total = parallel.sum_counts(self.stream.skipped, self.env.group("dp"))
             if total:
                 log.warning("bad samples skipped (all ranks, whole run): %s", dict(total))
-            return self.evaluate()
+            return self.evaluate(final=True)
 
     def _any_rank(self, flag: bool) -> bool:
         return parallel.any_rank(torch.tensor(flag, device=self.device))
@@ -244,9 +261,8 @@ class Trainer:
                 if bar.disable and self.env.is_main:  # no bar (off, or not a terminal): a plain line
                     pace = (time.perf_counter() - t_start) / (self.step - first)  # seconds per step
                     log.info("%s", _log_line(record, cfg.steps, pace))
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                r = self.evaluate()
-                bar.write(f"step {self.step}: " + "  ".join(f"{k} R@1={v['R@1']:.2f}" for k, v in r.items()))
+            if self.step < cfg.steps and any(s.due(self.step) for s in self.eval_sets):
+                bar.write(f"step {self.step}: " + _eval_line(self.evaluate()))
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self.save(background=True)
             if self._any_rank(self.signalled is not None):
@@ -321,6 +337,13 @@ def _listed(sources: list[dict]) -> str:
     return "[" + ", ".join(one(s) for s in sources) + "]"
 
 
+def _eval_line(results: dict[str, dict]) -> str:
+    """"retrieval text->image R@1=0.52 ...  image-shape acc1=0.61": an evaluation in a line."""
+    return "  ".join(f"{name} acc1={r['acc1']:.2f}" if "acc1" in r else
+                     f"{name} " + " ".join(f"{k} R@1={v['R@1']:.2f}" for k, v in r.items())
+                     for name, r in results.items())
+
+
 def _progress(cfg: TrainConfig, initial: int, enabled: bool):
     """The progress bar, on a terminal only; without it `_loop` logs `_log_line`s (cluster logs)."""
     from tqdm import tqdm
@@ -339,7 +362,7 @@ def _log_line(record: dict, steps: int, seconds_per_step: float) -> str:
 
 
 def run(cfg: Config) -> dict:
-    """Train, evaluate and export one run; returns the final retrieval results."""
+    """Train, evaluate and export one run; returns the final retrieval on data.eval_sources."""
     device = resolve_device(cfg.train.device)
     env = parallel.init_distributed(device.type, cfg.parallel)
     if env.world_size > 1 and device.type == "cuda":
@@ -359,19 +382,19 @@ def run(cfg: Config) -> dict:
         results = trainer.fit()
         state = trainer.full_state()
         if env.is_main:
-            (run_dir / "eval" / "retrieval.json").write_text(json.dumps(results, indent=1))
             export_model(state, cfg, run_dir / "export")
             plot_curves(run_dir)
-            print("\nheld-out zero-shot retrieval (" + str(len(trainer.eval_urls)) + " eval shard(s)):")
-            print(format_table(results))
-            wrote = "eval/retrieval.json"
-            if sets := demo_classification_sets(cfg.data, cfg.model.modalities):
-                table = classify_sets(load_pretrained(run_dir / "export", device), sets, run_dir / "eval")
-                print("\nheld-out zero-shot classification (the eval split by one attribute):")
-                print(table)
-                wrote += " eval/classify-*.json"
-            print(f"\nwrote {run_dir}/: config.yaml metrics.jsonl checkpoints/ {wrote} export/ curves.png")
-        return results
+            for s in trainer.eval_sets:
+                if s.kind == "retrieval":
+                    print(f"\nheld-out zero-shot retrieval, {s.name} ({len(s.urls)} eval shard(s)):")
+                    print(format_table(results[s.name]))
+            if any(s.kind != "retrieval" for s in trainer.eval_sets):
+                print("\nclassification (zero-shot: prompts of the class names; linear probe: a head on frozen "
+                      "train/ embeddings):")
+                print(format_classification(results, trainer.eval_sets))
+            print(f"\nwrote {run_dir}/: config.yaml metrics.jsonl checkpoints/ eval/ (retrieval.json, one "
+                  f"JSON per eval set) export/ curves.png")
+        return results["retrieval"]
     finally:
         parallel.cleanup()
 

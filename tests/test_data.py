@@ -233,10 +233,11 @@ def test_demo_corpus_is_zero_shot(demo_cache, tmp_path):
 def test_demo_corpora_write_their_eval_split_as_classification_sets(tiny_cfg, corpus):
     """classify/<modality>-<attribute>/ in CLIP_benchmark's layout: the eval samples' own media bytes, each
     labelled by the attribute its caption names (and the shape's beats for audio)."""
+    from mmpretrain.data.demo import PROBE_TRAIN_SAMPLES
     from mmpretrain.data.sources import demo_classification_sets
     from mmpretrain.eval.classify import read_classnames, read_samples, read_templates, split_shards
 
-    cfg = tiny_cfg(f"data.eval_sources=[{corpus}]")
+    cfg = tiny_cfg(f"data.eval_sources=[{corpus}]", f"data.sources=[{corpus}]")
     sets = demo_classification_sets(cfg.data, ["image", "audio", "video"])
     expected = {"demo": {"image-shape": ("png", "shape"), "audio-rhythm": ("flac", "shape")},
                 "demo-video": {"video-direction": ("mp4", "motion")}}[corpus]
@@ -255,6 +256,13 @@ def test_demo_corpora_write_their_eval_split_as_classification_sets(tiny_cfg, co
             assert eval_samples[s[ext]][attribute] == classnames[labels[-1]]
         assert len(labels) == EVAL_CONCEPTS and set(labels) == set(range(len(classnames)))
         assert len(classnames) == {"shape": 6, "motion": 4}[attribute]
+        # train/ (the linear probe's): training samples spread over the split, labelled alike
+        train_samples = {s[ext]: json.loads(s["json"]) for _, s in
+                         read_samples([Path(u) for u in resolve_sources(cfg.data, "train")]) if ext in s}
+        train = [(s[ext], int(s["cls"])) for _, s in read_samples(split_shards(sets[name], "train"))]
+        assert len(train) == min(len(train_samples), PROBE_TRAIN_SAMPLES)
+        assert all(train_samples[media][attribute] == classnames[label] for media, label in train)
+        assert set(label for _, label in train) == set(range(len(classnames)))
 
 
 def _budget_batches(tiny_cfg, tmp_path, budget, samples):

@@ -234,14 +234,38 @@ def test_torchrun_fsdp_bf16_mixed_precision_trains_evaluates_and_exports_fp32(de
     inputs) and the export holds the fp32 shards."""
     from safetensors.torch import load_file
 
+    from mmpretrain.data.sources import demo_classification_sets
+    from mmpretrain.eval.classify import read_samples, split_shards, write_dataset
+    from mmpretrain.eval.sets import Evaluator, run_sets
+    from mmpretrain.pretrained import load_pretrained
+
+    # evaluated at step 2 and at the end, each split across the 2 ranks: a set of one sample leaves
+    # rank 1 nothing to embed, which under FSDP2 only gathered parameters survive
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.demo.cache_dir={demo_cache}"])
+    shapes = demo_classification_sets(cfg.data, ["image"])["image-shape"]
+    _, first = next(read_samples(split_shards(shapes, "test")))
+    one = write_dataset(tmp_path / "one", ["circle", "square"], ["a {c}"], {"test": [("png", first["png"], 0)]})
+    sets = f"eval.sets=[{{name: one, kind: classification, path: {one}}}]"
     losses = {}
     for precision in ("fp32", "bf16"):
         run_dir = tmp_path / "runs" / precision
         _, metrics = _torchrun(2, "tiny.yaml", demo_cache, run_dir, "train.steps=3", "train.log_every=1",
-                               "parallel.dp_shard=fsdp", f"train.precision={precision}")
+                               "parallel.dp_shard=fsdp", f"train.precision={precision}", "train.eval_every=2", sets)
         losses[precision] = [m["loss"] for m in metrics]
-        assert json.loads((run_dir / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
+        history = [json.loads(line) for line in (run_dir / "eval" / "history.jsonl").read_text().splitlines()]
+        assert [h["step"] for h in history] == [2, 3] and history[0]["one"]["n"] == 1
+        assert history[1]["retrieval"]["text->image"]["n"] == 100  # each sample once, not once per rank
     torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=2e-2, atol=0)
+    # the fp32 run's final evaluation, split over 2 ranks, is one process's on the export
+    fp32 = tmp_path / "runs" / "fp32"
+    export = load_pretrained(fp32 / "export")
+    run_cfg = load_config(fp32 / "config.yaml")
+    alone = Evaluator(export.model, run_cfg, export.tokenizer, "cpu").evaluate(run_sets(run_cfg))
+    split = {name: json.loads((fp32 / "eval" / f"{name}.json").read_text()) for name in alone}
+    for direction, r in alone["retrieval"].items():
+        assert split["retrieval"][direction] == pytest.approx(r, abs=0.011), direction
+    for name in set(alone) - {"retrieval"}:
+        assert split[name]["acc1"] == pytest.approx(alone[name]["acc1"], abs=0.011), name
     assert {t.dtype for t in load_file(run_dir / "export" / "model.safetensors").values()} == {torch.float32}
 
 

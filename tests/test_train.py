@@ -71,14 +71,15 @@ def test_smoke_run_through_the_real_entry_point(demo_cache, tmp_path):
             "memory/peak_rss_gib"} <= tags, tags
     assert all(0 < m["temperature"]["text-image"] < 1 and m["memory"]["peak_rss_gib"] > 0.1 for m in metrics)
     history = [json.loads(l) for l in (run_dir / "eval" / "history.jsonl").read_text().splitlines()]
-    assert "text->image/R@1" in assert_in_tensorboard(history, run_dir / "tb" / "eval")
-    # zero-shot classification of the demo corpus's classification sets, beside retrieval
-    assert "held-out zero-shot classification" in proc.stdout
+    assert "retrieval/text->image/R@1" in assert_in_tensorboard(history, run_dir / "tb" / "eval")
+    # zero-shot classification and linear probes of the demo corpus's classification sets, beside retrieval
+    assert "\nclassification (zero-shot" in proc.stdout
     for name, classes in (("image-shape", 6), ("audio-rhythm", 6)):
-        row = re.search(rf"^{name} .*$", proc.stdout, re.M).group(0).split()
-        assert row[1:3] == [name.split("-")[0], str(classes)] and float(row[4]) == round(1 / classes, 3)
-        result = json.loads((run_dir / "eval" / f"classify-{name}.json").read_text())
-        assert result["n"] == 100 and f"{result['acc1']:.3f}" == row[3]
+        for set_name, kind in ((name, "zero-shot"), (f"{name}-probe", "linear-probe")):
+            row = re.search(rf"^{set_name} .*$", proc.stdout, re.M).group(0).split()
+            assert row[1:4] == [kind, name.split("-")[0], str(classes)] and float(row[5]) == round(1 / classes, 3)
+            result = json.loads((run_dir / "eval" / f"{set_name}.json").read_text())
+            assert result["n"] == 100 and f"{result['acc1']:.3f}" == row[4]
 
     out = tmp_path / "again.json"
     proc = run([sys.executable, "-m", "mmpretrain.eval.retrieval", "--run", str(run_dir), "--out", str(out),
@@ -351,3 +352,30 @@ def test_a_signal_writes_curves_with_integer_step_ticks(tiny_cfg, monkeypatch):
         lo, hi = ax.get_xlim()
         ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
         assert ticks and all(t == int(t) for t in ticks), (ax.get_title(), ticks)
+
+
+def test_log_wandb_offline_logs_every_metric_and_eval_number(tiny_cfg, monkeypatch):
+    """log.wandb=true with WANDB_MODE=offline (no network): a W&B run under the run folder, handed
+    every number of metrics.jsonl (train/...) and of each evaluation (eval/<set>/...) at its step."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged, log = [], wandb.sdk.wandb_run.Run.log
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log",
+                        lambda self, data, step=None, **kw: logged.append((step, data)) or log(self, data, step=step, **kw))
+    cfg = tiny_cfg("train.steps=2", "log.wandb=true", "run.name=wb")
+    train.run(cfg)
+    (events,) = (cfg.run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert events.stat().st_size > 0
+    metrics = read_metrics(cfg.run_dir)
+    train_logs = [(step, d) for step, d in logged if any(k.startswith("train/") for k in d)]
+    assert [step for step, _ in train_logs] == [m["step"] for m in metrics] == [1, 2]
+    for (_, d), m in zip(train_logs, metrics):
+        assert d["train/loss"] == m["loss"] and d["train/temperature/text-image"] == m["temperature"]["text-image"]
+        assert d["train/memory/peak_rss_gib"] == m["memory"]["peak_rss_gib"]
+    ((step, final),) = [(step, d) for step, d in logged if any(k.startswith("eval/") for k in d)]
+    assert step == 2
+    assert final["eval/retrieval/text->image/R@1"] == json.loads(
+        (cfg.run_dir / "eval" / "retrieval.json").read_text())["text->image"]["R@1"]
+    assert final["eval/image-shape/acc1"] == json.loads((cfg.run_dir / "eval" / "image-shape.json").read_text())["acc1"]

@@ -19,8 +19,9 @@ A third split, "docs", holds interleaved documents over train concepts:
 text segments with images and audio between them, ordered by a `doc.json`
 member ("look: <image> that was a red circle in the top left. listen: ...").
 
-Beside the shards, classify/ holds the eval split labelled by one attribute as zero-shot
-classification sets in CLIP_benchmark's layout (the same media bytes; see eval/classify.py):
+Beside the shards, classify/ holds the eval split (test/) and up to 500 training samples (train/,
+a linear probe's) labelled by one attribute, as classification sets in CLIP_benchmark's layout (the
+same media bytes; see eval/classify.py):
 classify/image-shape (the drawn shape, 6 classes) and classify/audio-rhythm (the number of beats,
 named by the shape word the captions pair it with). A set's folder is named <modality>-<attribute>.
 """
@@ -48,7 +49,7 @@ from mmpretrain.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-VERSION = 4  # 3: whole-second member times (plain ustar headers); 4: classify/ sets
+VERSION = 5  # 3: whole-second member times (plain ustar headers); 4: classify/ sets; 5: their train/
 IMAGE_SIZE = 32
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 1.0
@@ -229,18 +230,28 @@ SHAPE_TEMPLATES = ["a {c}", "a red {c}", "a blue {c} in the centre", "a yellow {
                    "a white {c} in the bottom right"]
 
 
-def write_classification_sets(folder: Path, eval_pattern: str, sets: dict[str, tuple]) -> None:
-    """The eval split's samples labelled by one attribute: folder/classify/<name>/ in CLIP_benchmark's
-    layout (test/ split), for each set name -> (media extension, attribute of the .json member, its
-    values = the class names, prompt templates). The media are the eval shards' own bytes."""
+PROBE_TRAIN_SAMPLES = 500  # at most, spread over the training shards: a linear probe's train/ split
+
+
+def write_classification_sets(folder: Path, patterns: dict[str, str], sets: dict[str, tuple]) -> None:
+    """The samples labelled by one attribute: folder/classify/<name>/ in CLIP_benchmark's layout,
+    test/ the whole eval split, train/ up to PROBE_TRAIN_SAMPLES of the training split (every k-th),
+    for each set name -> (media extension, attribute of the .json member, its values = the class
+    names, prompt templates). The media are the shards' own bytes."""
     import braceexpand
 
     from mmpretrain.eval.classify import read_samples, write_dataset
 
-    samples = [s for _, s in read_samples([Path(u) for u in braceexpand.braceexpand(eval_pattern)])]
+    def samples(pattern):
+        return [s for _, s in read_samples([Path(u) for u in braceexpand.braceexpand(pattern)])]
+
+    test, train = samples(patterns["eval"]), samples(patterns["train"])
     for name, (ext, attribute, classnames, templates) in sets.items():
-        rows = [(ext, s[ext], classnames.index(json.loads(s["json"])[attribute])) for s in samples]
-        write_dataset(folder / "classify" / name, classnames, templates, {"test": rows})
+        media = [s for s in train if ext in s]  # (the video corpus also trains on stills)
+        splits = {"test": test, "train": media[:: max(1, len(media) // PROBE_TRAIN_SAMPLES)][:PROBE_TRAIN_SAMPLES]}
+        write_dataset(folder / "classify" / name, classnames, templates,
+                      {split: [(ext, s[ext], classnames.index(json.loads(s["json"])[attribute])) for s in rows]
+                       for split, rows in splits.items()})
 
 
 def cached_corpus(cache_dir: str, name: str, write: Callable[[Path], dict[str, str]]) -> dict[str, str]:
@@ -279,7 +290,7 @@ def demo_corpus(cache_dir: str, variants_per_concept: int = 16, seed: int = 0) -
         patterns = {"train": _write_split(folder, "train", seen, variants_per_concept, seed),
                     "eval": _write_split(folder, "eval", held, 1, seed),
                     "docs": _write_split(folder, "docs", seen, DOCS_PER_CONCEPT, seed)}
-        write_classification_sets(folder, patterns["eval"],
+        write_classification_sets(folder, patterns,
                                   {"image-shape": ("png", "shape", list(SHAPES), SHAPE_TEMPLATES),
                                    "audio-rhythm": ("flac", "shape", list(SHAPES), SHAPE_TEMPLATES)})
         return patterns

@@ -16,8 +16,9 @@ frame) stands beside it, so one sample holds text, image, audio and video:
 
 The eval split holds 100 (colour, shape, motion) combinations that never occur
 in training, one clip each with a distinct caption; every single attribute
-value occurs in training. classify/video-direction holds the eval clips labelled by their motion
-(4 classes) as a zero-shot classification set in CLIP_benchmark's layout (see demo.py).
+value occurs in training. classify/video-direction holds the eval clips (test/) and up to 500
+training clips (train/) labelled by their motion (4 classes), a classification set in
+CLIP_benchmark's layout (see demo.py).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from PIL import Image, ImageDraw
 from mmpretrain.data.demo import (COLOURS, PLACES, SAMPLE_RATE, SHAPES, Concept, cached_corpus, describe,
                                   draw_shape, hold_out, render_audio, write_classification_sets, write_shards)
 
-VERSION = 5  # 4: whole-second member times (plain ustar headers); 5: classify/ set
+VERSION = 6  # 4: whole-second member times (plain ustar headers); 5: classify/ set; 6: its train/
 SIZE = 32
 FPS = 8
 FRAMES = 16  # 2 s
@@ -132,7 +133,7 @@ def demo_video_corpus(cache_dir: str, variants_per_concept: int = 16, seed: int 
         seen, held = split_concepts(seed)
         patterns = {"train": _write_split(folder, "train", seen, variants_per_concept, seed),
                     "eval": _write_split(folder, "eval", held, 1, seed)}
-        write_classification_sets(folder, patterns["eval"],
+        write_classification_sets(folder, patterns,
                                   {"video-direction": ("mp4", "motion", list(MOTIONS), MOTION_TEMPLATES)})
         return patterns
 

@@ -111,7 +111,12 @@ def resolve_sources(data: DataConfig, split: str) -> list[str]:
     resolves "demo"."""
     if split == "train":
         return [u for source in train_sources(data) for u in source.urls]
-    return expand([_pattern(data, p, split) for p in data.eval_sources], "data.eval_sources")
+    return eval_urls(data, data.eval_sources)
+
+
+def eval_urls(data: DataConfig, patterns: list[str], what: str = "data.eval_sources") -> list[str]:
+    """Eval shard patterns (a demo corpus' name: its eval split) -> URLs."""
+    return expand([_pattern(data, p, "eval") for p in patterns], what)
 
 
 def demo_classification_sets(data: DataConfig, modalities: list[str]) -> dict[str, Path]:

@@ -264,8 +264,8 @@ class BatchStream:
             self.readers = self._own_readers()
 
 
-def eval_batches(urls: list[str], cfg: Config, tokenizer, batch_size: int = 256):
-    """One deterministic pass over eval shards (no shuffle, eval transforms, last batch kept; every
-    rank reads all of it)."""
-    ds = _EpochDataset(urls, cfg, tokenizer, batch_size, epoch=0, train=False)
+def eval_batches(urls: list[str], cfg: Config, tokenizer, batch_size: int = 256, rank: int = 0, world: int = 1):
+    """One deterministic pass over eval shards (no shuffle, eval transforms, last batch kept): part
+    `rank` of `world` (its own shards, or every world-th sample of fewer shards), all of it by default."""
+    ds = _EpochDataset(urls, cfg, tokenizer, batch_size, epoch=0, train=False, rank=rank, world=world)
     return _loader(ds, worker_count(cfg))

@@ -121,8 +121,12 @@ def sample_modality(sample: dict[str, bytes], modalities: list[str], where: str)
 
 
 @torch.no_grad()
-def embed_split(pretrained, dataset: Path, split: str, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """-> normalised media embeddings (N, E), class indices (N,), the modality."""
+def embed_split(pretrained, dataset: Path, split: str, batch_size: int = 64, rank: int = 0,
+                world: int = 1) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """-> normalised media embeddings (N, E), class indices (N,), the modality: of every `world`-th
+    sample from the `rank`-th (all by default; a part with no sample gives (0, E), (0,), None)."""
+    import itertools
+
     from mmpretrain.encoders import MODALITIES, BadSample
 
     where = f"--dataset {dataset}/{split}"
@@ -133,7 +137,7 @@ def embed_split(pretrained, dataset: Path, split: str, batch_size: int = 64) -> 
         emb.append(model.encode_media(modality, torch.stack(batch).to(device))[1].float().cpu())
         batch.clear()
 
-    for key, sample in read_samples(split_shards(dataset, split)):
+    for key, sample in itertools.islice(read_samples(split_shards(dataset, split)), rank, None, world):
         if modality is None:
             modality = sample_modality(sample, model.modalities, where)
             spec = MODALITIES[modality]
@@ -150,6 +154,8 @@ def embed_split(pretrained, dataset: Path, split: str, batch_size: int = 64) -> 
         if len(batch) == batch_size:
             flush()
     if modality is None:
+        if world > 1:  # the other parts may hold the set's few samples
+            return torch.zeros(0, model.embed_dim), torch.zeros(0, dtype=torch.long), None
         raise ConfigError(f"{where}: no samples")
     if batch:
         flush()
@@ -203,19 +209,6 @@ def zero_shot_classify(pretrained, dataset: str | Path, split: str = "test", bat
 
 
 # ---------------------------------------------------------------------------- outputs
-
-
-def classify_sets(pretrained, sets: dict[str, Path], eval_dir: Path) -> str:
-    """Zero-shot classification on each set (name -> folder), as at the end of a run on the demo corpus:
-    eval_dir/classify-<name>.json each -> the table (set, modality, classes, top-1, chance)."""
-    lines = [f"{'set':<18}{'modality':<10}{'classes':>8}{'top-1':>8}{'chance':>8}"]
-    for name, folder in sets.items():
-        r = zero_shot_classify(pretrained, folder)
-        (eval_dir / f"classify-{name}.json").write_text(json.dumps(r, indent=1))
-        classes = len(r["per_class_recall"])
-        lines.append(f"{name:<18}{r['modality']:<10}{classes:>8}{r['acc1']:>8.3f}{1 / classes:>8.3f}")
-    return "\n".join(lines)
-
 
 
 def plot_confusion(confusion: list[list[int]], classnames: list[str], title: str, path: Path) -> Path:

@@ -113,6 +113,12 @@ def linear_probe(pretrained, dataset: str | Path, split: str = "test", batch_siz
     classnames = read_classnames(dataset)
     x, y, modality = cached_features(pretrained, dataset, "train", batch_size, cache_dir)
     x_test, y_test, _ = cached_features(pretrained, dataset, split, batch_size, cache_dir)
+    return {**probe_features(x, y, x_test, y_test, classnames, **fit), "modality": modality}
+
+
+def probe_features(x, y, x_test, y_test, classnames: list[str], **fit) -> dict:
+    """The protocol on embeddings: the weight decay swept on 20% of (x, y) held out, the head refitted
+    on all of it, reported on (x_test, y_test)."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(SEED))
     n_val = int(round(VAL_PROPORTION * len(x)))
     val, train = perm[:n_val], perm[n_val:]
@@ -120,8 +126,7 @@ def linear_probe(pretrained, dataset: str | Path, split: str = "test", batch_siz
     head = fit_head(x, y, len(classnames), wd, **fit)
     with torch.no_grad():
         logits = head(x_test)
-    return {**classification_metrics(logits, y_test, classnames), "weight_decay": wd, "modality": modality,
-            "n_train": len(x)}
+    return {**classification_metrics(logits, y_test, classnames), "weight_decay": wd, "n_train": len(x)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,13 +120,18 @@ def any_rank(flag: torch.Tensor) -> bool:
     return bool(flag)
 
 
+def gather_objects(obj, group) -> list:
+    """Every rank of `group`'s `obj` (picklable), in rank order, on every rank; [obj] when alone."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [obj]
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, obj, group=group)
+    return parts
+
+
 def sum_counts(counts: collections.Counter, group) -> collections.Counter:
     """A Counter summed over the ranks of `group` (every rank gets the sum)."""
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return collections.Counter(counts)
-    parts = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, dict(counts), group=group)
-    return sum((collections.Counter(p) for p in parts), collections.Counter())
+    return sum((collections.Counter(p) for p in gather_objects(dict(counts), group)), collections.Counter())
 
 
 def cleanup() -> None:

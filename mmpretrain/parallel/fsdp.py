@@ -15,6 +15,7 @@ by shard (`materialize`): every module's own initialisation runs on its local sh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -44,8 +45,11 @@ def apply_fsdp(task: nn.Module, env, device_type: str, bf16: bool) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
 
+    units = []  # (unit, its reshard_after_forward), for `gathered`
+
     def shard(module: nn.Module, **kw) -> None:
         fully_shard(module, mesh=mesh, mp_policy=mp, **kw)
+        units.append((module, kw.get("reshard_after_forward", True)))
         # a batch without some modality pair (or a documents-only rank) leaves parameters without
         # gradient on some ranks: they reduce as zeros there (DDP's find_unused_parameters)
         module.set_reduce_scatter_unused_params(True)
@@ -67,8 +71,26 @@ def apply_fsdp(task: nn.Module, env, device_type: str, bf16: bool) -> nn.Module:
     for method in ("encode_text", "encode_media"):  # eval and export call these, not forward
         register_fsdp_forward_method(model, method)
     shard(task, reshard_after_forward=False)
+    task.fsdp_units = units
     log.info("FSDP2: %d units sharded over %d process(es)", 3 + len(token_sharded), mesh.size())
     return task
+
+
+@contextlib.contextmanager
+def gathered(task: nn.Module):
+    """Every FSDP2 unit of `task` holds its full parameters until exit (one all-gather each, on every
+    rank at once; nothing under plain DDP), so the forwards inside need no collective: each rank may
+    evaluate its own part of an eval set, whatever number of batches and modalities that part has."""
+    units = getattr(task, "fsdp_units", [])
+    for unit, _ in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit, reshard in units:
+            unit.set_reshard_after_forward(reshard, recurse=False)
+            unit.reshard()
 
 
 @torch.no_grad()
