@@ -1,9 +1,10 @@
 """The run's records: `metrics.jsonl` (one line per logged step) and `eval/history.jsonl` (one line
 per evaluation: {"step", <set name>: its headline metrics}), each number of them also in TensorBoard
 event files under `tb/train/` and `tb/eval/` (`tensorboard --logdir runs`; tags such as
-`retrieval/text->image/R@1`, `image-shape/acc1`). Only the main process writes them. With `log.wandb=true` (the `wandb` extra) every number also goes
-to a Weights & Biases run (train/<key>, eval/<set>/<metric>), one per run folder, continued on
-resume; `WANDB_MODE=offline` keeps it in `wandb/` of the run folder with no network."""
+`retrieval/text->image/R@1`, `image-shape/acc1`). Only the main process writes them. With
+`log.wandb=true` (the `wandb` extra) every number also goes to a Weights & Biases run
+(train/<key>, eval/<set>/<metric>), one per run folder, continued on resume; `WANDB_MODE=offline`
+keeps it in `wandb/` of the run folder with no network."""
 
 from __future__ import annotations
 

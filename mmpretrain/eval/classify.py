@@ -202,10 +202,16 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classname
 def zero_shot_classify(pretrained, dataset: str | Path, split: str = "test", batch_size: int = 64) -> dict:
     """A `Pretrained` (load_pretrained) on CLIP_benchmark's layout -> classification_metrics + modality."""
     dataset = Path(dataset)
-    classnames, templates = read_classnames(dataset), read_templates(dataset)
+    classnames, templates = read_classnames(dataset), read_templates(dataset)  # their errors before any encoding
     emb, labels, modality = embed_split(pretrained, dataset, split, batch_size)
+    return {**zero_shot_metrics(pretrained, emb, labels, classnames, templates), "modality": modality}
+
+
+def zero_shot_metrics(pretrained, emb: torch.Tensor, labels: torch.Tensor, classnames: list[str],
+                      templates: list[str]) -> dict:
+    """Media embeddings and their labels scored against CLIP's classifier of the class prompts."""
     weights = classifier_weights(pretrained, classnames, templates)
-    return {**classification_metrics(emb @ weights.T, labels, classnames), "modality": modality}
+    return classification_metrics(emb @ weights.T, labels, classnames)
 
 
 # ---------------------------------------------------------------------------- outputs

@@ -127,13 +127,11 @@ class Evaluator:
         return emb, labels, modality
 
     def classification(self, s: EvalSet) -> dict:
-        from mmpretrain.eval.classify import (classification_metrics, classifier_weights, read_classnames,
-                                              read_templates)
+        from mmpretrain.eval.classify import read_classnames, read_templates, zero_shot_metrics
 
         emb, labels, modality = self._embed(s, s.split)
-        classnames = read_classnames(s.folder)
-        weights = classifier_weights(self.pretrained, classnames, read_templates(s.folder))
-        return {**classification_metrics(emb @ weights.T, labels, classnames), "modality": modality}
+        metrics = zero_shot_metrics(self.pretrained, emb, labels, read_classnames(s.folder), read_templates(s.folder))
+        return {**metrics, "modality": modality}
 
     def linear_probe(self, s: EvalSet) -> dict:
         from mmpretrain.eval.classify import read_classnames
