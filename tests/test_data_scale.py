@@ -77,7 +77,8 @@ def test_realised_shares_reach_metrics(demo_cache, tmp_path):
     from mmpretrain.plots import _configured_shares
 
     assert _configured_shares(tmp_path / "tiny") == {"a": 0.75, "b": 0.25}  # the dashed lines
-    assert Image.open(tmp_path / "tiny" / "curves.png").size[0] == 1800  # a third panel: the mix
+    # loss, retrieval, the demo's zero-shot classification sets, and a fourth panel: the mix
+    assert Image.open(tmp_path / "tiny" / "curves.png").size[0] == 4 * 600
 
 
 def _uneven_worker(rank, world, port, urls, batches, queue):
