@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
 
 import torch
 
@@ -15,10 +17,8 @@ class Tokenizer:
     pad_id = 0
 
     def __init__(self, cfg: TextConfig):
-        from open_clip.tokenizer import SimpleTokenizer
-
         self.context_length = cfg.context_length
-        self._bpe = SimpleTokenizer(context_length=cfg.context_length)
+        self._bpe = _simple_tokenizer()(context_length=cfg.context_length)
         self.sot_id = self._bpe.sot_token_id
         self.eot_id = self._bpe.eot_token_id
         self.vocab_size = self._bpe.vocab_size
@@ -56,3 +56,24 @@ class Tokenizer:
     def decode(self, tokens: torch.Tensor) -> str:
         ids = [t for t in tokens.tolist() if t not in (self.pad_id, self.sot_id, self.eot_id)]
         return self._bpe.decode(ids).strip()
+
+
+@functools.cache
+def _simple_tokenizer() -> type:
+    """open_clip's `SimpleTokenizer` class, from its tokenizer module alone. `import open_clip`
+    first runs the package's __init__, which imports every model definition and, where transformers
+    is installed, transformers: about 3 s of every process's start-up (each torchrun rank's), for
+    a module that imports only ftfy, regex, numpy and torch. The package's own import is the
+    fallback, should a later open_clip make the module depend on the rest of the package."""
+    if "open_clip.tokenizer" in sys.modules:
+        return sys.modules["open_clip.tokenizer"].SimpleTokenizer
+    try:
+        path = importlib.util.find_spec("open_clip").submodule_search_locations[0] + "/tokenizer.py"
+        spec = importlib.util.spec_from_file_location("mmpretrain._open_clip_tokenizer", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.SimpleTokenizer
+    except ImportError:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        return SimpleTokenizer

@@ -35,8 +35,16 @@ def _join(rank, world, port, sp=1):
     return parallel.init_distributed("cpu", ParallelConfig(sp=sp))
 
 
+# forkserver, not spawn: the server imports torch and mmpretrain once a session and each worker is
+# a fork of it, where a spawned worker imports them again (some 8 s a worker on 2 cores). The
+# server runs no torch op, so no thread pool is forked (a fork of the test process could be).
+_WORKERS = mp.get_context("forkserver")
+_WORKERS.set_forkserver_preload(["torch", "torch.distributed.checkpoint", "torch.distributed.fsdp",
+                                 "mmpretrain.train", "mmpretrain.build", "mmpretrain.tokenizer"])
+
+
 def _run_workers(target, *args, world=2):
-    ctx = mp.get_context("spawn")
+    ctx = _WORKERS
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=target, args=(r, world, port, *args, queue), daemon=True) for r in range(world)]
