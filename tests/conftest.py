@@ -74,6 +74,14 @@ def demo_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("demo-cache"))
 
 
+@pytest.fixture(scope="session")
+def inductor_cache(tmp_path_factory):
+    """The compile tests' inductor cache folder, shared by the session and new in each: they compile
+    tiny.yaml's image-only model, so the C++ kernels the first builds (g++ is most of a cold compile
+    on CPU) the others load, and no session finds kernels an earlier one left in /tmp."""
+    return str(tmp_path_factory.mktemp("inductor"))
+
+
 @pytest.fixture
 def tiny_cfg(demo_cache, tmp_path):
     def make(*overrides):
@@ -158,3 +166,10 @@ def flac_bytes(seconds=0.5, sr=16000) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, np.zeros(int(seconds * sr), dtype=np.float32), sr, format="FLAC")
     return buf.getvalue()
+
+
+def pytest_collection_modifyitems(items):
+    """The FSDP compile test last: its two ranks compile at once, so the kernels the single-process
+    compile test built first into the shared `inductor_cache` save it most of a cold compile."""
+    last = [i for i in items if i.name == "test_torchrun_fsdp_with_compiled_blocks_matches_eager"]
+    items[:] = [i for i in items if i not in last] + last

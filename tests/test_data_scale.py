@@ -1,6 +1,7 @@
 """The stream at scale: weighted sources, resampled mode, equal epochs on uneven ranks, seek-resume."""
 
 import collections
+import functools
 import json
 
 import pytest
@@ -18,8 +19,14 @@ from test_distributed import _join, _run_workers, _send
 
 
 def _image_text(i: int) -> dict:
-    s = sample_dict(i % 7, shape=("circle", "square", "ring")[i % 3])
-    return {"__key__": f"s{i:06d}", "png": s["png"], "txt": s["txt"]}  # no audio: cheap to decode
+    return {"__key__": f"s{i:06d}", **_rendered(i % 7, i % 3)}
+
+
+@functools.cache
+def _rendered(seed: int, shape: int) -> dict:
+    """One of 21 rendered samples (the shards repeat them: rendering is most of writing 12k)."""
+    s = sample_dict(seed, shape=("circle", "square", "ring")[shape])
+    return {"png": s["png"], "txt": s["txt"]}  # no audio: cheap to decode
 
 
 def _shards(folder, name: str, sizes: list[int]) -> list[str]:

@@ -3,6 +3,7 @@
 import json
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,11 +341,11 @@ def test_fsdp_meta_build_copies_the_image_tower_into_the_video_tower():
 
 
 @pytest.mark.slow
-def test_torchrun_fsdp_with_compiled_blocks_matches_eager(demo_cache, tmp_path, monkeypatch):
+def test_torchrun_fsdp_with_compiled_blocks_matches_eager(demo_cache, inductor_cache, tmp_path, monkeypatch):
     """parallel.compile=on composes with FSDP2 (blocks compiled, then sharded): the same losses.
     And no graph is cached on disk with guards that name a module (`L['self']...`): such an entry
     made the next process that found it fail with KeyError: 'self' (see parallel/compile.py)."""
-    cache = tmp_path / "inductor"
+    cache = Path(inductor_cache)  # shared with test_compiled_blocks_equal_eager_without_graph_breaks
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
     runs = {}
     for mode in ("off", "on"):
@@ -353,6 +354,6 @@ def test_torchrun_fsdp_with_compiled_blocks_matches_eager(demo_cache, tmp_path, 
                                "model.modalities=[image]")  # one tower: its timm blocks compile too
         runs[mode] = [m["loss"] for m in metrics]
     torch.testing.assert_close(runs["on"], runs["off"], rtol=1e-4, atol=1e-5)
-    assert cache.is_dir()  # the runs used this cache folder (kernels are still cached there)
+    assert any(cache.rglob("*.so"))  # the runs used this cache folder (kernels are still cached there)
     named = [p for p in (cache / "fxgraph").rglob("*") if p.is_file() and b"L['self']" in p.read_bytes()]
     assert not named, named

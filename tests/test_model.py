@@ -10,7 +10,7 @@ from mmpretrain.build import build_task
 from mmpretrain.model import MultimodalModel
 from mmpretrain.packing import Packing, RowLayout
 
-from conftest import CONFIGS, TINY, synthetic_batch
+from conftest import CONFIGS, ROOT, TINY, synthetic_batch
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 @pytest.mark.parametrize("partial", [False, True], ids=["paired", "partly-paired"])
@@ -135,7 +135,7 @@ def test_activation_checkpointing_modes_and_tiled_mlp_give_the_same_gradients():
 
 
 @pytest.mark.slow
-def test_compiled_blocks_equal_eager_without_graph_breaks():
+def test_compiled_blocks_equal_eager_without_graph_breaks(inductor_cache, monkeypatch):
     """train.compile: every block compiled (dynamic shapes) gives the eager losses and gradients
     over batches whose packed rows differ in length, with no graph break inside a block."""
     import copy
@@ -144,7 +144,9 @@ def test_compiled_blocks_equal_eager_without_graph_breaks():
 
     from mmpretrain.parallel.compile import apply_compile
 
-    cfg = load_config(None, TINY + ["model.modalities=[image]", "objectives.next_token_max_samples=2"])
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", inductor_cache)
+    # the model test_torchrun_fsdp_with_compiled_blocks_matches_eager compiles: the kernels are shared
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.modalities=[image]", "objectives.next_token_max_samples=2"])
     torch.manual_seed(0)
     batches = [synthetic_batch(cfg, n=n)[0] for n in (4, 6, 5)]
     tok_vocab = synthetic_batch(cfg, n=1)[1].vocab_size

@@ -96,9 +96,11 @@ class Evaluator:
     def evaluate(self, sets: list[EvalSet]) -> dict[str, dict]:
         was_training = self.model.training
         self.model.eval()
+        self._embedded = {}  # (folder, split) -> its embeddings, for this call's weights only
         try:
             return {s.name: getattr(self, s.kind)(s) for s in sets}
         finally:
+            self._embedded = {}
             self.model.train(was_training)
 
     def retrieval(self, s: EvalSet) -> dict:
@@ -112,18 +114,24 @@ class Evaluator:
         return {k: v for k, v in results.items() if not s.modality or s.modality in k.split("->")}
 
     def _embed(self, s: EvalSet, split: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """The split's embeddings, each encoded once per `evaluate` (a demo set's zero-shot and
+        linear probe read the same test/ split), checked against the set's modality."""
         from mmpretrain.eval.classify import embed_split
 
-        parts = self.gather(embed_split(self.pretrained, s.folder, split, rank=self.rank, world=self.world))
-        modality = next((m for _, _, m in parts if m is not None), None)
-        if modality is None:
-            raise ConfigError(f"eval set {s.name}: {s.folder}/{split} holds no samples")
+        key = (Path(s.folder).resolve(), split)
+        if key not in self._embedded:
+            parts = self.gather(embed_split(self.pretrained, s.folder, split, rank=self.rank, world=self.world))
+            modality = next((m for _, _, m in parts if m is not None), None)
+            if modality is None:
+                raise ConfigError(f"eval set {s.name}: {s.folder}/{split} holds no samples")
+            emb = torch.empty(sum(len(e) for e, _, _ in parts), self.model.embed_dim)
+            labels = torch.empty(len(emb), dtype=torch.long)
+            for r, (e, y, _) in enumerate(parts):  # part r holds samples r, r + world, ...: the set's order back
+                emb[r :: self.world], labels[r :: self.world] = e, y
+            self._embedded[key] = emb, labels, modality
+        emb, labels, modality = self._embedded[key]
         if s.modality and modality != s.modality:
             raise ConfigError(f"eval set {s.name}: its samples are {modality}, eval.sets says {s.modality}")
-        emb = torch.empty(sum(len(e) for e, _, _ in parts), self.model.embed_dim)
-        labels = torch.empty(len(emb), dtype=torch.long)
-        for r, (e, y, _) in enumerate(parts):  # part r holds samples r, r + world, ...: the set's own order back
-            emb[r :: self.world], labels[r :: self.world] = e, y
         return emb, labels, modality
 
     def classification(self, s: EvalSet) -> dict:
