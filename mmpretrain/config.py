@@ -233,6 +233,9 @@ class LogConfig:
     # the evaluations, from the main process; WANDB_MODE=offline writes it into the run folder
     wandb: bool = False
     wandb_project: str = _nonempty("mmpretrain")
+    # the device's peak dense TFLOP/s at the training precision, for `mfu` in the metrics (the
+    # model's TFLOP/s per device are logged regardless); 0: known CUDA devices' bf16 peak, else no mfu
+    peak_tflops: float = _check(0.0, default=0.0)
 
 
 @dataclass

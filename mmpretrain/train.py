@@ -96,6 +96,7 @@ class Trainer:
         built = build(cfg, env, device, self.tokenizer)
         self.task, self.wrapped = built.task, built.wrapped  # wrapped: what computes the loss (DDP, FSDP2)
         self.optimizer, self.scheduler, self.autocast = built.optimizer, built.scheduler, built.autocast
+        self.bf16 = built.bf16
         self.evaluator = Evaluator(self.task.model, cfg, self.tokenizer, device, env.dp_rank, env.dp_size,
                                    lambda obj: parallel.gather_objects(obj, env.group("dp")))
         wandb = {"project": cfg.log.wandb_project, "config": to_dict(cfg)} if cfg.log.wandb else None
@@ -180,6 +181,30 @@ class Trainer:
         return train_step(self.task, self.wrapped, self.optimizer, self.scheduler, self.autocast,
                           self._on_device(batches), self.cfg.train, self.step)
 
+    def _counted_step(self, batches) -> tuple[dict[str, float], float | None]:
+        """`train_step` under torch's FlopCounterMode -> (its values, this rank's FLOPs per token of
+        the whole step, all ranks' tokens). Later steps are taken to cost the same per token (their
+        rows and media vary little within a run). Counted: forward and backward matmuls,
+        convolutions and the attention kernels torch has formulas for, and the forward that
+        activation checkpointing recomputes (so with it on, `mfu` is hardware FLOPs utilisation)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            values = self.train_step(batches)
+        replicas = self.cfg.train.grad_accum * self.env.world_size // self.env.sp
+        tokens = values.get("tokens", 0.0) * replicas
+        return values, (counter.get_total_flops() / tokens if tokens else None)
+
+    def _model_flops(self, flops_per_s: float) -> dict[str, float]:
+        """This device's model TFLOP/s, and `mfu` (their share of the device's peak) where the peak
+        is known: log.peak_tflops, or a known CUDA device at bf16."""
+        values = {"model_tflops_per_s": flops_per_s / 1e12}
+        peak = self.cfg.log.peak_tflops or (_cuda_bf16_peak(self.device) if self.bf16 else 0.0)
+        if peak:
+            values["mfu"] = flops_per_s / 1e12 / peak
+        return values
+
     def _on_device(self, batches):
         """`batches` moved to the device, the time spent waiting for each added to `data_wait`."""
         while True:
@@ -239,8 +264,12 @@ class Trainer:
         batches = iter(self.stream)
         t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
         t_start, first = t_last, self.step  # this session's pace, for the ETA
+        flops_per_token = None  # counted on this session's first step
         while self.step < cfg.steps:
-            values = self.train_step(batches)
+            if self.step == first and self.cfg.parallel.compile != "on":
+                values, flops_per_token = self._counted_step(batches)
+            else:
+                values = self.train_step(batches)
             self.step += 1
             bar.update(1)
             samples += values.get("samples", 0.0) * replicas
@@ -253,6 +282,8 @@ class Trainer:
                 if len(self.train_sources) > 1:
                     record["source_share"] = self._source_shares()
                 record["temperature"], record["memory"] = self._temperatures(), self._memory()
+                if flops_per_token:
+                    record.update(self._model_flops(flops_per_token * record["tokens_per_s"]))
                 self.data_wait = 0.0
                 t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
                 bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
@@ -350,6 +381,18 @@ def _progress(cfg: TrainConfig, initial: int, enabled: bool):
 
     return tqdm(total=cfg.steps, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                 file=sys.stdout, disable=not (enabled and cfg.progress and sys.stdout.isatty()), mininterval=0.5)
+
+
+# Dense bf16 peak TFLOP/s per GPU (vendor data sheets; SXM parts), by a part of the name torch
+# reports, longer parts first ("A100" before "A10")
+_CUDA_BF16_PEAK = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+
+def _cuda_bf16_peak(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((peak for part, peak in _CUDA_BF16_PEAK.items() if part in name), 0.0)
 
 
 def _log_line(record: dict, steps: int, seconds_per_step: float) -> str:

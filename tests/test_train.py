@@ -47,7 +47,8 @@ def test_smoke_run_through_the_real_entry_point(demo_cache, tmp_path):
     """`python -m mmpretrain.train` for 3 steps, then the eval script and load_pretrained on its output."""
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
-           f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "run.name=smoke", "train.device=cpu"]
+           f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "run.name=smoke", "train.device=cpu",
+           "log.peak_tflops=0.5"]  # a CPU has no known peak: given, the metrics carry mfu
     proc = run(cmd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "text->image" in proc.stdout and "text->audio" in proc.stdout
@@ -68,7 +69,10 @@ def test_smoke_run_through_the_real_entry_point(demo_cache, tmp_path):
     tags = assert_in_tensorboard(metrics, run_dir / "tb" / "train")
     assert {"loss", "next_token", "contrastive/text-image", "lr", "grad_norm", "samples_per_s", "tokens_per_s",
             "data_wait", "temperature/image-audio", "temperature/text-image", "temperature/text-audio",
-            "memory/peak_rss_gib"} <= tags, tags
+            "memory/peak_rss_gib", "model_tflops_per_s", "mfu"} <= tags, tags
+    # FLOPs counted on step 1: the model's per-device TFLOP/s (a tiny model on 2 cores: well under 1)
+    assert all(0 < m["model_tflops_per_s"] < 1 and m["mfu"] == pytest.approx(m["model_tflops_per_s"] / 0.5)
+               for m in metrics)
     assert all(0 < m["temperature"]["text-image"] < 1 and m["memory"]["peak_rss_gib"] > 0.1 for m in metrics)
     history = [json.loads(l) for l in (run_dir / "eval" / "history.jsonl").read_text().splitlines()]
     assert "retrieval/text->image/R@1" in assert_in_tensorboard(history, run_dir / "tb" / "eval")
