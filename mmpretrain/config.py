@@ -192,6 +192,14 @@ class ObjectivesConfig:
     next_token_max_samples: int = _check(0, default=0)
     init_temperature: float = _check(1e-3, 1.0, default=0.07)
     max_logit_scale: float = _check(1.0, default=100.0)
+    # infonce: CLIP's softmax over the global batch; siglip: the sigmoid loss over every pair, its
+    # blocks exchanged between ranks by a bidirectional P2P ring or one all-gather, the logits
+    # recomputed in backward `siglip_chunk` columns at a time (0: a rank's whole batch)
+    contrastive: Literal["infonce", "siglip"] = "infonce"
+    siglip_exchange: Literal["ring", "gather"] = "ring"
+    siglip_chunk: int = _check(0, default=0)
+    siglip_init_temperature: float = _check(1e-3, 1.0, default=0.1)
+    siglip_init_bias: float = -10.0
 
 
 @dataclass

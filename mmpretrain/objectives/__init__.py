@@ -1,9 +1,10 @@
-"""Training objectives: symmetric InfoNCE between modality pairs, and next-token captioning.
+"""Training objectives: contrastive (InfoNCE or SigLIP) between modality pairs, and next-token
+captioning.
 
-The objectives own their state: which pairs are contrasted and each pair's
-learnable temperature. `PretrainingTask` puts model and objectives in one
-module (open_clip calls it a training task), so that a data-parallel wrapper
-sees every parameter, the temperatures included, used inside its forward.
+The objectives own their state: which pairs are contrasted, each pair's learnable temperature
+(and SigLIP's bias). `PretrainingTask` puts model and objectives in one module (open_clip calls
+it a training task), so that a data-parallel wrapper sees every parameter, the temperatures
+included, used inside its forward. One module per loss: `infonce`, `siglip`, `next_token`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mmpretrain.batch import Batch
 from mmpretrain.config import ObjectivesConfig
 from mmpretrain.model import ModelOutput, MultimodalModel
+from mmpretrain.objectives.infonce import clip_loss, gather_with_grad
+from mmpretrain.objectives.next_token import chunked_cross_entropy, next_token_loss
+from mmpretrain.objectives.siglip import siglip_loss
 from mmpretrain.packing import RowLayout
+
+__all__ = ["Objectives", "PretrainingTask", "chunked_cross_entropy", "clip_loss", "contrastive_losses",
+           "contrastive_pairs", "gather_with_grad", "next_token_loss", "siglip_loss"]
 
 
 def contrastive_pairs(modalities: list[str], media_pairs: bool) -> list[tuple[str, str]]:
@@ -27,35 +33,13 @@ def contrastive_pairs(modalities: list[str], media_pairs: bool) -> list[tuple[st
     return pairs
 
 
-def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over matching rows of (N, E) normalised features (open_clip's ClipLoss)."""
-    logits = logit_scale * a @ b.t()
-    labels = torch.arange(len(a), device=a.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-
-
-def gather_with_grad(rows: dict[str, torch.Tensor], group) -> dict[str, torch.Tensor]:
-    """Every rank of `group`'s rows of each tensor (all with this rank's row count), keeping
-    gradients for the local ones (open_clip's gather). `group` None: this process alone.
-
-    Ranks may hold different numbers of rows (token-budget batches): rows are padded to the
-    largest count for the collective and the padding is dropped again."""
-    if group is None:
-        return rows
-    from mmpretrain.parallel.collectives import all_gather
-
-    n = len(next(iter(rows.values())))
-    counts = all_gather(torch.tensor(n, device=next(iter(rows.values())).device), group).tolist()
-    out = {}
-    for name, x in rows.items():
-        parts = all_gather(torch.cat([x, x.new_zeros(max(counts) - n, *x.shape[1:])]), group)
-        out[name] = torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
-    return out
-
-
-def contrastive_losses(out: ModelOutput, logit_scales, group=None) -> dict[str, torch.Tensor]:
+def contrastive_losses(out: ModelOutput, logit_scales, group=None, logit_biases=None, exchange: str = "ring",
+                       chunk: int = 0) -> dict[str, torch.Tensor]:
     """One loss per pair in `logit_scales` ("text-image", ...), over the samples of every rank in
-    the data-parallel `group` that have both sides."""
+    the data-parallel `group` that have both sides: InfoNCE, or SigLIP with `logit_biases` (one
+    per pair; `exchange` and `chunk` as `siglip.siglip_loss` takes them)."""
+    if logit_biases is not None:
+        return _siglip_losses(out, logit_scales, logit_biases, group, exchange, chunk)
     rows = gather_with_grad({**{f"emb/{m}": e for m, e in out.embeddings.items()},
                              **{f"has/{m}": p.float() for m, p in out.present.items()}}, group)
     feats = {m: rows[f"emb/{m}"] for m in out.embeddings}
@@ -71,26 +55,19 @@ def contrastive_losses(out: ModelOutput, logit_scales, group=None) -> dict[str, 
     return losses
 
 
-def _cross_entropy_sum(h: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = h @ head.t()  # at least fp32 for the vocabulary-wide softmax under bf16 autocast
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
-
-
-def chunked_cross_entropy(h: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
-                          chunk: int = 2048) -> torch.Tensor:
-    """Mean cross-entropy of softmax(h @ head.T) over (P,) targets, `chunk` positions at a time:
-    the (P, vocab) fp32 logits (49k columns) never exist at once, and each chunk's are recomputed
-    in the backward pass instead of being kept (activation checkpointing of the head)."""
-    if len(h) <= chunk:
-        return _cross_entropy_sum(h, head, targets) / len(h)
-    total = sum(torch.utils.checkpoint.checkpoint(_cross_entropy_sum, h[i : i + chunk], head,
-                                                  targets[i : i + chunk], use_reentrant=False)
-                for i in range(0, len(h), chunk))
-    return total / len(h)
-
-
-def next_token_loss(out: ModelOutput, chunk: int = 2048) -> torch.Tensor:
-    return chunked_cross_entropy(out.lm_hidden, out.lm_head, out.lm_targets, chunk)
+def _siglip_losses(out: ModelOutput, logit_scales, logit_biases, group, exchange: str,
+                   chunk: int) -> dict[str, torch.Tensor]:
+    """SigLIP per pair over the local rows with both sides: the other ranks' rows reach each rank
+    inside `siglip_loss` (every rank calls it for every pair, with rows or without)."""
+    losses = {}
+    for pair, param in logit_scales.items():
+        a, b = pair.split("-")
+        both = out.present[a] & out.present[b]
+        loss = siglip_loss(out.embeddings[a][both], out.embeddings[b][both], param.exp(), logit_biases[pair],
+                           group, exchange, chunk)
+        if loss is not None:
+            losses[f"contrastive/{pair}"] = loss
+    return losses
 
 
 class Objectives(nn.Module):
@@ -101,16 +78,20 @@ class Objectives(nn.Module):
     def __init__(self, modalities: list[str], cfg: ObjectivesConfig, gather_group=None):
         super().__init__()
         self.cfg = cfg
+        pairs = [f"{a}-{b}" for a, b in contrastive_pairs(modalities, cfg.media_pairs)]
         # stored as log(1/T) as in CLIP; shape (1,), not a scalar, so that FSDP2 can shard it
-        self.logit_scale = nn.ParameterDict({
-            f"{a}-{b}": nn.Parameter(torch.tensor([math.log(1 / cfg.init_temperature)]))
-            for a, b in contrastive_pairs(modalities, cfg.media_pairs)})
+        self.logit_scale = nn.ParameterDict({p: nn.Parameter(torch.empty(1)) for p in pairs})
+        # SigLIP's learnable bias per pair (its paper's initialisation: -10, with T = 1/10)
+        self.logit_bias = nn.ParameterDict({p: nn.Parameter(torch.empty(1)) for p in pairs}) \
+            if cfg.contrastive == "siglip" else None
         self.gather_group = gather_group
+        self.init_weights()
 
     def forward(self, out: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """-> (loss, {term: detached value}) for logging."""
         cfg = self.cfg
-        terms = contrastive_losses(out, self.logit_scale, self.gather_group) if cfg.contrastive_weight else {}
+        terms = contrastive_losses(out, self.logit_scale, self.gather_group, self.logit_bias, cfg.siglip_exchange,
+                                   cfg.siglip_chunk) if cfg.contrastive_weight else {}
         loss = out.lm_hidden.new_zeros((), dtype=torch.float32)
         if terms:
             loss = loss + cfg.contrastive_weight * sum(terms.values()) / len(terms)
@@ -121,9 +102,13 @@ class Objectives(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The initial temperatures again (a model built on the meta device is allocated empty)."""
+        """The initial temperatures (and SigLIP's biases), also again once a model built on the meta
+        device is allocated empty."""
+        siglip = self.logit_bias is not None
         for p in self.logit_scale.values():
-            p.fill_(math.log(1 / self.cfg.init_temperature))
+            p.fill_(math.log(1 / (self.cfg.siglip_init_temperature if siglip else self.cfg.init_temperature)))
+        for p in (self.logit_bias or {}).values():
+            p.fill_(self.cfg.siglip_init_bias)
 
     @torch.no_grad()
     def clamp_(self) -> None:
