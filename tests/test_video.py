@@ -238,3 +238,27 @@ def test_variable_frame_rate_uses_timestamps_not_frame_counts():
         c.mux(s.encode())
     frames = decode(buf.getvalue(), video_cfg(), None)  # eval times 0.249, 0.746, 1.244, 1.741 s
     assert [frame_index(f) for f in frames] == [2, 2, 4, 6]
+
+
+def _decode_in_child(data, queue):
+    queue.put(tuple(decode(data, video_cfg(), None).shape))
+
+
+def test_a_forked_worker_decodes_after_its_parent_did():
+    """A DataLoader worker is a fork of the trainer, which decoded clips for an evaluation first:
+    the worker must not inherit its parent's swscale context, whose slice threads a fork leaves
+    behind (the video demo hung at its second epoch's first batch)."""
+    import multiprocessing as mp
+
+    data = mp4()
+    shape = tuple(decode(data, video_cfg(), None).shape)  # the parent's reformatter, set up
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_decode_in_child, args=(data, queue), daemon=True)
+    child.start()
+    child.join(timeout=60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung, "the forked worker hung decoding"
+    assert queue.get(timeout=5) == shape

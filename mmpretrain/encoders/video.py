@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Literal
@@ -205,10 +206,16 @@ def read_frames(container, stream, times: list[float], seek_gap: float = 2.0) ->
     return out, decoded
 
 
-@functools.cache
 def _reformatter():
-    """One swscale context reused across frames (`frame.to_ndarray(format=...)` sets one up per call,
-    which costs more than decoding a small frame)."""
+    """One swscale context per process, reused across frames (`frame.to_ndarray(format=...)` sets
+    one up per call, which costs more than decoding a small frame). Per process: swscale runs
+    slice threads, which a fork does not copy, so a DataLoader worker that inherited its parent's
+    context (the trainer decodes clips for its evaluations) waited forever for them."""
+    return _reformatter_of(os.getpid())
+
+
+@functools.cache
+def _reformatter_of(pid: int):
     from av.video.reformatter import VideoReformatter
 
     return VideoReformatter()
