@@ -62,6 +62,18 @@ def run_until_crash(cfg, after_step: int, exc=Interrupt) -> None:
         train.Trainer.train_step = original
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the `-n 2` of pyproject's addopts) each worker gets its share of the
+    cores, for its own torch and, through OMP_NUM_THREADS, for the processes its tests start:
+    workers x threads = cores, so no core is oversubscribed (OpenMP threads spin while they wait)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
@@ -169,7 +181,10 @@ def flac_bytes(seconds=0.5, sr=16000) -> bytes:
 
 
 def pytest_collection_modifyitems(items):
-    """The FSDP compile test last: its two ranks compile at once, so the kernels the single-process
-    compile test built first into the shared `inductor_cache` save it most of a cold compile."""
-    last = [i for i in items if i.name == "test_torchrun_fsdp_with_compiled_blocks_matches_eager"]
-    items[:] = [i for i in items if i not in last] + last
+    """The two compile tests first, the single-process one before the FSDP one: its kernels, in
+    the shared `inductor_cache`, save the FSDP one's two ranks most of a cold compile; and under
+    xdist their worker (one `xdist_group`) starts the longest chain of the suite at once."""
+    order = ["test_compiled_blocks_equal_eager_without_graph_breaks",
+             "test_torchrun_fsdp_with_compiled_blocks_matches_eager"]
+    first = sorted((i for i in items if i.name in order), key=lambda i: order.index(i.name))
+    items[:] = first + [i for i in items if i not in first]

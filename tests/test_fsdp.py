@@ -341,6 +341,7 @@ def test_fsdp_meta_build_copies_the_image_tower_into_the_video_tower():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("inductor")  # after the single-process compile test, on its worker
 def test_torchrun_fsdp_with_compiled_blocks_matches_eager(demo_cache, inductor_cache, tmp_path, monkeypatch):
     """parallel.compile=on composes with FSDP2 (blocks compiled, then sharded): the same losses.
     And no graph is cached on disk with guards that name a module (`L['self']...`): such an entry

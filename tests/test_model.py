@@ -135,6 +135,7 @@ def test_activation_checkpointing_modes_and_tiled_mlp_give_the_same_gradients():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("inductor")  # one worker: the FSDP compile test after it loads its kernels
 def test_compiled_blocks_equal_eager_without_graph_breaks(inductor_cache, monkeypatch):
     """train.compile: every block compiled (dynamic shapes) gives the eager losses and gradients
     over batches whose packed rows differ in length, with no graph break inside a block."""
