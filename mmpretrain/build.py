@@ -72,6 +72,8 @@ def train_step(task: PretrainingTask, wrapped: nn.Module, optimizer, scheduler, 
     when a non-finite loss was skipped (nan_policy=skip). `step`: the steps done before this one
     (for messages)."""
     sums: dict[str, torch.Tensor] = {}
+    if cfg.token_dropout_until and step >= cfg.token_dropout_until:
+        task.model.end_token_dropout()  # the unmasked phase (also after a resume past its start)
     for _ in range(cfg.grad_accum):
         batch = next(batches)
         with autocast:

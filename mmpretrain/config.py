@@ -231,6 +231,9 @@ class TrainConfig:
     # folder (fresh optimizer and schedule); "" starts from scratch. A resumable checkpoint of this
     # run takes precedence, so an interrupted continued run resumes as usual.
     init_from: str = ""
+    # token dropout (model.<modality>.token_dropout) from step 1 up to this step, none after it
+    # (FLIP's unmasked tuning at the end); 0: the whole run
+    token_dropout_until: int = _check(0, default=0)
     nan_policy: Literal["stop", "skip"] = "stop"
     progress: bool = True
 

@@ -92,6 +92,14 @@ class MultimodalModel(nn.Module):
         return self.text_proj.out_features
 
     # ---------------------------------------------------------------- encoders
+    def end_token_dropout(self) -> None:
+        """Every media tower keeps all its tokens from now on (train.token_dropout_until)."""
+        from timm.layers import PatchDropout
+
+        for m in self.modules():
+            if isinstance(m, PatchDropout):
+                m.prob = 0.0
+
     def encode_media(self, modality: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> decoder tokens (B, K, C) and normalised embedding (B, E). (An entry point of its own
         under FSDP2, which gathers the model's parameters around it: `forward` calls the towers.)"""

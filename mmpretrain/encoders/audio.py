@@ -42,6 +42,9 @@ class AudioEncoderConfig:
     mel_mean: float = -4.0
     mel_std: float = _check(1e-6, default=4.0)
     min_seconds: float = _check(0.0, default=0.1)  # shorter clips are skipped as audio_too_short
+    # FLIP's token dropout: this fraction of the spectrogram-patch tokens dropped at random per sample in
+    # training (never in evaluation; the class token always kept), timm's PatchDropout
+    token_dropout: float = _check(0.0, below=1.0, default=0.0)
 
     @property
     def clip_samples(self) -> int:
@@ -116,7 +119,7 @@ class AudioEncoder(nn.Module):
         self.vit = VisionTransformer(
             img_size=(cfg.n_mels, self.frontend.frames), patch_size=(cfg.patch_freq, cfg.patch_time),
             in_chans=1, num_classes=0, global_pool="", embed_dim=cfg.width, depth=cfg.depth,
-            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, patch_drop_rate=cfg.token_dropout)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -42,6 +42,9 @@ class ImageEncoderConfig:
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     max_pixels: int = _check(1, default=64_000_000)  # decompression-bomb guard
+    # FLIP's token dropout: this fraction of the patch tokens dropped at random per sample in
+    # training (never in evaluation; the class token always kept), timm's PatchDropout
+    token_dropout: float = _check(0.0, below=1.0, default=0.0)
 
 
 def validate(cfg: ImageEncoderConfig, model_cfg) -> None:
@@ -59,7 +62,8 @@ class ImageEncoder(nn.Module):
         self.width = cfg.width
         self.vit = VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, num_classes=0,
                                      global_pool="", embed_dim=cfg.width, depth=cfg.depth,
-                                     num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, pre_norm=cfg.pre_norm)
+                                     num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, pre_norm=cfg.pre_norm,
+                                     patch_drop_rate=cfg.token_dropout)
         self.init_clip()  # over the initialisation timm's constructor applied
 
     @torch.no_grad()

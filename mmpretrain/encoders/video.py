@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers import PatchDropout, trunc_normal_
 from timm.models.vision_transformer import Block
 from torchvision.transforms.v2 import functional as TF
 
@@ -63,6 +63,9 @@ class VideoEncoderConfig:
     max_seconds: float = _check(0.1, default=3600.0)  # longer videos are refused before decoding
     init_from_image: bool = False  # start from the image encoder's weights (temporal embedding at 0)
     pre_norm: bool = True  # a LayerNorm before the blocks, no patch bias (as model.image.pre_norm)
+    # FLIP's token dropout: this fraction of the tubelet tokens dropped at random per sample in
+    # training (never in evaluation; the class token always kept), timm's PatchDropout
+    token_dropout: float = _check(0.0, below=1.0, default=0.0)
 
 
 def validate(cfg: VideoEncoderConfig, model_cfg) -> None:
@@ -97,6 +100,7 @@ class VideoEncoder(nn.Module):
                                       for _ in range(cfg.depth)])
         self.norm_pre = nn.LayerNorm(cfg.width, eps=1e-6) if cfg.pre_norm else nn.Identity()  # timm's
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.patch_drop = PatchDropout(cfg.token_dropout) if cfg.token_dropout else nn.Identity()  # as timm's ViT
         self.init_weights()
 
     @torch.no_grad()
@@ -117,7 +121,7 @@ class VideoEncoder(nn.Module):
         x = x + self.pos_embed[:, None, 1:] + self.temporal_embed
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1)
         x = torch.cat([cls, x.flatten(1, 2)], dim=1)
-        return self.norm(self.blocks(self.norm_pre(x)))
+        return self.norm(self.blocks(self.norm_pre(self.patch_drop(x))))
 
     @torch.no_grad()
     def init_from_image(self, vit: nn.Module) -> None:
