@@ -183,6 +183,14 @@ class ParallelConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a frozen teacher (objectives/distill.py): an mmpretrain export folder."""
+
+    teacher: str = ""  # "": none
+    weight: float = _check(0.0, default=1.0)
+
+
+@dataclass
 class ObjectivesConfig:
     contrastive_weight: float = _check(0.0, default=1.0)
     next_token_weight: float = _check(0.0, default=0.5)
@@ -200,6 +208,7 @@ class ObjectivesConfig:
     siglip_chunk: int = _check(0, default=0)
     siglip_init_temperature: float = _check(1e-3, 1.0, default=0.1)
     siglip_init_bias: float = -10.0
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass

@@ -4,7 +4,8 @@ captioning.
 The objectives own their state: which pairs are contrasted, each pair's learnable temperature
 (and SigLIP's bias). `PretrainingTask` puts model and objectives in one module (open_clip calls
 it a training task), so that a data-parallel wrapper sees every parameter, the temperatures
-included, used inside its forward. One module per loss: `infonce`, `siglip`, `next_token`.
+included, used inside its forward. One module per loss: `infonce`, `siglip`, `next_token`,
+`distill`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn as nn
 from mmpretrain.batch import Batch
 from mmpretrain.config import ObjectivesConfig
 from mmpretrain.model import ModelOutput, MultimodalModel
+from mmpretrain.objectives.distill import distill_terms
 from mmpretrain.objectives.infonce import clip_loss, gather_with_grad
 from mmpretrain.objectives.next_token import chunked_cross_entropy, next_token_loss
 from mmpretrain.objectives.siglip import siglip_loss
@@ -87,14 +89,26 @@ class Objectives(nn.Module):
         self.gather_group = gather_group
         self.init_weights()
 
-    def forward(self, out: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """-> (loss, {term: detached value}) for logging."""
+    def set_teacher(self, teacher) -> None:
+        """The distillation teacher (objectives/distill.py), held outside the module tree: no
+        parameters of its own here, so no optimizer state, no sharding, not in checkpoints."""
+        object.__setattr__(self, "teacher", teacher)
+
+    def forward(self, out: ModelOutput, batch: Batch | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> (loss, {term: detached value}) for logging. `batch`: what the teacher embeds."""
         cfg = self.cfg
+        teacher = getattr(self, "teacher", None)
+        distilled = {}
+        if teacher is not None and batch is not None and cfg.distill.weight:
+            distilled = distill_terms(out, teacher.embed(batch), self.logit_scale, teacher, self.gather_group)
         terms = contrastive_losses(out, self.logit_scale, self.gather_group, self.logit_bias, cfg.siglip_exchange,
                                    cfg.siglip_chunk) if cfg.contrastive_weight else {}
         loss = out.lm_hidden.new_zeros((), dtype=torch.float32)
         if terms:
             loss = loss + cfg.contrastive_weight * sum(terms.values()) / len(terms)
+        if distilled:
+            loss = loss + cfg.distill.weight * sum(distilled.values()) / len(distilled)
+            terms.update(distilled)
         if cfg.next_token_weight and len(out.lm_targets):
             terms["next_token"] = next_token_loss(out)
             loss = loss + cfg.next_token_weight * terms["next_token"]
@@ -135,4 +149,4 @@ class PretrainingTask(nn.Module):
         self.model.init_weights()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.objectives(self.model(batch, self.layout))
+        return self.objectives(self.model(batch, self.layout), batch)

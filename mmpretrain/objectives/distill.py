@@ -1,0 +1,95 @@
+"""Distillation from a frozen teacher: the student's similarity distributions over the batch pulled
+towards the teacher's (open_clip's `DistillClipLoss`; PR #399: L/14 into B/32, +4 points).
+
+Per modality pair, over the global batch's samples with both sides: the cross-entropy of the
+student's softmax over each row (a's against every b, and b's against every a) to the teacher's,
+each logit scaled by its own model's temperature, both directions averaged. The teacher is an
+mmpretrain export (`objectives.distill.teacher`): loaded once, in eval mode, without gradients,
+kept outside the trained module (no optimizer state, not sharded by FSDP2, never saved), and it
+embeds the same batch the student does, so it must read the same media shapes and captions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from mmpretrain.config import ConfigError
+
+
+def soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum softmax(teacher) * log_softmax(student) (open_clip's `dist_loss`)."""
+    return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def distill_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor,
+                 teacher_scale: float) -> torch.Tensor:
+    """Both directions' soft cross-entropy of matching rows: student (a, b, scale), teacher (ta, tb,
+    teacher_scale), all features normalised."""
+    student, teacher = scale * a @ b.t(), teacher_scale * ta @ tb.t()
+    return (soft_cross_entropy(teacher, student) + soft_cross_entropy(teacher.t(), student.t())) / 2
+
+
+class Teacher:
+    """A frozen mmpretrain export that embeds batches: `embed(batch)` -> ModelOutput (no captioning
+    sequences), `scale[pair]` its temperatures as logit scales."""
+
+    def __init__(self, folder: str, cfg, device: torch.device):
+        from mmpretrain.packing import RowLayout
+        from mmpretrain.pretrained import load_pretrained
+
+        path = Path(folder).expanduser()
+        if not (path / "model.safetensors").exists():
+            raise ConfigError(f"objectives.distill.teacher: {folder!r} is not an export folder (no "
+                              f"model.safetensors): point it at a run's export/")
+        pretrained = load_pretrained(path, device)
+        theirs = pretrained.cfg
+        if theirs.text != cfg.model.text:
+            raise ConfigError("objectives.distill.teacher: its model.text (tokenizer, context_length) differs "
+                              "from this run's; the teacher reads the student's caption tokens")
+        for m in set(theirs.modalities) & set(cfg.model.modalities):
+            if not _same_input(theirs, cfg.model, m):
+                raise ConfigError(f"objectives.distill.teacher: its model.{m} takes other inputs than this run's "
+                                  f"(sizes, rates or normalisation); the teacher reads the student's batch")
+        self.model: nn.Module = pretrained.model.eval().requires_grad_(False)
+        self.scale = pretrained.logit_scale or {}
+        self.modalities = set(theirs.modalities) | {"text"}
+        self.layout = RowLayout(theirs.fusion.num_latents, next_token=False)
+
+    @torch.no_grad()
+    def embed(self, batch):
+        return self.model(batch, self.layout)
+
+
+def _same_input(theirs, ours, modality: str) -> bool:
+    """Whether the two configs of `modality` preprocess samples to the same tensors."""
+    from mmpretrain.encoders import MODALITIES
+
+    spec = MODALITIES[modality]
+    a, b = spec.section(theirs), spec.section(ours)
+    return spec.media_shape(a) == spec.media_shape(b) and all(
+        getattr(a, k, None) == getattr(b, k, None) for k in ("mean", "std", "sample_rate", "n_mels", "clip_seconds", "mel_mean", "mel_std", "num_frames",
+                  "mode", "fps", "span_seconds"))
+
+
+def distill_terms(out, teacher_out, scales, teacher: Teacher, group=None) -> dict[str, torch.Tensor]:
+    """One term per student pair the teacher has too ("distill/text-image", ...), over the rows of
+    every rank in `group` with both sides."""
+    from mmpretrain.objectives.infonce import gather_with_grad
+
+    rows = gather_with_grad({**{f"s/{m}": e for m, e in out.embeddings.items()},
+                             **{f"t/{m}": e for m, e in teacher_out.embeddings.items()},
+                             **{f"has/{m}": p.float() for m, p in out.present.items()}}, group)
+    terms = {}
+    for pair, param in scales.items():
+        a, b = pair.split("-")
+        if pair not in teacher.scale or not {a, b} <= teacher.modalities:
+            continue
+        both = (rows[f"has/{a}"] * rows[f"has/{b}"]).bool()
+        if int(both.sum()) < 2:
+            continue
+        terms[f"distill/{pair}"] = distill_loss(rows[f"s/{a}"][both], rows[f"s/{b}"][both], param.exp(),
+                                                rows[f"t/{a}"][both], rows[f"t/{b}"][both], teacher.scale[pair])
+    return terms
