@@ -217,8 +217,8 @@ def test_nonfinite_loss_stops_with_step_and_term(tiny_cfg, monkeypatch):
     from mmpretrain.objectives import Objectives
     real = Objectives.forward
 
-    def poisoned(self, out):
-        loss, terms = real(self, out)
+    def poisoned(self, out, batch=None):
+        loss, terms = real(self, out, batch)
         terms["next_token"] = terms["next_token"] * float("nan")
         return loss * float("nan"), terms
 
