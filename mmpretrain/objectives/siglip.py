@@ -128,21 +128,31 @@ def _others(b, counts, group, mode):
             if src != rank:
                 yield parts[src][: counts[src]], src
         return
-    right = left = _padded(b, n)  # right: travels to rank + 1 each step; left: to rank - 1
+    for block, src, _ in _ring(_padded(b, n), group):
+        yield block[: counts[src]], src
+
+
+def _ring(x: torch.Tensor, group):
+    """The bidirectional ring's stops: each rank's `x` travels one rank right and one left a step
+    until every other rank's has arrived once (at distance world / 2, an even world's last step,
+    from one side only). Yields (what arrived, the rank it started at, "right" or "left"); what the
+    caller adds to an arrived tensor in place travels on with it."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    right = left = x  # right: travels to rank + 1 each step; left: to rank - 1
     for s in range(1, world // 2 + 1):
+        two_way = s <= (world - 1) // 2
         new_right = torch.empty_like(right)
         sends, recvs = [(right, (rank + 1) % world)], [(new_right, (rank - 1) % world)]
-        two_way = s <= (world - 1) // 2  # at distance world / 2 (even world) one direction suffices
         if two_way:
             new_left = torch.empty_like(left)
             sends.append((left, (rank - 1) % world))
             recvs.append((new_left, (rank + 1) % world))
         _exchange(sends, recvs, group)
         right = new_right
-        yield right[: counts[(rank - s) % world]], (rank - s) % world
+        yield right, (rank - s) % world, "right"
         if two_way:
             left = new_left
-            yield left[: counts[(rank + s) % world]], (rank + s) % world
+            yield left, (rank + s) % world, "left"
 
 
 def _gather_backward(a, b, scale, bias, group, chunk, counts, sums) -> torch.Tensor:
@@ -167,42 +177,23 @@ def _ring_backward(a, b, scale, bias, group, chunk, counts, sums) -> torch.Tenso
     gradient goes back to its block's rank in one P2P step per direction."""
     ga, gs, gbias = sums
     rank, world, n, e = dist.get_rank(group), len(counts), max(counts), b.shape[1]
-    right = left = torch.cat([_padded(b, n), torch.zeros_like(_padded(b, n))], dim=1)
-    last = {"right": 0, "left": 0}  # the distance each direction's block has travelled
-    for s in range(1, world // 2 + 1):
-        two_way = s <= (world - 1) // 2
-        new_right = torch.empty_like(right)
-        sends, recvs = [(right, (rank + 1) % world)], [(new_right, (rank - 1) % world)]
-        if two_way:
-            new_left = torch.empty_like(left)
-            sends.append((left, (rank - 1) % world))
-            recvs.append((new_left, (rank + 1) % world))
-        _exchange(sends, recvs, group)
-        right, last["right"] = new_right, s
-        if two_way:
-            left, last["left"] = new_left, s
-        for travelling, src in ((right, (rank - s) % world),) + (((left, (rank + s) % world),) if two_way else ()):
-            c = counts[src]
-            da, db, ds, dbias = _block_grads(a, travelling[:c, :e], scale, bias, False, chunk)
-            ga += da
-            gs += ds
-            gbias += dbias
-            travelling[:c, e:] += db
-    # home: the right-travelling gradient of the block of rank - d is here; this rank's is at rank + d
-    home = torch.zeros(n, e, dtype=b.dtype, device=b.device)
-    sends, recvs, mine = [], [], []
-    for way, sign in (("right", -1), ("left", 1)):
-        d = last[way]
-        if d:
-            got = torch.empty(n, e, dtype=b.dtype, device=b.device)
-            travelling = right if way == "right" else left
-            sends.append((travelling[:, e:].contiguous(), (rank + sign * d) % world))
-            recvs.append((got, (rank - sign * d) % world))
-            mine.append(got)
+    held = {}  # direction -> (the block and gradient it brought last, that block's rank)
+    for travelling, src, way in _ring(torch.cat([_padded(b, n), torch.zeros_like(_padded(b, n))], dim=1), group):
+        c = counts[src]
+        da, db, ds, dbias = _block_grads(a, travelling[:c, :e], scale, bias, False, chunk)
+        ga += da
+        gs += ds
+        gbias += dbias
+        travelling[:c, e:] += db
+        held[way] = travelling, src
+    # home: each direction's last block's gradient goes to its rank; this rank's own block went as
+    # far the other way, and its gradient comes back from there
+    sends, recvs = [], []
+    for travelling, src in held.values():
+        sends.append((travelling[:, e:].contiguous(), src))
+        recvs.append((torch.empty(n, e, dtype=b.dtype, device=b.device), (2 * rank - src) % world))
     _exchange(sends, recvs, group)
-    for got in mine:
-        home += got
-    return home[: counts[rank]]
+    return sum(got for got, _ in recvs)[: counts[rank]]
 
 
 def siglip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, group=None,
