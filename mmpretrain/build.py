@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from mmpretrain import parallel
-from mmpretrain.config import Config, TrainConfig
+from mmpretrain.config import Config, TrainConfig, masked_modalities
 from mmpretrain.model import MultimodalModel
 from mmpretrain.objectives import Objectives, PretrainingTask
 from mmpretrain.optim import build_optimizer, build_scheduler
@@ -26,8 +26,10 @@ def build_task(cfg: Config, vocab_size: int, gather_group=None) -> PretrainingTa
     """Model, objectives and row layout in one module, on the default device. `gather_group`: the
     data-parallel group the contrastive loss gathers over (None: this process alone)."""
     model = MultimodalModel(cfg.model, vocab_size)
-    return PretrainingTask(model, Objectives(model.modalities, cfg.objectives, gather_group),
-                           RowLayout.from_config(cfg))
+    masked = masked_modalities(cfg.model) if cfg.objectives.masked_weight else []
+    objectives = Objectives(model.modalities, cfg.objectives, gather_group,
+                            {m: model.towers[m].encoder for m in masked})
+    return PretrainingTask(model, objectives, RowLayout.from_config(cfg))
 
 
 @dataclass

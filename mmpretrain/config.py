@@ -209,6 +209,13 @@ class ObjectivesConfig:
     siglip_init_temperature: float = _check(1e-3, 1.0, default=0.1)
     siglip_init_bias: float = -10.0
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # masked modelling (MAE): a light decoder per media tower with token dropout reconstructs the
+    # dropped patches (pixels normalised per patch; log-mel for audio) from the kept tokens'
+    # encoder outputs; the loss counts the dropped patches only (objectives/masked.py)
+    masked_weight: float = _check(0.0, default=0.0)
+    masked_decoder_width: int = _check(8, default=64)
+    masked_decoder_depth: int = _check(1, default=1)
+    masked_decoder_heads: int = _check(1, default=4)
 
 
 @dataclass
@@ -561,8 +568,9 @@ def validate(cfg: Config) -> Config:
     _require(d.heads % cfg.parallel.sp == 0,
              f"parallel.sp: {cfg.parallel.sp} does not divide model.decoder.heads={d.heads}")
     o = cfg.objectives
-    _require(o.contrastive_weight > 0 or o.next_token_weight > 0,
-             "objectives: contrastive_weight and next_token_weight are both 0; nothing would train")
+    _require(o.contrastive_weight > 0 or o.next_token_weight > 0 or o.masked_weight > 0,
+             "objectives: contrastive_weight, next_token_weight and masked_weight are all 0; nothing would train")
+    _validate_masked(cfg)
     t = cfg.train
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
              f"train.betas: {t.betas}; expected two values in [0, 1)")
@@ -591,6 +599,27 @@ def validate(cfg: Config) -> Config:
              bool(cfg.data.caption_keys), f"data.caption_keys: {cfg.data.caption_keys}; expected extensions "
                                           f"('txt') or JSON fields ('json:caption')")
     return cfg
+
+
+def masked_modalities(model_cfg: ModelConfig) -> list[str]:
+    """The modalities that masked modelling reconstructs: those with token dropout whose spec
+    supports it."""
+    return [m for m in model_cfg.modalities if _modalities()[m].masked
+            and getattr(model_cfg.sections[m], "token_dropout", 0.0) > 0]
+
+
+def _validate_masked(cfg: Config) -> None:
+    o = cfg.objectives
+    if not o.masked_weight:
+        return
+    _require(o.masked_decoder_width % o.masked_decoder_heads == 0,
+             f"objectives.masked_decoder_heads: {o.masked_decoder_heads} does not divide "
+             f"objectives.masked_decoder_width={o.masked_decoder_width}")
+    able = [m for m in cfg.model.modalities if _modalities()[m].masked]
+    _require(bool(masked_modalities(cfg.model)),
+             f"objectives.masked_weight: {o.masked_weight} needs token dropout to mask with: set "
+             f"model.<modality>.token_dropout (e.g. 0.75, MAE's) for one of {able or 'no modality in use'}"
+             f"{'' if able else ' (model.modalities has none that masked modelling can reconstruct)'}")
 
 
 def config_from_dict(tree: dict) -> Config:

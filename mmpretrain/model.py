@@ -9,6 +9,7 @@ next-token logits. The objectives' own state (pairs, temperatures) lives in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -37,10 +38,15 @@ class MediaTower(nn.Module):
         self.fusion.init_weights()
         self.encoder.init_weights()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> decoder tokens (B, K, C) and L2-normalised embedding (B, E)."""
-        tokens, pooled = self.fusion(self.encoder(x))
-        return tokens, F.normalize(pooled, dim=-1)
+    def forward(self, x: torch.Tensor, masked: bool = False):
+        """-> decoder tokens (B, K, C) and L2-normalised embedding (B, E); `masked`: and the
+        encoder's (tokens, kept patch indices or None, input patches) for masked modelling."""
+        if not masked:
+            tokens, pooled = self.fusion(self.encoder(x))
+            return tokens, F.normalize(pooled, dim=-1)
+        encoded = self.encoder(x, masked=True)
+        tokens, pooled = self.fusion(encoded[0])
+        return tokens, F.normalize(pooled, dim=-1), encoded
 
 
 @dataclass
@@ -51,6 +57,9 @@ class ModelOutput:
     lm_targets: torch.Tensor  # (P,)
     packed_tokens: int = 0  # length of the packed decoder row
     lm_head: torch.Tensor | None = None  # (vocab, C) output embedding: logits = lm_hidden @ lm_head.T
+    # modality -> the encoder's (tokens (B, 1 + K, W), kept patch indices (B, K), input patches
+    # (B, N, D)), for masked modelling: only the modalities asked for, while tokens are dropped
+    masked: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     @property
     def lm_logits(self) -> torch.Tensor:
@@ -120,13 +129,16 @@ class MultimodalModel(nn.Module):
         return F.normalize(self.text_proj(h[packing.caption_ends(row, n)]), dim=-1)
 
     # ---------------------------------------------------------------- forward
-    def forward(self, batch: Batch, layout: packing.RowLayout) -> ModelOutput:
-        """The batch as one packed row laid out by `layout` (see mmpretrain.packing)."""
+    def forward(self, batch: Batch, layout: packing.RowLayout, masked: tuple[str, ...] = ()) -> ModelOutput:
+        """The batch as one packed row laid out by `layout` (see mmpretrain.packing); `masked`:
+        the modalities whose encoder outputs masked modelling reconstructs from."""
         b = len(batch.keys)
-        embeddings, media_tokens = {}, {}
+        embeddings, media_tokens, encoded = {}, {}, {}
         for m in self.modalities:  # every tower runs, on an empty batch too (documents only), so
             # that every rank's backward reaches the same parameters and collectives (DDP, FSDP)
-            media_tokens[m], embeddings[m] = self.towers[m](batch.media[m])
+            media_tokens[m], embeddings[m], *rest = self.towers[m](batch.media[m], masked=m in masked)
+            if rest and rest[0][1] is not None:  # tokens were dropped (not in the unmasked phase)
+                encoded[m] = rest[0]
         text, seqs = self._caption_only(batch.tokens, batch.lengths)
         for i, n in enumerate(batch.lengths.tolist()):
             if layout.captions(i):
@@ -137,7 +149,7 @@ class MultimodalModel(nn.Module):
         h = self.decoder(x, row)
         embeddings["text"] = self._text_embedding(h, row, b)
         present = {"text": torch.ones(b, dtype=torch.bool, device=h.device), **batch.present}
-        return ModelOutput(embeddings, present, h[idx], targets, len(x), self.decoder.embed.weight)
+        return ModelOutput(embeddings, present, h[idx], targets, len(x), self.decoder.embed.weight, encoded)
 
     def _documents(self, documents) -> list[list[packing.Piece]]:
         """Interleaved documents: text embedded here, each modality's items encoded in one batch."""

@@ -100,3 +100,41 @@ def curves_figure(run_dir: Path):
         axes[-1].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_reconstructions(examples: dict, model_cfg, title: str, path: Path) -> Path:
+    """Masked modelling's held-out reconstructions (objectives/masked.py `examples`): a row per
+    sample and modality, showing the input, what the encoder saw (dropped patches blank) and the
+    reconstruction (kept patches with the predicted ones). Images and video frames in colour (a
+    video's first and last frame side by side), spectrograms as heat maps on the input's scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    rows = [(m, i) for m, (x, _, _) in examples.items() for i in range(len(x))]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.2 * len(rows)), squeeze=False)
+    for r, (m, i) in enumerate(rows):
+        pictures = [t[i].float().cpu() for t in examples[m]]
+        section = model_cfg.sections[m]
+        for c, (pic, label) in enumerate(zip(pictures, ("input", "seen by the encoder", "reconstruction"))):
+            ax = axes[r, c]
+            if pic.shape[0] == 1:  # a spectrogram (1, mel bins, frames)
+                ax.imshow(pic[0], origin="lower", aspect="auto", cmap="magma",
+                          vmin=float(pictures[0].min()), vmax=float(pictures[0].max()))
+            else:
+                if pic.ndim == 4:  # video (3, T, S, S): first and last frame
+                    pic = torch.cat([pic[:, 0], pic[:, -1]], dim=-1)
+                mean, std = (torch.tensor(v).view(3, 1, 1) for v in (section.mean, section.std))
+                ax.imshow((pic * std + mean).clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(m, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -42,7 +42,7 @@ from mmpretrain.eval.sets import Evaluator, format_classification, headline, run
 from mmpretrain.export import export_model
 from mmpretrain.model import check_memory
 from mmpretrain.parallel.fsdp import gathered
-from mmpretrain.plots import plot_curves
+from mmpretrain.plots import plot_curves, plot_reconstructions
 from mmpretrain.runlog import RunLog
 from mmpretrain.tokenizer import Tokenizer
 
@@ -220,6 +220,8 @@ class Trainer:
         # autocast as in training: FSDP2's bf16 compute parameters need bf16 inputs
         with self.autocast, gathered(self.task):
             results = self.evaluator.evaluate(sets)
+            if self.env.is_main and self.task.objectives.masked_modalities:
+                self._reconstructions()
         self.log.eval(self.step, {s.name: headline(s.kind, results[s.name]) for s in sets})
         if self.env.is_main:
             for s in sets:
@@ -230,6 +232,19 @@ class Trainer:
                     plot_confusion(r["confusion_matrix"], list(r["per_class_recall"]),
                                    f"{s.name} ({s.kind}): acc1 {r['acc1']:.3f}", out.with_suffix(".png"))
         return results
+
+    def _reconstructions(self) -> None:
+        """eval/reconstructions/step<N>.png: masked modelling's reconstructions of the first
+        held-out samples (the main rank alone: inside `gathered`, forwards need no collective)."""
+        from mmpretrain.data import eval_batches
+        from mmpretrain.objectives.masked import examples
+
+        batch = next(iter(eval_batches(self.eval_urls, self.cfg, self.tokenizer, batch_size=32)), None)
+        shown = examples(self.task, batch.to(self.device)) if batch is not None else {}
+        if shown:
+            out = self.run_dir / "eval" / "reconstructions" / f"step{self.step:06d}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            plot_reconstructions(shown, self.cfg.model, f"masked modelling, held-out samples, step {self.step}", out)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:

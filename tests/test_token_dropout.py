@@ -39,13 +39,17 @@ def test_each_tower_drops_tokens_in_training_only_keeping_a_fixed_count(modality
 
 @pytest.mark.parametrize("tokens,p", [(64, 0.5), (64, 0.75), (7, 0.9), (3, 0.5), (100, 0.33)])
 def test_keep_rule_is_open_clips_and_keeps_the_class_token_and_real_rows(tokens, p):
-    """timm's PatchDropout (what the towers use) keeps what open_clip's keeps: max(1, int(L(1-p)))
-    patch tokens after the class token, each one of the input's, none twice."""
+    """timm's PatchDropout as the towers apply it (`drop_tokens`) keeps what open_clip's keeps:
+    max(1, int(L(1-p))) patch tokens after the class token, each one of the input's, none twice,
+    and the indices it returns name them (masked modelling reconstructs the others)."""
     from open_clip.transformer import PatchDropout as OpenClipPatchDropout
     from timm.layers import PatchDropout
 
+    from mmpretrain.encoders.spec import drop_tokens
+
     x = torch.randn(4, 1 + tokens, 8)
-    ours = PatchDropout(p, num_prefix_tokens=1).train()(x)
+    ours, keep = drop_tokens(PatchDropout(p, num_prefix_tokens=1).train(), x)
+    assert torch.equal(ours[:, 1:], x[:, 1:].gather(1, keep[..., None].expand(-1, -1, 8)))
     theirs = OpenClipPatchDropout(p, exclude_first_token=True).train()(x)
     assert ours.shape == theirs.shape
     assert torch.equal(ours[:, 0], x[:, 0])
@@ -54,27 +58,24 @@ def test_keep_rule_is_open_clips_and_keeps_the_class_token_and_real_rows(tokens,
         assert (match.sum(1) == 1).all() and len(set(match.int().argmax(1).tolist())) == len(match)
 
 
-def test_a_run_drops_tokens_until_token_dropout_until_then_keeps_them_all(tiny_cfg):
+def test_a_run_drops_tokens_until_token_dropout_until_then_keeps_them_all(tiny_cfg, monkeypatch):
     """The real loop with packing: image tokens dropped for steps 1-2, none from step 3 on, and
     evaluation never drops (the end-of-run eval equals the export's)."""
     cfg = tiny_cfg("train.steps=4", "train.log_every=1", "model.image.token_dropout=0.75",
                    "train.token_dropout_until=2", "run.name=drop")
-    from timm.layers import PatchDropout
+    from mmpretrain.encoders import spec
 
     seen = []  # the tokens each training forward of the image tower kept
-    original = PatchDropout.forward
+    original = spec.patch_dropout_forward
 
-    def spy(self, x):
-        out = original(self, x)
-        if self.training:
-            seen.append(out.shape[1])
+    def spy(x, prob, prefix, ordered, training):
+        out = original(x, prob, prefix, ordered, training)
+        if training:
+            seen.append(out[0].shape[1])
         return out
 
-    PatchDropout.forward = spy
-    try:
-        train.run(cfg)
-    finally:
-        PatchDropout.forward = original
+    monkeypatch.setattr(spec, "patch_dropout_forward", spy)
+    train.run(cfg)
     grid = (cfg.model.image.image_size // cfg.model.image.patch_size) ** 2
     assert seen == [1 + grid // 4] * 2 + [1 + grid] * 2
     assert [m["step"] for m in read_metrics(cfg.run_dir)] == [1, 2, 3, 4]

@@ -20,7 +20,8 @@ import torchaudio.functional as AF
 from timm.models.vision_transformer import VisionTransformer
 
 from mmpretrain.config import ConfigError, _check
-from mmpretrain.encoders.spec import BadSample, ModalitySpec, as_tensor, check_heads, file_bytes, file_name
+from mmpretrain.encoders.spec import (BadSample, ModalitySpec, Patches, as_tensor, check_heads, file_bytes, file_name,
+                                      vit_features)
 
 
 @dataclass
@@ -120,6 +121,8 @@ class AudioEncoder(nn.Module):
             img_size=(cfg.n_mels, self.frontend.frames), patch_size=(cfg.patch_freq, cfg.patch_time),
             in_chans=1, num_classes=0, global_pool="", embed_dim=cfg.width, depth=cfg.depth,
             num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, patch_drop_rate=cfg.token_dropout)
+        grid = (cfg.n_mels // cfg.patch_freq, self.frontend.frames // cfg.patch_time)
+        self.patches = Patches(grid, (cfg.patch_freq, cfg.patch_time), 1, normalise=False)  # AudioMAE's targets
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -127,9 +130,12 @@ class AudioEncoder(nn.Module):
         self.vit.init_weights()
         self.frontend.init_buffers()
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        """wave: (B, samples) at cfg.sample_rate -> tokens (B, 1 + patches, width)."""
-        return self.vit.forward_features(self.frontend(wave))
+    def forward(self, wave: torch.Tensor, masked: bool = False):
+        """wave: (B, samples) at cfg.sample_rate -> tokens (B, 1 + patches, width); `masked`: also
+        the kept patches' indices and the log-mel spectrogram's patches (`ModalitySpec.masked`)."""
+        spec = self.frontend(wave)
+        tokens, keep = vit_features(self.vit, spec)
+        return (tokens, keep, self.patches.split(spec)) if masked else tokens
 
 
 def to_clip(wave: torch.Tensor, sample_rate: int, cfg: AudioEncoderConfig,
@@ -223,4 +229,4 @@ def media_shape(cfg: AudioEncoderConfig) -> tuple[int, ...]:
 
 
 AUDIO = ModalitySpec("audio", AudioEncoderConfig, AudioEncoder, ("flac", "wav", "mp3", "ogg"), decode,
-                     preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.vit.blocks))
+                     preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.vit.blocks), masked=True)

@@ -17,8 +17,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torchvision.transforms.v2 import functional as TF
 
 from mmpretrain.config import ConfigError, _check
-from mmpretrain.encoders.spec import (BadSample, ModalitySpec, as_tensor, channels_first, check_heads,
-                                      check_normalisation, file_bytes, file_name)
+from mmpretrain.encoders.spec import (BadSample, ModalitySpec, Patches, as_tensor, channels_first, check_heads,
+                                      check_normalisation, file_bytes, file_name, vit_features)
 
 
 @dataclass
@@ -64,6 +64,8 @@ class ImageEncoder(nn.Module):
                                      global_pool="", embed_dim=cfg.width, depth=cfg.depth,
                                      num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, pre_norm=cfg.pre_norm,
                                      patch_drop_rate=cfg.token_dropout)
+        grid = cfg.image_size // cfg.patch_size
+        self.patches = Patches((grid, grid), (cfg.patch_size, cfg.patch_size), 3)
         self.init_clip()  # over the initialisation timm's constructor applied
 
     @torch.no_grad()
@@ -88,9 +90,11 @@ class ImageEncoder(nn.Module):
         self.vit.pos_embed.normal_(std=self.cfg.width ** -0.5)
         self.vit.cls_token.normal_(std=self.cfg.width ** -0.5)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, S, S) normalised -> tokens (B, 1 + patches, width)."""
-        return self.vit.forward_features(images)
+    def forward(self, images: torch.Tensor, masked: bool = False):
+        """images: (B, 3, S, S) normalised -> tokens (B, 1 + patches, width); `masked`: also the
+        kept patches' indices and the pixels' patches (spec.py `ModalitySpec.masked`)."""
+        tokens, keep = vit_features(self.vit, images)
+        return (tokens, keep, self.patches.split(images)) if masked else tokens
 
 
 class ImagePreprocess:
@@ -190,4 +194,4 @@ def media_shape(cfg: ImageEncoderConfig) -> tuple[int, ...]:
 
 
 IMAGE = ModalitySpec("image", ImageEncoderConfig, ImageEncoder, ("jpg", "jpeg", "png", "webp"), decode,
-                     preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.vit.blocks))
+                     preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.vit.blocks), masked=True)

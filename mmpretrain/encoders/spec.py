@@ -9,6 +9,7 @@ adding a modality is one such module and its `register`.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
+from timm.layers import PatchDropout
+from timm.layers.patch_dropout import patch_dropout_forward
 
 from mmpretrain.config import ConfigError
 
@@ -57,6 +60,10 @@ class ModalitySpec:
     # (raw sample, the sample parsed so far, Config, rng or None) -> media to add to it (a video's
     # own audio track); data/samples.py runs it for every registered modality, after the decoding
     extras: Callable[[dict, dict, Any, random.Random | None], dict] | None = None
+    # masked modelling (objectives.masked_weight) can reconstruct this modality's tokens: its
+    # encoder has `patches` (a `Patches`) and `forward(x, masked=True)` -> (tokens, kept patch
+    # indices (B, K) or None when nothing was dropped, the input's patches (B, N, D))
+    masked: bool = False
 
     def section(self, model_cfg):
         """This modality's config section of a ModelConfig."""
@@ -118,3 +125,59 @@ def channels_first(x: torch.Tensor, what: str) -> torch.Tensor:
         raise ValueError(f"{what} inputs: cannot tell the channel axis of {tuple(x.shape)}: expected 3 "
                          f"channels either last (..., H, W, 3) or before height and width (..., 3, H, W)")
     return x.movedim(-1, -3) if last else x
+
+
+# ---------------------------------------------------------------------------- masked modelling
+# what the towers share for token dropout's indices and masked modelling's targets
+
+
+@dataclass(frozen=True)
+class Patches:
+    """The grid of patches an encoder's tokens stand for, in token order (row-major over the grid,
+    as a strided convolution's output flattens): what masked modelling reconstructs.
+    `normalise`: the target is each patch normalised by its own mean and variance (MAE's
+    norm_pix_loss; pixels), else the values themselves (log-mel, as AudioMAE)."""
+
+    grid: tuple[int, ...]  # patches along each axis of the input (time, height, width, ...)
+    size: tuple[int, ...]  # one patch's extent along those axes
+    channels: int
+    normalise: bool = True
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.size) * self.channels
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *axes) -> (B, count, dim), each patch's values in (*size, C) order."""
+        n = len(self.grid)
+        x = x.reshape(len(x), self.channels, *(v for g, s in zip(self.grid, self.size) for v in (g, s)))
+        x = x.permute(0, *range(2, 2 + 2 * n, 2), *range(3, 3 + 2 * n, 2), 1)
+        return x.reshape(len(x), self.count, self.dim)
+
+    def join(self, patches: torch.Tensor) -> torch.Tensor:
+        """`split`'s inverse: (B, count, dim) -> (B, C, *axes)."""
+        n = len(self.grid)
+        x = patches.reshape(len(patches), *self.grid, *self.size, self.channels)
+        x = x.permute(0, 2 * n + 1, *(v for i in range(n) for v in (1 + i, 1 + n + i)))
+        return x.reshape(len(x), self.channels, *(g * s for g, s in zip(self.grid, self.size)))
+
+
+def drop_tokens(drop: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A tower's token dropout (timm's PatchDropout, or nn.Identity without one) -> (kept tokens,
+    the kept patch tokens' indices (B, K) or None when none were dropped). timm's own module
+    returns no indices (its PatchDropoutWithIndices is a separate module that timm's ViT does not
+    build); its function does, and it is the same keep rule."""
+    if isinstance(drop, PatchDropout):
+        return patch_dropout_forward(x, drop.prob, drop.num_prefix_tokens, drop.ordered, drop.training)
+    return x, None
+
+
+def vit_features(vit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """timm VisionTransformer.forward_features (patch and position embedding, token dropout, the
+    blocks and norms), also returning the kept indices that forward_features keeps to itself."""
+    x, keep = drop_tokens(vit.patch_drop, vit._pos_embed(vit.patch_embed(x)))
+    return vit.norm(vit.blocks(vit.norm_pre(x))), keep

@@ -33,8 +33,8 @@ from timm.models.vision_transformer import Block
 from torchvision.transforms.v2 import functional as TF
 
 from mmpretrain.config import ConfigError, _check
-from mmpretrain.encoders.spec import (BadSample, ModalitySpec, as_tensor, channels_first, check_heads,
-                                      check_normalisation, file_bytes, file_name)
+from mmpretrain.encoders.spec import (BadSample, ModalitySpec, Patches, as_tensor, channels_first, check_heads,
+                                      check_normalisation, drop_tokens, file_bytes, file_name)
 
 THREADED_PIXELS = 640 * 360  # decode frames at least this large with threads
 
@@ -101,6 +101,7 @@ class VideoEncoder(nn.Module):
         self.norm_pre = nn.LayerNorm(cfg.width, eps=1e-6) if cfg.pre_norm else nn.Identity()  # timm's
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         self.patch_drop = PatchDropout(cfg.token_dropout) if cfg.token_dropout else nn.Identity()  # as timm's ViT
+        self.patches = Patches((cfg.num_frames // t, cfg.frame_size // p, cfg.frame_size // p), (t, p, p), 3)
         self.init_weights()
 
     @torch.no_grad()
@@ -114,14 +115,16 @@ class VideoEncoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed", "temporal_embed"}
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames: (B, T, 3, S, S) normalised -> tokens (B, 1 + T/tubelet * patches, width)."""
+    def forward(self, frames: torch.Tensor, masked: bool = False):
+        """frames: (B, T, 3, S, S) normalised -> tokens (B, 1 + T/tubelet * patches, width);
+        `masked`: also the kept tubelets' indices and the pixels' tubelets (`ModalitySpec.masked`)."""
         x = self.patch_embed(frames.transpose(1, 2))  # (B, C, T', h, w)
         x = x.flatten(3).permute(0, 2, 3, 1)  # (B, T', hw, C)
         x = x + self.pos_embed[:, None, 1:] + self.temporal_embed
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1)
-        x = torch.cat([cls, x.flatten(1, 2)], dim=1)
-        return self.norm(self.blocks(self.norm_pre(self.patch_drop(x))))
+        x, keep = drop_tokens(self.patch_drop, torch.cat([cls, x.flatten(1, 2)], dim=1))
+        tokens = self.norm(self.blocks(self.norm_pre(x)))
+        return (tokens, keep, self.patches.split(frames.transpose(1, 2))) if masked else tokens
 
     @torch.no_grad()
     def init_from_image(self, vit: nn.Module) -> None:
@@ -348,4 +351,4 @@ def media_shape(cfg: VideoEncoderConfig) -> tuple[int, ...]:
 
 VIDEO = ModalitySpec("video", VideoEncoderConfig, VideoEncoder, ("mp4", "webm", "mkv", "mov", "avi"), decode,
                      preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.blocks),
-                     init_from=init_from, extras=audio_track)
+                     init_from=init_from, extras=audio_track, masked=True)

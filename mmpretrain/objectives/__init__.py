@@ -20,6 +20,7 @@ from mmpretrain.config import ObjectivesConfig
 from mmpretrain.model import ModelOutput, MultimodalModel
 from mmpretrain.objectives.distill import distill_terms
 from mmpretrain.objectives.infonce import clip_loss, gather_with_grad
+from mmpretrain.objectives.masked import MaskedDecoder, masked_loss
 from mmpretrain.objectives.next_token import chunked_cross_entropy, next_token_loss
 from mmpretrain.objectives.siglip import siglip_loss
 from mmpretrain.packing import RowLayout
@@ -75,9 +76,12 @@ def _siglip_losses(out: ModelOutput, logit_scales, logit_biases, group, exchange
 class Objectives(nn.Module):
     """Weighted contrastive + next-token loss, with one learnable temperature per pair.
     `gather_group`: the data-parallel group the contrastive loss gathers over (None: this process
-    alone)."""
+    alone). `masked`: the encoders that masked modelling reconstructs for, by modality (their
+    width and `patches`); each gets its light decoder here, trained with the model and kept out
+    of its export."""
 
-    def __init__(self, modalities: list[str], cfg: ObjectivesConfig, gather_group=None):
+    def __init__(self, modalities: list[str], cfg: ObjectivesConfig, gather_group=None,
+                 masked: dict[str, nn.Module] | None = None):
         super().__init__()
         self.cfg = cfg
         pairs = [f"{a}-{b}" for a, b in contrastive_pairs(modalities, cfg.media_pairs)]
@@ -86,6 +90,9 @@ class Objectives(nn.Module):
         # SigLIP's learnable bias per pair (its paper's initialisation: -10, with T = 1/10)
         self.logit_bias = nn.ParameterDict({p: nn.Parameter(torch.empty(1)) for p in pairs}) \
             if cfg.contrastive == "siglip" else None
+        self.masked_decoders = nn.ModuleDict({
+            m: MaskedDecoder(enc.width, enc.patches, cfg.masked_decoder_width, cfg.masked_decoder_depth,
+                             cfg.masked_decoder_heads) for m, enc in (masked or {}).items()})
         self.gather_group = gather_group
         self.init_weights()
 
@@ -112,12 +119,29 @@ class Objectives(nn.Module):
         if cfg.next_token_weight and len(out.lm_targets):
             terms["next_token"] = next_token_loss(out)
             loss = loss + cfg.next_token_weight * terms["next_token"]
+        if out.masked and cfg.masked_weight:
+            masked = {f"masked/{m}": self.masked_loss(m, *out.masked[m], out.present[m]) for m in out.masked}
+            loss = loss + cfg.masked_weight * sum(masked.values()) / len(masked)
+            terms.update(masked)
         return loss, {k: v.detach() for k, v in terms.items()}
+
+    def masked_loss(self, modality: str, tokens: torch.Tensor, keep: torch.Tensor, patches: torch.Tensor,
+                    present: torch.Tensor) -> torch.Tensor:
+        """Masked modelling's loss for one tower, over the samples that have its modality."""
+        decoder = self.masked_decoders[modality]
+        return masked_loss(decoder(tokens[present], keep[present]), patches[present], keep[present],
+                           decoder.patches)
+
+    @property
+    def masked_modalities(self) -> tuple[str, ...]:
+        return tuple(self.masked_decoders)
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The initial temperatures (and SigLIP's biases), also again once a model built on the meta
-        device is allocated empty."""
+        """The initial temperatures (and SigLIP's biases) and the masked decoders' own
+        initialisation, also again once a model built on the meta device is allocated empty."""
+        for decoder in self.masked_decoders.values():
+            decoder.init_weights()
         siglip = self.logit_bias is not None
         for p in self.logit_scale.values():
             p.fill_(math.log(1 / (self.cfg.siglip_init_temperature if siglip else self.cfg.init_temperature)))
@@ -149,4 +173,4 @@ class PretrainingTask(nn.Module):
         self.model.init_weights()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.objectives(self.model(batch, self.layout), batch)
+        return self.objectives(self.model(batch, self.layout, self.objectives.masked_modalities), batch)
