@@ -26,6 +26,11 @@ class Batch:
     sources: dict[str, int] = field(default_factory=dict)
     worker: int = 0
     position: int = 0
+    # offline distillation (objectives.distill.teacher=offline): the teacher's stored embeddings,
+    # "text" (of each sample's chosen caption) and its modalities, (B, E), zeros where absent,
+    # and its logit scales per pair
+    teacher: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_scale: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         """Samples in the batch: media-caption pairs and documents."""
@@ -43,7 +48,8 @@ class Batch:
         return dataclasses.replace(self, tokens=move(self.tokens), lengths=move(self.lengths),
                                    media={k: move(v) for k, v in self.media.items()},
                                    present={k: move(v) for k, v in self.present.items()},
-                                   documents=[[(kind, move(t)) for kind, t in doc] for doc in self.documents])
+                                   documents=[[(kind, move(t)) for kind, t in doc] for doc in self.documents],
+                                   teacher={k: move(v) for k, v in self.teacher.items()})
 
 
 def collate(samples: list[dict], media_shapes: dict[str, tuple], context_length: int) -> Batch:
@@ -61,5 +67,10 @@ def collate(samples: list[dict], media_shapes: dict[str, tuple], context_length:
         zero = torch.zeros(shape)
         media[m] = torch.stack([s.get(m, zero) for s in samples]) if samples else zero[None][:0]
         present[m] = has
+    taught = [s["teacher"] for s in samples if "teacher" in s]
+    keys = sorted({k for t in taught for k in t if k != "scale"})
+    teacher = {k: torch.stack([t[k] if k in t else torch.zeros_like(next(u[k] for u in taught if k in u))
+                               for t in taught]) for k in keys}
     return Batch([s["__key__"] for s in samples], tokens, lengths, media, present, documents=documents,
-                 captions=[s["captions"] for s in samples])
+                 captions=[s["captions"] for s in samples], teacher=teacher,
+                 teacher_scale=taught[0]["scale"] if taught else {})

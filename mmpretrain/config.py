@@ -184,7 +184,8 @@ class ParallelConfig:
 
 @dataclass
 class DistillConfig:
-    """Distillation from a frozen teacher (objectives/distill.py): an mmpretrain export folder."""
+    """Distillation from a frozen teacher (objectives/distill.py): an mmpretrain export folder, or
+    "offline": the teacher's embeddings stored in the shards (python -m mmpretrain.data.teacher_embed)."""
 
     teacher: str = ""  # "": none
     weight: float = _check(0.0, default=1.0)

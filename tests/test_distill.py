@@ -1,4 +1,5 @@
-"""Distillation from a frozen mmpretrain export: open_clip's DistillClipLoss, and a run with a teacher."""
+"""Distillation from a frozen mmpretrain export: open_clip's DistillClipLoss, a run with a teacher,
+and offline distillation from the teacher's embeddings stored in shards (data/teacher_embed.py)."""
 
 import json
 
@@ -8,8 +9,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mmpretrain import train
+from mmpretrain.build import build_task
 from mmpretrain.config import ConfigError
-from mmpretrain.objectives.distill import distill_loss
+from mmpretrain.data.samples import BadSample, SampleParser
+from mmpretrain.objectives.distill import OfflineTeacher, Teacher, distill_loss, distill_terms
+from mmpretrain.tokenizer import Tokenizer
 
 
 def test_distill_loss_is_open_clips():
@@ -45,3 +49,50 @@ def test_a_run_distils_from_an_export_which_stays_frozen_and_outside_the_checkpo
     with pytest.raises(ConfigError, match="model.text"):
         train.run(tiny_cfg("run.name=other-text", "model.text.context_length=12",
                            f"objectives.distill.teacher={export}"))
+
+    # offline: the same teacher's embeddings written into new shards, then read by training
+    from mmpretrain.data import teacher_embed
+    from mmpretrain.data.sources import resolve_sources
+
+    shards = resolve_sources(teacher_cfg.data, "train")
+    out = teacher_cfg.run_dir.parent / "taught" / "train-%06d.tar"
+    assert teacher_embed.main([*shards, "--teacher", str(export), "--out", str(out), "--batch-size", "7"]) == 0
+    taught = str(out).replace("%06d", "000000")
+    offline = tiny_cfg("train.steps=2", "run.name=offline", "objectives.distill.teacher=offline",
+                       f"data.sources=[{taught}]")
+    check_offline_equals_online(offline, export, taught)
+    train.run(offline)
+    records = [json.loads(l) for l in (offline.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["distill/text-image"] > 0 and "distill/text-audio" in r for r in records)
+    import webdataset as wds
+
+    raw = next(iter(wds.DataPipeline(wds.SimpleShardList(shards[:1]), wds.tarfile_to_samples())))
+    with pytest.raises(BadSample, match="missing_teacher"):  # the shards before embedding
+        SampleParser(offline, True, Tokenizer(offline.model.text))(raw, __import__("random").Random(0))
+
+
+def check_offline_equals_online(cfg, export, taught: str) -> None:
+    """The loss from stored embeddings is the loss of the teacher run on the same batch (decoded
+    as evaluation decodes: the stored embeddings are of the eval transform)."""
+    import random
+
+    import webdataset as wds
+
+    from mmpretrain.batch import collate
+
+    parser = SampleParser(cfg, False, Tokenizer(cfg.model.text))
+    parser.offline_teacher = True  # what training reads, without its augmentation
+    raws = wds.DataPipeline(wds.SimpleShardList([taught]), wds.tarfile_to_samples())
+    samples = [parser(raw, random.Random(0)) for raw, _ in zip(raws, range(24))]
+    batch = collate(samples, parser.media_shapes(), cfg.model.text.context_length)
+    assert batch.teacher.keys() == {"text", "image", "audio"} and len(batch.teacher_scale) == 3
+    torch.manual_seed(0)
+    task = build_task(cfg, Tokenizer(cfg.model.text).vocab_size).eval()
+    with torch.no_grad():
+        out = task.model(batch, task.layout)
+        scales = task.objectives.logit_scale
+        offline = distill_terms(out, *OfflineTeacher.embed(batch), scales)
+        online = distill_terms(out, *Teacher(str(export), cfg, torch.device("cpu")).embed(batch), scales)
+    assert offline.keys() == online.keys() == {"distill/text-image", "distill/text-audio", "distill/image-audio"}
+    for k in online:
+        torch.testing.assert_close(offline[k], online[k], rtol=1e-5, atol=1e-5)

@@ -136,6 +136,8 @@ class SampleParser:
         self.specs = {m: spec for m, spec in MODALITIES.items() if m in cfg.model.modalities}
         self.sections = {m: spec.section(cfg.model) for m, spec in self.specs.items()}
         self.extras = [spec.extras for spec in MODALITIES.values() if spec.extras is not None]
+        # objectives.distill.teacher=offline: training reads teacher.npz members (evaluation never)
+        self.offline_teacher = train and cfg.objectives.distill.teacher == "offline"
 
     def media_shapes(self) -> dict[str, tuple]:
         return {m: spec.media_shape(self.sections[m]) for m, spec in self.specs.items()}
@@ -158,6 +160,24 @@ class SampleParser:
         if not any(m in out for m in self.specs):
             raise BadSample("no_media", f"none of {list(self.specs)} "
                                         f"(members: {sorted(k for k in raw if not k.startswith('__'))})")
+        if self.offline_teacher:
+            out["teacher"] = self.teacher(raw, captions, captions.index(text))
+        return out
+
+    def teacher(self, raw: dict, captions: list[str], chosen: int) -> dict:
+        """objectives.distill.teacher=offline: the stored teacher embeddings of this sample's
+        chosen caption and its media (data/teacher_embed.py)."""
+        from mmpretrain.data.teacher_embed import MEMBER, read_member
+
+        if MEMBER not in raw:
+            raise BadSample("missing_teacher", f"no {MEMBER} (python -m mmpretrain.data.teacher_embed writes it)")
+        try:
+            out, rows = read_member(raw[MEMBER], chosen, list(self.specs))
+        except Exception as e:  # NumPy raises many types for a bad archive
+            raise BadSample("bad_teacher", repr(e)) from e
+        if rows != len(captions):
+            raise BadSample("bad_teacher", f"{rows} teacher caption embeddings for {len(captions)} captions "
+                                           f"(embedded with other caption keys?)")
         return out
 
     def media(self, modality: str, data: bytes, rng: random.Random):

@@ -6,7 +6,9 @@ student's softmax over each row (a's against every b, and b's against every a) t
 each logit scaled by its own model's temperature, both directions averaged. The teacher is an
 mmpretrain export (`objectives.distill.teacher`): loaded once, in eval mode, without gradients,
 kept outside the trained module (no optimizer state, not sharded by FSDP2, never saved), and it
-embeds the same batch the student does, so it must read the same media shapes and captions.
+embeds the same batch the student does, so it must read the same media shapes and captions. Or
+`offline`: its embeddings stored in the shards beforehand (data/teacher_embed.py), which the
+batch carries; then the teacher may read any inputs, and costs nothing at training time.
 """
 
 from __future__ import annotations
@@ -59,8 +61,19 @@ class Teacher:
         self.layout = RowLayout(theirs.fusion.num_latents, next_token=False)
 
     @torch.no_grad()
-    def embed(self, batch):
-        return self.model(batch, self.layout)
+    def embed(self, batch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """-> the teacher's embeddings of the batch by modality ("text" too), its logit scales."""
+        out = self.model(batch, self.layout)
+        return {m: e for m, e in out.embeddings.items() if m in self.modalities}, self.scale
+
+
+class OfflineTeacher:
+    """`objectives.distill.teacher=offline`: the embeddings a teacher stored in the shards
+    (data/teacher_embed.py), which the batch carries; nothing runs at training time."""
+
+    @staticmethod
+    def embed(batch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        return batch.teacher, batch.teacher_scale
 
 
 def _same_input(theirs, ours, modality: str) -> bool:
@@ -74,22 +87,25 @@ def _same_input(theirs, ours, modality: str) -> bool:
                   "mode", "fps", "span_seconds"))
 
 
-def distill_terms(out, teacher_out, scales, teacher: Teacher, group=None) -> dict[str, torch.Tensor]:
-    """One term per student pair the teacher has too ("distill/text-image", ...), over the rows of
-    every rank in `group` with both sides."""
+def distill_terms(out, teacher_embeddings: dict[str, torch.Tensor], teacher_scale: dict[str, float], scales,
+                  group=None) -> dict[str, torch.Tensor]:
+    """One term per student pair (`scales`) the teacher has too ("distill/text-image", ...), over
+    the rows of every rank in `group` with both sides. Every rank gathers the same keys (the
+    student's modalities; zeros where this rank's teacher has none)."""
     from mmpretrain.objectives.infonce import gather_with_grad
 
     rows = gather_with_grad({**{f"s/{m}": e for m, e in out.embeddings.items()},
-                             **{f"t/{m}": e for m, e in teacher_out.embeddings.items()},
+                             **{f"t/{m}": teacher_embeddings.get(m, torch.zeros_like(e)).to(e.dtype)
+                                for m, e in out.embeddings.items()},
                              **{f"has/{m}": p.float() for m, p in out.present.items()}}, group)
     terms = {}
     for pair, param in scales.items():
         a, b = pair.split("-")
-        if pair not in teacher.scale or not {a, b} <= teacher.modalities:
+        if pair not in teacher_scale or not {a, b} <= teacher_embeddings.keys():
             continue
         both = (rows[f"has/{a}"] * rows[f"has/{b}"]).bool()
         if int(both.sum()) < 2:
             continue
         terms[f"distill/{pair}"] = distill_loss(rows[f"s/{a}"][both], rows[f"s/{b}"][both], param.exp(),
-                                                rows[f"t/{a}"][both], rows[f"t/{b}"][both], teacher.scale[pair])
+                                                rows[f"t/{a}"][both], rows[f"t/{b}"][both], teacher_scale[pair])
     return terms
