@@ -61,10 +61,10 @@ def build(cfg: Config, env: parallel.DistEnv, device: torch.device,
         from mmpretrain.parallel.fsdp import materialize
 
         materialize(task, device, seed=cfg.run.seed + env.rank)
-    if teacher := cfg.objectives.distill.teacher:  # frozen, outside the task's parameters
-        from mmpretrain.objectives.distill import OfflineTeacher, Teacher
+    if cfg.objectives.distill.teacher:  # frozen, outside the task's parameters
+        from mmpretrain.objectives.distill import make_teacher
 
-        task.objectives.set_teacher(OfflineTeacher() if teacher == "offline" else Teacher(teacher, cfg, device))
+        task.objectives.set_teacher(make_teacher(cfg, device))
     optimizer = build_optimizer(task, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

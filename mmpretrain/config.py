@@ -184,11 +184,15 @@ class ParallelConfig:
 
 @dataclass
 class DistillConfig:
-    """Distillation from a frozen teacher (objectives/distill.py): an mmpretrain export folder, or
-    "offline": the teacher's embeddings stored in the shards (python -m mmpretrain.data.teacher_embed)."""
+    """Distillation from a frozen teacher (objectives/distill.py): an mmpretrain export folder; an
+    open_clip checkpoint file with `open_clip_model` naming its architecture; or "offline": the
+    teacher's embeddings stored in the shards (python -m mmpretrain.data.teacher_embed)."""
 
     teacher: str = ""  # "": none
     weight: float = _check(0.0, default=1.0)
+    # an open_clip model name (ViT-B-32, ...) or a model config JSON file: `teacher` is then a local
+    # checkpoint of it (nothing is downloaded); the teacher embeds text and images
+    open_clip_model: str = ""
 
 
 @dataclass

@@ -134,7 +134,7 @@ def plot_reconstructions(examples: dict, model_cfg, title: str, path: Path) -> P
             if c == 0:
                 ax.set_ylabel(m, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title above the columns'
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title above the columns
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -96,3 +96,60 @@ def check_offline_equals_online(cfg, export, taught: str) -> None:
     assert offline.keys() == online.keys() == {"distill/text-image", "distill/text-audio", "distill/image-audio"}
     for k in online:
         torch.testing.assert_close(offline[k], online[k], rtol=1e-5, atol=1e-5)
+
+
+def _open_clip_teacher_files(folder, image_size: int = 16):
+    """A small open_clip CLIP's model config and checkpoint, written as a user's would be."""
+    import open_clip
+
+    config = folder / "tiny-clip-teacher.json"
+    config.write_text(json.dumps({
+        "embed_dim": 16, "vision_cfg": {"image_size": image_size, "patch_size": 4, "width": 32, "layers": 1,
+                                        "head_width": 16},
+        "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    model = open_clip.create_model(config.stem)
+    torch.save(model.state_dict(), folder / "teacher.pt")
+    return config, folder / "teacher.pt", model.eval()
+
+
+def test_an_open_clip_teacher_embeds_the_students_batch_as_open_clip_embeds_its_own_inputs(tiny_cfg, tmp_path):
+    """Images the student decoded (its size, its normalisation) reach the teacher as open_clip's own
+    preprocessing makes them, and captions as its tokenizer makes them (padded to its context)."""
+    import open_clip
+    from PIL import Image
+
+    from mmpretrain.batch import Batch
+    from mmpretrain.encoders.image import preprocess
+    from mmpretrain.objectives.distill import OpenClipTeacher
+
+    config, checkpoint, reference = _open_clip_teacher_files(tmp_path)
+    cfg = tiny_cfg("model.modalities=[image]")
+    teacher = OpenClipTeacher(str(checkpoint), str(config), cfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    pictures = [Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy())
+                for _ in range(3)]
+    captions = ["a red circle", "a blue cross left of a green square", "two stripes"]
+    tok = Tokenizer(cfg.model.text)
+    tokens, lengths = tok(captions)
+    batch = Batch([str(i) for i in range(3)], tokens, lengths, {"image": preprocess(pictures, cfg.model.image)},
+                  {"image": torch.ones(3, dtype=torch.bool)})
+    embeddings, scale = teacher.embed(batch)
+    _, _, transform = open_clip.create_model_and_transforms(config.stem)
+    with torch.no_grad():
+        image = F.normalize(reference.encode_image(torch.stack([transform(p) for p in pictures])), dim=-1)
+        text = F.normalize(reference.encode_text(open_clip.get_tokenizer(config.stem)(captions)), dim=-1)
+    torch.testing.assert_close(embeddings["image"], image, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(embeddings["text"], text, rtol=1e-4, atol=1e-5)
+    assert scale == {"text-image": pytest.approx(float(reference.logit_scale.detach().exp()))}
+
+    run = tiny_cfg("train.steps=2", "run.name=clip-taught", f"objectives.distill.teacher={checkpoint}",
+                   f"objectives.distill.open_clip_model={config}")
+    train.run(run)
+    records = [json.loads(l) for l in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["distill/text-image"] > 0 and "distill/text-audio" not in r for r in records)  # it reads no audio
+    with pytest.raises(ConfigError, match="not a file"):
+        OpenClipTeacher(str(tmp_path / "none.pt"), str(config), cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="neither a model open_clip knows"):
+        OpenClipTeacher(str(checkpoint), "no-such-model", cfg, torch.device("cpu"))

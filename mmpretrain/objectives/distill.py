@@ -7,6 +7,8 @@ each logit scaled by its own model's temperature, both directions averaged. The 
 mmpretrain export (`objectives.distill.teacher`): loaded once, in eval mode, without gradients,
 kept outside the trained module (no optimizer state, not sharded by FSDP2, never saved), and it
 embeds the same batch the student does, so it must read the same media shapes and captions. Or
+an open_clip CLIP from a local checkpoint file (`objectives.distill.open_clip_model` names its
+architecture), which reads the student's images at its own size and normalisation. Or
 `offline`: its embeddings stored in the shards beforehand (data/teacher_embed.py), which the
 batch carries; then the teacher may read any inputs, and costs nothing at training time.
 """
@@ -67,6 +69,69 @@ class Teacher:
         return {m: e for m, e in out.embeddings.items() if m in self.modalities}, self.scale
 
 
+class OpenClipTeacher:
+    """A frozen open_clip CLIP built from a local checkpoint file and its model config (a name
+    open_clip knows, or a model config JSON), embedding the student's batch: captions as the
+    student tokenized them (the same CLIP BPE, padded to the teacher's context), images taken back
+    from the student's normalisation and resized and normalised as the teacher was trained."""
+
+    def __init__(self, checkpoint: str, model: str, cfg, device: torch.device):
+        import open_clip
+        from open_clip.tokenizer import SimpleTokenizer
+
+        key = "objectives.distill"
+        if not Path(checkpoint).expanduser().is_file():
+            raise ConfigError(f"{key}.teacher: {checkpoint!r} is not a file: with {key}.open_clip_model, point it at "
+                              f"a local open_clip checkpoint (nothing is downloaded)")
+        if model.endswith(".json"):
+            if not Path(model).is_file():
+                raise ConfigError(f"{key}.open_clip_model: {model!r}: no such model config file")
+            open_clip.add_model_config(model)
+            model = Path(model).stem
+        if model not in open_clip.list_models():
+            raise ConfigError(f"{key}.open_clip_model: {model!r} is neither a model open_clip knows nor a model "
+                              f"config .json file")
+        if not isinstance(open_clip.get_tokenizer(model), SimpleTokenizer):
+            raise ConfigError(f"{key}.open_clip_model: {model} reads another tokenizer than open_clip's CLIP BPE; "
+                              f"the teacher reads the student's caption tokens")
+        clip = open_clip.create_model(model, pretrained=str(Path(checkpoint).expanduser()), device=device)
+        self.model = clip.eval().requires_grad_(False)
+        self.context = self.model.context_length
+        if cfg.model.text.context_length > self.context:
+            raise ConfigError(f"{key}.teacher: its context is {self.context} tokens, shorter than "
+                              f"model.text.context_length={cfg.model.text.context_length}")
+        visual = self.model.visual
+        self.size = tuple(visual.image_size) if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,) * 2
+        theirs = visual.preprocess_cfg
+        ours = cfg.model.image if "image" in cfg.model.modalities else None
+        self.pixels = None if ours is None else (
+            torch.tensor(ours.mean, device=device).view(1, 3, 1, 1), torch.tensor(ours.std, device=device).view(1, 3, 1, 1),
+            torch.tensor(theirs["mean"], device=device).view(1, 3, 1, 1),
+            torch.tensor(theirs["std"], device=device).view(1, 3, 1, 1))
+        self.scale = {"text-image": float(self.model.logit_scale.exp())}
+        self.modalities = {"text", "image"}
+
+    @torch.no_grad()
+    def embed(self, batch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        import torch.nn.functional as F
+
+        tokens = F.pad(batch.tokens, (0, self.context - batch.tokens.shape[1]))
+        out = {"text": F.normalize(self.model.encode_text(tokens).float(), dim=-1)}
+        if self.pixels is not None:
+            out["image"] = F.normalize(self.model.encode_image(self.images(batch.media["image"])).float(), dim=-1)
+        return out, self.scale
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's normalised images -> the teacher's input (its size and normalisation)."""
+        import torch.nn.functional as F
+
+        mean, std, their_mean, their_std = self.pixels
+        x = x.float() * std + mean
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False, antialias=True)
+        return (x - their_mean) / their_std
+
+
 class OfflineTeacher:
     """`objectives.distill.teacher=offline`: the embeddings a teacher stored in the shards
     (data/teacher_embed.py), which the batch carries; nothing runs at training time."""
@@ -85,6 +150,16 @@ def _same_input(theirs, ours, modality: str) -> bool:
     return spec.media_shape(a) == spec.media_shape(b) and all(
         getattr(a, k, None) == getattr(b, k, None) for k in ("mean", "std", "sample_rate", "n_mels", "clip_seconds", "mel_mean", "mel_std", "num_frames",
                   "mode", "fps", "span_seconds"))
+
+
+def make_teacher(cfg, device: torch.device):
+    """objectives.distill's teacher: stored embeddings, an open_clip checkpoint or an export."""
+    d = cfg.objectives.distill
+    if d.teacher == "offline":
+        return OfflineTeacher()
+    if d.open_clip_model:
+        return OpenClipTeacher(d.teacher, d.open_clip_model, cfg, device)
+    return Teacher(d.teacher, cfg, device)
 
 
 def distill_terms(out, teacher_embeddings: dict[str, torch.Tensor], teacher_scale: dict[str, float], scales,
