@@ -61,6 +61,10 @@ def build(cfg: Config, env: parallel.DistEnv, device: torch.device,
         from mmpretrain.parallel.fsdp import materialize
 
         materialize(task, device, seed=cfg.run.seed + env.rank)
+    if cfg.model.decoder.pretrained:  # a Hugging Face checkpoint's weights into the decoder
+        from mmpretrain.hf import load_decoder
+
+        log.info("%s", load_decoder(task.model.decoder, cfg.model.decoder.pretrained))
     if cfg.objectives.distill.teacher:  # frozen, outside the task's parameters
         from mmpretrain.objectives.distill import make_teacher
 

@@ -116,6 +116,19 @@ class FusionConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3's rotary frequency scaling (Hugging Face's rope_type "llama3"): wavelengths past
+    original_max_position_embeddings / low_freq_factor divided by `factor`, those under
+    original / high_freq_factor kept, a smooth blend between."""
+
+    rope_type: Literal["none", "llama3"] = "none"
+    factor: float = _check(1.0, default=8.0)
+    low_freq_factor: float = _check(0.0, default=1.0)
+    high_freq_factor: float = _check(0.0, default=4.0)
+    original_max_position_embeddings: int = _check(1, default=8192)
+
+
+@dataclass
 class DecoderConfig:
     width: int = _check(8, default=256)
     layers: int = _check(1, default=4)
@@ -123,6 +136,25 @@ class DecoderConfig:
     mlp_ratio: float = _check(1.0, default=2.75)  # SwiGLU hidden = ratio * width
     rope_theta: float = _check(1.0, default=10000.0)
     norm_eps: float = _check(0.0, default=1e-5)
+    # The Llama family's other fields (a checkpoint's config.json sets them, model.decoder.pretrained):
+    kv_heads: int = _check(0, default=0)  # grouped-query attention's key/value heads; 0: `heads`
+    head_dim: int = _check(0, default=0)  # 0: width / heads
+    mlp_hidden: int = _check(0, default=0)  # SwiGLU hidden width; 0: from mlp_ratio
+    qkv_bias: bool = False  # Qwen2's q/k/v biases
+    tie_embeddings: bool = True  # the output head is the token embedding
+    vocab_size: int = _check(0, default=0)  # rows of the embedding; 0: the tokenizer's vocabulary
+    rope_scaling: RopeScalingConfig = field(default_factory=lambda: RopeScalingConfig())
+    # a Hugging Face Llama-family checkpoint folder (config.json + *.safetensors, local: nothing is
+    # downloaded): the decoder's fields come from its config.json and its weights are loaded
+    pretrained: str = ""
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.width // self.heads
+
+    @property
+    def key_value_heads(self) -> int:
+        return self.kv_heads or self.heads
 
 
 @dataclass
@@ -558,6 +590,10 @@ def validate(cfg: Config) -> Config:
     """Checks across fields: what the modules would assert later (geometry, divisibility), here,
     with the key path, the value and what is allowed."""
     m = cfg.model
+    if m.decoder.pretrained:  # the decoder's fields from the checkpoint's config.json
+        from mmpretrain.hf import decoder_config
+
+        m.decoder = decoder_config(m.decoder)
     _require(len(m.modalities) > 0, "model.modalities: [] has no media modality; expected at least one")
     dup = sorted({x for x in m.modalities if m.modalities.count(x) > 1})
     _require(not dup, f"model.modalities: {m.modalities} lists {dup} twice; each modality once")
@@ -567,9 +603,11 @@ def validate(cfg: Config) -> Config:
         _require(section.width % m.fusion.heads == 0,
                  f"model.fusion.heads: {m.fusion.heads} does not divide model.{name}.width={section.width}")
     d = m.decoder
-    _require(d.width % d.heads == 0 and (d.width // d.heads) % 2 == 0,
+    _require((d.head_dim or d.width % d.heads == 0) and d.head_width % 2 == 0,
              f"model.decoder.heads: {d.heads} does not split model.decoder.width={d.width} into heads of "
              f"even size (rotary embeddings rotate pairs)")
+    _require(d.heads % d.key_value_heads == 0,
+             f"model.decoder.kv_heads: {d.kv_heads} does not divide model.decoder.heads={d.heads}")
     _require(d.heads % cfg.parallel.sp == 0,
              f"parallel.sp: {cfg.parallel.sp} does not divide model.decoder.heads={d.heads}")
     o = cfg.objectives

@@ -7,6 +7,8 @@ long interleaved documents all go through the same code.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,6 +24,19 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).type_as(x)
 
 
+def scaled_frequencies(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
+    """Llama 3's rotary scaling (`RopeScalingConfig`; the Llama 3 paper's formula, which Hugging
+    Face's rope_type "llama3" computes): low frequencies slowed by `factor`, high ones kept, a
+    linear blend in wavelength between."""
+    if scaling.rope_type == "none":
+        return inv_freq
+    old = scaling.original_max_position_embeddings
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((old / wavelength - low) / (high - low)).clamp(0, 1)  # 0 past old / low, 1 under old / high
+    return (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+
+
 class SwiGLU(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
@@ -34,22 +49,29 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
+    """Llama's block: grouped-query attention (`kv_heads` key/value heads, each serving
+    heads / kv_heads query heads), q/k/v in one projection (Qwen2's biases optional)."""
+
     def __init__(self, cfg: DecoderConfig, backend: str):
         super().__init__()
-        self.heads = cfg.heads
-        hidden = 8 * round(cfg.mlp_ratio * cfg.width / 8)
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.key_value_heads, cfg.head_width
+        hidden = cfg.mlp_hidden or 8 * round(cfg.mlp_ratio * cfg.width / 8)
         self.attn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
+        self.qkv = nn.Linear(cfg.width, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=cfg.qkv_bias)
         self.attention = PackedAttention(backend)
-        self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
+        self.proj = nn.Linear(self.heads * self.head_dim, cfg.width, bias=False)
         self.mlp_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.width, hidden)
 
     def forward(self, x, packing: Packing, cos, sin):  # x: (T, C)
-        t, c = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(t, 3, self.heads, c // self.heads).unbind(1)
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)  # (T, H, D) each
-        x = x + self.proj(self.attention(q, k, v, packing).reshape(t, c))
+        t = len(x)
+        qkv = self.qkv(self.attn_norm(x)).view(t, self.heads + 2 * self.kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)  # (T, H, D), (T, KV, D)
+        if self.kv_heads != self.heads:  # every attention path (packed kernels, Ulysses' all-to-all
+            # over heads) takes one key/value head per query head: each shared head repeated
+            k, v = (y.repeat_interleave(self.heads // self.kv_heads, dim=1) for y in (k, v))
+        x = x + self.proj(self.attention(q, k, v, packing).reshape(t, self.heads * self.head_dim))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -64,9 +86,15 @@ class Decoder(nn.Module):
         self.caption_pos = nn.Parameter(torch.empty(caption_positions, cfg.width)) if caption_positions else None
         self.blocks = nn.ModuleList(DecoderBlock(cfg, backend) for _ in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
-        self.register_buffer("inv_freq", torch.empty(cfg.width // cfg.heads // 2), persistent=False)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.width, vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.empty(cfg.head_width // 2), persistent=False)
         self.init_buffers()
         self.init_weights()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(vocab, C): logits = hidden @ output_weight.T (the token embedding when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def no_weight_decay(self) -> set[str]:
         """The token embedding (tied to the output head) and the caption positions take no weight
@@ -76,17 +104,21 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Rotary frequencies (also after a model built on the meta device is allocated)."""
-        head_dim = self.cfg.width // self.cfg.heads
+        head_dim = self.cfg.head_width
         arange = torch.arange(0, head_dim, 2, device=self.inv_freq.device).float()
-        self.inv_freq.copy_(self.cfg.rope_theta ** (-arange / head_dim))
+        self.inv_freq.copy_(scaled_frequencies(self.cfg.rope_theta ** (-arange / head_dim), self.cfg.rope_scaling))
 
     def init_weights(self):
         nn.init.normal_(self.embed.weight, std=0.02)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
         if self.caption_pos is not None:
             nn.init.normal_(self.caption_pos, std=0.01)  # CLIP's text position embedding
         for block in self.blocks:
             for lin in (block.qkv, block.mlp.gate_up):
                 nn.init.normal_(lin.weight, std=0.02)
+            if block.qkv.bias is not None:
+                nn.init.zeros_(block.qkv.bias)
             for lin in (block.proj, block.mlp.down):  # scaled residual projections (GPT-2)
                 nn.init.normal_(lin.weight, std=0.02 / (2 * self.cfg.layers) ** 0.5)
 

@@ -15,6 +15,7 @@ The optimizer and the data position stay in the checkpoints. Loading lives in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,9 @@ def export_model(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> 
     the shards under FSDP2)."""
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     model = _under(state, "model.")
+    # the decoder's weights are in the export now, its fields resolved: no longer the checkpoint's
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, decoder=dataclasses.replace(cfg.model.decoder, pretrained="")))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

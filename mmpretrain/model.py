@@ -75,7 +75,11 @@ class MultimodalModel(nn.Module):
         self.towers = nn.ModuleDict({m: MediaTower(m, cfg) for m in self.modalities})
         self.init_from_towers()
         caption_positions = cfg.text.context_length if cfg.text.position_embedding == "learned" else 0
-        self.decoder = Decoder(cfg.decoder, vocab_size, cfg.attention.backend, caption_positions)
+        if cfg.decoder.vocab_size and vocab_size > cfg.decoder.vocab_size:
+            raise ConfigError(f"model.decoder.vocab_size: {cfg.decoder.vocab_size} rows of embedding for a "
+                              f"tokenizer of {vocab_size} ids; the checkpoint and the tokenizer disagree")
+        self.decoder = Decoder(cfg.decoder, cfg.decoder.vocab_size or vocab_size, cfg.attention.backend,
+                               caption_positions)
         self.text_proj = nn.Linear(cfg.decoder.width, cfg.fusion.embed_dim, bias=False)
 
     def init_from_towers(self) -> None:
@@ -149,7 +153,7 @@ class MultimodalModel(nn.Module):
         h = self.decoder(x, row)
         embeddings["text"] = self._text_embedding(h, row, b)
         present = {"text": torch.ones(b, dtype=torch.bool, device=h.device), **batch.present}
-        return ModelOutput(embeddings, present, h[idx], targets, len(x), self.decoder.embed.weight, encoded)
+        return ModelOutput(embeddings, present, h[idx], targets, len(x), self.decoder.output_weight, encoded)
 
     def _documents(self, documents) -> list[list[packing.Piece]]:
         """Interleaved documents: text embedded here, each modality's items encoded in one batch."""

@@ -136,8 +136,9 @@ SP_CFG = ["model.decoder.heads=4", "model.decoder.width=32", "model.decoder.laye
           "objectives.next_token_max_samples=0"]
 
 
-def _sp_setup(ckpt="none"):
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", SP_CFG + [f"parallel.activation_checkpointing={ckpt}"])
+def _sp_setup(ckpt="none", contrastive="infonce"):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", SP_CFG + [f"parallel.activation_checkpointing={ckpt}",
+                                                              f"objectives.contrastive={contrastive}"])
     torch.manual_seed(0)
     batch, tok = synthetic_batch(cfg, n=5, partial=True)  # packed rows of uneven lengths
     torch.manual_seed(1)
@@ -153,19 +154,20 @@ def _loss_and_grads(batch, task, loss_module):
     return loss.item(), captured["h"], grads
 
 
-def _sp_worker(rank, world, port, ckpt, queue):
+def _sp_worker(rank, world, port, ckpt, contrastive, queue):
     env = _join(rank, world, port, sp=2)
-    cfg, batch, task = _sp_setup(ckpt)
+    cfg, batch, task = _sp_setup(ckpt, contrastive)
     _send(queue, rank, *_loss_and_grads(batch, task, parallel.parallelize(task, env, cfg.parallel)))
     parallel.cleanup()
 
 
-@pytest.mark.parametrize("ckpt", ["none", "full"])
-def test_ulysses_matches_single_process(ckpt):
-    """sp=2 over packed variable-length rows: same decoder output, loss and every gradient."""
-    _, batch, task = _sp_setup()
+@pytest.mark.parametrize("ckpt,contrastive", [("none", "infonce"), ("full", "infonce"), ("none", "siglip")])
+def test_ulysses_matches_single_process(ckpt, contrastive):
+    """sp=2 over packed variable-length rows: same decoder output, loss and every gradient (the
+    contrastive loss, InfoNCE or SigLIP's ring, over the data-parallel group only)."""
+    _, batch, task = _sp_setup(contrastive=contrastive)
     ref_loss, ref_h, ref_grads = _loss_and_grads(batch, task, task)
-    for rank, loss, h, grads in _run_workers(_sp_worker, ckpt):
+    for rank, loss, h, grads in _run_workers(_sp_worker, ckpt, contrastive):
         assert abs(loss - ref_loss) < 1e-5
         torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
         assert grads.keys() == ref_grads.keys()

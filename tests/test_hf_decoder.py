@@ -1,0 +1,85 @@
+"""Hugging Face Llama-family checkpoints as the decoder: tiny models built with `transformers`
+and saved to a folder give the same logits through our decoder, on packed rows too."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from mmpretrain.config import ConfigError, load_config
+from mmpretrain.decoder import Decoder
+from mmpretrain.hf import load_decoder
+from mmpretrain.packing import Packing
+
+from conftest import TINY
+
+TOWERS = [o for o in TINY if not o.startswith("model.decoder.")]  # the decoder's sizes: the checkpoint's
+
+SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+             rms_norm_eps=1e-6, max_position_embeddings=256)
+MODELS = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=4, tie_word_embeddings=True),
+    "llama-gqa-untied": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=False,
+                                                         head_dim=16),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL, num_key_value_heads=2, tie_word_embeddings=False),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=1, sliding_window=None),
+    "llama3-rope": lambda: transformers.LlamaConfig(
+        **SMALL, num_key_value_heads=2, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        rope_theta=500000.0),
+}
+
+
+def save_model(kind: str, folder):
+    torch.manual_seed(0)
+    hf_cfg = MODELS[kind]()
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    if kind == "qwen2":  # its q/k/v biases start at zero: make them count
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_a_checkpoint_gives_its_own_logits_through_our_decoder_on_a_packed_row(kind, tmp_path):
+    reference = save_model(kind, tmp_path)
+    cfg = load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path}"]).model.decoder
+    assert (cfg.width, cfg.layers, cfg.heads, cfg.vocab_size) == (32, 2, 4, 97)
+    decoder = Decoder(cfg, cfg.vocab_size).eval()
+    assert "decoder: " in load_decoder(decoder, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 40, 1, 23]  # several sequences end to end, one longer than the rope's original context
+    ids = [torch.randint(0, 97, (n,), generator=g) for n in lengths]
+    with torch.no_grad():
+        h = decoder(decoder.embed(torch.cat(ids)), Packing.from_lengths(lengths))
+        ours = h @ decoder.output_weight.T
+        theirs = torch.cat([reference(x[None]).logits[0] for x in ids])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_fields_come_from_the_checkpoint_and_a_disagreeing_field_is_named(tmp_path):
+    save_model("qwen2", tmp_path)
+    cfg = load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path}"]).model.decoder
+    assert (cfg.kv_heads, cfg.mlp_hidden, cfg.qkv_bias, cfg.tie_embeddings) == (2, 56, True, False)
+    load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path}", "model.decoder.width=32"])  # agrees
+    with pytest.raises(ConfigError, match=r"model.decoder: layers=3 \(the checkpoint's: 2\)"):
+        load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path}", "model.decoder.layers=3"])
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path / 'nowhere'}"])
+    hf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match="model_type 'gpt2'"):
+        load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path}"])
+
+
+def test_a_shape_that_does_not_fit_is_named(tmp_path):
+    save_model("llama", tmp_path)
+    cfg = load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path}"]).model.decoder
+    import dataclasses
+
+    narrow = Decoder(dataclasses.replace(cfg, mlp_hidden=48), cfg.vocab_size)
+    with pytest.raises(ConfigError, match=r"gate_proj.weight.*\(112, 32\) do not fit the decoder's \(96, 32\)"):
+        load_decoder(narrow, tmp_path)
