@@ -54,6 +54,9 @@ def build(cfg: Config, env: parallel.DistEnv, device: torch.device,
     # FSDP2: built on the meta device (no memory), sharded, then allocated shard by shard
     with torch.device("meta") if sharded else contextlib.nullcontext():
         task = build_task(cfg, tokenizer.vocab_size, env.gather_group)
+    if cfg.train.freeze:  # before any wrapper: DDP and FSDP2 see which parameters take gradients
+        task.model.freeze(cfg.train.freeze)
+    log.info("parameters: %s", parameter_table(task.model))
     if not sharded:
         task.to(device)
     wrapped = parallel.parallelize(task, env, cfg.parallel, device.type, bf16)
@@ -73,6 +76,21 @@ def build(cfg: Config, env: parallel.DistEnv, device: torch.device,
     scheduler = build_scheduler(optimizer, cfg.train)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     return Built(tokenizer, task, wrapped, optimizer, scheduler, autocast, bf16)
+
+
+def parameter_table(model: MultimodalModel) -> str:
+    """Trainable and frozen parameters per part, for the log."""
+    def count(modules, frozen: bool) -> int:
+        return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad != frozen)
+
+    def size(n: int) -> str:
+        return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}k"
+
+    cells = []
+    for name, modules in model.parts().items():
+        trained, frozen = count(modules, False), count(modules, True)
+        cells.append(f"{name} {size(trained)}" + (f" (+{size(frozen)} frozen)" if frozen else ""))
+    return ", ".join(cells)
 
 
 def train_step(task: PretrainingTask, wrapped: nn.Module, optimizer, scheduler, autocast, batches,

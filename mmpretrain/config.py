@@ -95,8 +95,10 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    tokenizer: Literal["openclip"] = "openclip"
-    context_length: int = _check(4, 77, default=24)
+    # openclip: open_clip's CLIP BPE (77 tokens at most); hf:<folder>: a Hugging Face tokenizer
+    # (its tokenizer.json, with BOS / EOS / pad as its tokenizer_config.json or config.json name them)
+    tokenizer: str = _nonempty("openclip")
+    context_length: int = _check(4, default=24)
     # learned: each caption token also gets a learned embedding of its place in the caption (CLIP's
     # text tower), on top of the decoder's rotary positions; none: rotary only. Learned positions
     # rescued the relations benchmark while the image tower had timm's initialisation, are level
@@ -287,6 +289,11 @@ class TrainConfig:
     # token dropout (model.<modality>.token_dropout) from step 1 up to this step, none after it
     # (FLIP's unmasked tuning at the end); 0: the whole run
     token_dropout_until: int = _check(0, default=0)
+    # parts kept as they are (no gradients, no optimizer state, eval mode): decoder, text_proj (the
+    # caption embedding's projection), fusion (every tower's), or a modality's encoder (image, ...)
+    freeze: list[str] = field(default_factory=list)
+    # a learning-rate factor per part (the same names): {decoder: 0.1}; the rest at train.lr
+    lr_scale: dict[str, float] = _check(0.0, default_factory=dict)
     nan_policy: Literal["stop", "skip"] = "stop"
     progress: bool = True
 
@@ -352,6 +359,8 @@ def _type_name(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -375,6 +384,11 @@ def _coerce(value: Any, tp, path: str, meta=None):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
         return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping ({{name: value, ...}}), got {value!r}")
+        return {_coerce(k, key_type, f"{path} key"): _coerce(v, item, f"{path}.{k}", meta) for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         raise TypeError("unions are not used in the schema")
     ok = {
@@ -615,11 +629,18 @@ def validate(cfg: Config) -> Config:
              "objectives: contrastive_weight, next_token_weight and masked_weight are all 0; nothing would train")
     _validate_masked(cfg)
     t = cfg.train
+    parts = model_parts(m)
+    for key, names in (("train.freeze", t.freeze), ("train.lr_scale", list(t.lr_scale))):
+        unknown = [n for n in names if n not in parts]
+        _require(not unknown, f"{key}: {unknown} are not parts of this model; expected some of {parts}")
+    _require(set(parts) - set(t.freeze) - {"text_proj"}, f"train.freeze: {t.freeze} freezes every part; "
+                                                         f"nothing would train")
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
              f"train.betas: {t.betas}; expected two values in [0, 1)")
     _require(t.warmup_steps < t.steps,
              f"train.warmup_steps: {t.warmup_steps} is not below train.steps={t.steps}: the run would end in "
              f"its warm-up, before the learning rate decays; expected a value below {t.steps} (0: no warm-up)")
+    _validate_tokenizer(m.text)
     one_pair = 2 * m.text.context_length + len(m.modalities) * m.fusion.num_latents
     _require(not cfg.data.max_tokens or cfg.data.max_tokens >= one_pair,
              f"data.max_tokens: {cfg.data.max_tokens} is below one sample (up to {one_pair} tokens: the caption "
@@ -642,6 +663,23 @@ def validate(cfg: Config) -> Config:
              bool(cfg.data.caption_keys), f"data.caption_keys: {cfg.data.caption_keys}; expected extensions "
                                           f"('txt') or JSON fields ('json:caption')")
     return cfg
+
+
+def model_parts(model_cfg: ModelConfig) -> list[str]:
+    """What train.freeze and train.lr_scale name (model.MultimodalModel.parts)."""
+    return ["decoder", "text_proj", "fusion", *model_cfg.modalities]
+
+
+def _validate_tokenizer(text: TextConfig) -> None:
+    if text.tokenizer == "openclip":
+        _require(text.context_length <= 77, f"model.text.context_length: {text.context_length} is past open_clip's "
+                                            f"tokenizer's 77 tokens; expected 77 or fewer")
+        return
+    _require(text.tokenizer.startswith("hf:") and len(text.tokenizer) > 3,
+             f"model.text.tokenizer: {text.tokenizer!r}; expected openclip or hf:<folder> (a Hugging Face "
+             f"tokenizer folder with tokenizer.json)")
+    folder = Path(text.tokenizer[3:]).expanduser()
+    _require((folder / "tokenizer.json").is_file(), f"model.text.tokenizer: {folder} has no tokenizer.json")
 
 
 def masked_modalities(model_cfg: ModelConfig) -> list[str]:

@@ -104,6 +104,27 @@ class MultimodalModel(nn.Module):
     def embed_dim(self) -> int:
         return self.text_proj.out_features
 
+    # ---------------------------------------------------------------- parts
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """The parts train.freeze and train.lr_scale name (config.model_parts): the decoder, the
+        caption embedding's projection, every tower's fusion, each modality's encoder."""
+        return {"decoder": [self.decoder], "text_proj": [self.text_proj],
+                "fusion": [t.fusion for t in self.towers.values()],
+                **{m: [t.encoder] for m, t in self.towers.items()}}
+
+    def freeze(self, names: list[str]) -> None:
+        """No gradients for these parts (so no optimizer state), and eval mode from now on."""
+        self.frozen = [module for name in names for module in self.parts()[name]]
+        for module in self.frozen:
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in getattr(self, "frozen", []):  # frozen parts stay in eval mode (no dropout)
+            module.eval()
+        return self
+
     # ---------------------------------------------------------------- encoders
     def end_token_dropout(self) -> None:
         """Every media tower keeps all its tokens from now on (train.token_dropout_until)."""

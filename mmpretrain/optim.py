@@ -24,21 +24,35 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
 FUSED_DEVICES = ("cpu", "cuda")
 
 
+def part_of(name: str) -> str | None:
+    """The train.lr_scale part (config.model_parts) of a task parameter's full name; None for
+    the objectives' own (temperatures, masked decoders)."""
+    parts = name.split(".")
+    if parts[0] != "model":
+        return None
+    if parts[1] == "towers":
+        return "fusion" if parts[3] == "fusion" else parts[2]
+    return parts[1]
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; no decay on 1-D parameters (norms, biases, temperatures) or declared ones
-    (embeddings, positional embeddings, latent queries). Groups in the order [decay, no_decay]:
-    checkpointed optimizer states index parameters in that order."""
+    (embeddings, positional embeddings, latent queries); frozen parameters left out. Groups in the
+    order [decay, no_decay] (checkpointed optimizer states index parameters in that order), then
+    the same pair for each learning-rate factor of train.lr_scale other than 1."""
     skip = no_weight_decay_names(model)
-    decay, no_decay = [], []
+    groups: dict[tuple[float, bool], list] = {(1.0, True): [], (1.0, False): []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+            scale = cfg.lr_scale.get(part_of(name), 1.0)
+            groups.setdefault((scale, not (p.ndim < 2 or name in skip)), []).append(p)
+    params = [p for ps in groups.values() for p in ps]
     # PyTorch's fused kernel (one pass over each tensor, on CPU too; DTensor shards included)
     # where every parameter is on a device it supports: 5x faster than the default per-tensor loop
-    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
+                              for (scale, decay), ps in groups.items() if ps or scale == 1.0],
+                             lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -12,13 +12,18 @@ from mmpretrain.config import TextConfig
 
 
 class Tokenizer:
-    """Wraps open_clip's `SimpleTokenizer`: `[sot] text [eot] 0 0 ...`, truncated with eot kept."""
-
-    pad_id = 0
+    """Captions as `[sot] text [eot] pad pad ...`, truncated with eot kept: open_clip's
+    `SimpleTokenizer` (model.text.tokenizer=openclip), or a Hugging Face tokenizer
+    (hf:<folder>), with its BOS as sot, its EOS as eot and its pad (else EOS) as padding."""
 
     def __init__(self, cfg: TextConfig):
         self.context_length = cfg.context_length
-        self._bpe = _simple_tokenizer()(context_length=cfg.context_length)
+        if cfg.tokenizer.startswith("hf:"):
+            self._bpe = HFTokenizer(cfg.tokenizer[3:])
+            self.pad_id = self._bpe.pad_id
+        else:
+            self._bpe = _simple_tokenizer()(context_length=cfg.context_length)
+            self.pad_id = 0
         self.sot_id = self._bpe.sot_token_id
         self.eot_id = self._bpe.eot_token_id
         self.vocab_size = self._bpe.vocab_size
@@ -37,13 +42,13 @@ class Tokenizer:
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> tokens (B, context_length) int64, lengths (B,) counting sot and eot."""
         rows = [self._caption_ids(t) for t in texts]
-        tokens = torch.zeros(len(rows), self.context_length, dtype=torch.long)
+        tokens = torch.full((len(rows), self.context_length), self.pad_id, dtype=torch.long)
         for i, ids in enumerate(rows):
             tokens[i, : len(ids)] = torch.tensor(ids)
         return tokens, torch.tensor([len(ids) for ids in rows])
 
     def encode(self, text: str) -> list[int]:
-        """BPE ids without sot/eot or truncation (document text segments)."""
+        """Ids without sot/eot or truncation (document text segments)."""
         return self._bpe.encode(text)
 
     def document_ids(self, texts: list[str]) -> list[torch.Tensor]:
@@ -56,6 +61,53 @@ class Tokenizer:
     def decode(self, tokens: torch.Tensor) -> str:
         ids = [t for t in tokens.tolist() if t not in (self.pad_id, self.sot_id, self.eot_id)]
         return self._bpe.decode(ids).strip()
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer folder through the `tokenizers` library (its tokenizer.json), in
+    SimpleTokenizer's terms. The special tokens are the model's: BOS / EOS / pad named by
+    tokenizer_config.json, else by config.json's ids; no BOS (Qwen2): EOS begins a caption too;
+    no pad: EOS pads (padding is never attended: captions carry their lengths)."""
+
+    def __init__(self, folder: str):
+        from pathlib import Path
+
+        from tokenizers import Tokenizer as Fast
+
+        folder = Path(folder).expanduser()
+        self.tok = Fast.from_file(str(folder / "tokenizer.json"))
+        named = _read_json(folder / "tokenizer_config.json")
+        ids = _read_json(folder / "config.json")
+
+        def special(name: str) -> int | None:
+            token = named.get(f"{name}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is not None and (i := self.tok.token_to_id(token)) is not None:
+                return i
+            i = ids.get(f"{name}_token_id")
+            return i[0] if isinstance(i, list) else i
+
+        self.eot_token_id = special("eos")
+        if self.eot_token_id is None:
+            raise ValueError(f"model.text.tokenizer: {folder} names no EOS token (tokenizer_config.json "
+                             f"eos_token or config.json eos_token_id); captions need one to end")
+        self.sot_token_id = special("bos")
+        self.sot_token_id = self.eot_token_id if self.sot_token_id is None else self.sot_token_id
+        pad = special("pad")
+        self.pad_id = self.eot_token_id if pad is None else pad
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+
+def _read_json(path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 @functools.cache

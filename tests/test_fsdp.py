@@ -21,7 +21,9 @@ def _task(ckpt="none", *extra):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", SP_CFG + [f"parallel.activation_checkpointing={ckpt}",
                                                               "parallel.dp_shard=fsdp", *extra])
     torch.manual_seed(1)
-    return cfg, build_task(cfg, 49408)
+    task = build_task(cfg, 49408)
+    task.model.freeze(cfg.train.freeze)  # as build() does, before any wrapper
+    return cfg, task
 
 
 def _batches(cfg, n):
@@ -39,9 +41,9 @@ def _full_grads(task):
             for n, p in task.named_parameters() if p.grad is not None}
 
 
-def _fsdp_worker(rank, world, port, sp, ckpt, queue):
+def _fsdp_worker(rank, world, port, sp, ckpt, frozen, queue):
     env = _join(rank, world, port, sp=sp)
-    cfg, task = _task(ckpt)  # no gather group: each rank's loss on its own batch (the gather: its own test)
+    cfg, task = _task(ckpt, f"train.freeze={frozen}")  # no gather group: each rank's loss on its own batch (the gather: its own test)
     loss_fn = parallel.parallelize(task, env, ParallelConfig(sp=sp, dp_shard="fsdp", activation_checkpointing=ckpt))
     batch = _batches(cfg, env.dp_size)[env.dp_rank]
     loss, _ = loss_fn(batch)
@@ -53,14 +55,16 @@ def _fsdp_worker(rank, world, port, sp, ckpt, queue):
     parallel.cleanup()
 
 
-@pytest.mark.parametrize("world,sp,ckpt", [(2, 1, "none"), (2, 1, "full"), (2, 2, "none"), (2, 2, "selective"),
-                                           pytest.param(4, 2, "full", marks=pytest.mark.slow)],
-                         ids=["dp2", "dp2-ckpt", "sp2", "sp2-selective", "dp2xsp2-ckpt"])
-def test_fsdp_loss_and_every_gradient_equal_one_process(world, sp, ckpt):
+@pytest.mark.parametrize("world,sp,ckpt,frozen", [(2, 1, "none", "[]"), (2, 1, "full", "[]"), (2, 2, "none", "[]"),
+                                                  (2, 2, "selective", "[]"), (2, 1, "none", "[decoder, image]"),
+                                                  pytest.param(4, 2, "full", "[]", marks=pytest.mark.slow)],
+                         ids=["dp2", "dp2-ckpt", "sp2", "sp2-selective", "dp2-frozen", "dp2xsp2-ckpt"])
+def test_fsdp_loss_and_every_gradient_equal_one_process(world, sp, ckpt, frozen):
     """Rank r of dp trains on batch r: FSDP2's reduce-scattered gradients equal the mean of the
     per-batch gradients in one process (sp ranks share a batch, its tokens split by Ulysses), and
-    so do the global gradient norm and the clipped gradients."""
-    cfg, task = _task()
+    so do the global gradient norm and the clipped gradients; frozen parts (train.freeze) get
+    none on either side."""
+    cfg, task = _task("none", f"train.freeze={frozen}")
     dp = world // sp
     losses = []
     for batch in _batches(cfg, dp):
@@ -70,7 +74,9 @@ def test_fsdp_loss_and_every_gradient_equal_one_process(world, sp, ckpt):
     ref = _full_grads(task)
     ref_norm = torch.nn.utils.clip_grad_norm_(task.parameters(), 0.5).item()
     clipped = _full_grads(task)
-    for rank, loss, grads, norm, grads_clipped in _run_workers(_fsdp_worker, sp, ckpt, world=world):
+    if frozen != "[]":
+        assert not any(n.startswith(("model.decoder.", "model.towers.image.encoder.")) for n in ref)
+    for rank, loss, grads, norm, grads_clipped in _run_workers(_fsdp_worker, sp, ckpt, frozen, world=world):
         assert abs(norm - ref_norm) < 1e-4 * ref_norm
         for name, g in clipped.items():
             torch.testing.assert_close(grads_clipped[name], g, rtol=1e-4, atol=1e-6, msg=f"clipped {name}")

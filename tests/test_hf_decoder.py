@@ -83,3 +83,49 @@ def test_a_shape_that_does_not_fit_is_named(tmp_path):
     narrow = Decoder(dataclasses.replace(cfg, mlp_hidden=48), cfg.vocab_size)
     with pytest.raises(ConfigError, match=r"gate_proj.weight.*\(112, 32\) do not fit the decoder's \(96, 32\)"):
         load_decoder(narrow, tmp_path)
+
+
+def save_tokenizer(folder, bos: bool = True):
+    """A small BPE tokenizer trained here, saved by transformers as a model's tokenizer is."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok.train_from_iterator(["a red circle left of a blue cross", "two green squares above a yellow star"] * 20,
+                            trainers.BpeTrainer(vocab_size=97, special_tokens=specials,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
+                                                pad_token="<pad>", **({"bos_token": "<s>"} if bos else {}))
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
+def test_a_hugging_face_tokenizer_gives_transformers_ids_between_its_bos_and_eos(tmp_path, bos):
+    from mmpretrain.config import TextConfig
+    from mmpretrain.tokenizer import Tokenizer
+
+    theirs = save_tokenizer(tmp_path, bos)
+    ours = Tokenizer(TextConfig(tokenizer=f"hf:{tmp_path}", context_length=100))
+    texts = ["a red circle left of a blue cross", "Two  green squares, above a star!"]
+    tokens, lengths = ours(texts)
+    first = theirs.bos_token_id if bos else theirs.eos_token_id  # no BOS: EOS begins a caption
+    for row, n, text in zip(tokens, lengths, texts):
+        assert row[:n].tolist() == [first, *theirs(text, add_special_tokens=False)["input_ids"], theirs.eos_token_id]
+        assert (row[n:] == theirs.pad_token_id).all()
+    assert ours.vocab_size == len(theirs) and ours.decode(tokens[0]) == texts[0]
+    short = Tokenizer(TextConfig(tokenizer=f"hf:{tmp_path}", context_length=5))(texts)[0]
+    assert short[:, -1].tolist() == [theirs.eos_token_id] * 2  # truncated, keeping eot
+
+
+def test_the_tokenizer_key_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="expected openclip or hf:<folder>"):
+        load_config(None, ["model.text.tokenizer=sentencepiece"])
+    with pytest.raises(ConfigError, match="has no tokenizer.json"):
+        load_config(None, [f"model.text.tokenizer=hf:{tmp_path}"])
+    with pytest.raises(ConfigError, match="past open_clip's tokenizer's 77 tokens"):
+        load_config(None, ["model.text.context_length=100"])
+    save_tokenizer(tmp_path)
+    assert load_config(None, [f"model.text.tokenizer=hf:{tmp_path}", "model.text.context_length=512"])
