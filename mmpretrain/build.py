@@ -64,10 +64,7 @@ def build(cfg: Config, env: parallel.DistEnv, device: torch.device,
         from mmpretrain.parallel.fsdp import materialize
 
         materialize(task, device, seed=cfg.run.seed + env.rank)
-    if cfg.model.decoder.pretrained:  # a Hugging Face checkpoint's weights into the decoder
-        from mmpretrain.hf import load_decoder
-
-        log.info("%s", load_decoder(task.model.decoder, cfg.model.decoder.pretrained))
+    load_pretrained_parts(task.model, cfg)
     if cfg.objectives.distill.teacher:  # frozen, outside the task's parameters
         from mmpretrain.objectives.distill import make_teacher
 
@@ -76,6 +73,34 @@ def build(cfg: Config, env: parallel.DistEnv, device: torch.device,
     scheduler = build_scheduler(optimizer, cfg.train)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     return Built(tokenizer, task, wrapped, optimizer, scheduler, autocast, bf16)
+
+
+def load_pretrained_parts(model: MultimodalModel, cfg: Config) -> None:
+    """The checkpoints the config names, over the built (and sharded) model: the decoder's (a
+    Hugging Face folder), then each tower's; towers that start from another tower (video from
+    image) copy it again once it holds its checkpoint's weights."""
+    from mmpretrain.encoders import MODALITIES
+
+    if cfg.model.decoder.pretrained:
+        from mmpretrain.hf import load_decoder
+
+        log.info("%s", load_decoder(model.decoder, cfg.model.decoder.pretrained))
+    files = {m: getattr(MODALITIES[m].section(cfg.model), "pretrained", "") for m in model.modalities}
+    loaded = False
+    for m, file in files.items():
+        if file and MODALITIES[m].load_pretrained is not None and MODALITIES[m].init_from is None:
+            log.info("%s", MODALITIES[m].load_pretrained(model.towers[m].encoder, file, f"model.{m}.pretrained"))
+            loaded = True
+    if loaded:
+        model.init_from_towers()
+    for m, file in files.items():
+        if file and MODALITIES[m].load_pretrained is not None and MODALITIES[m].init_from is not None:
+            log.info("%s", MODALITIES[m].load_pretrained(model.towers[m].encoder, file, f"model.{m}.pretrained"))
+    frozen = [p for p in cfg.train.freeze if p != "text_proj" and not (files.get(p) or p == "decoder"
+                                                                      and cfg.model.decoder.pretrained)]
+    if frozen and not cfg.train.init_from:
+        log.warning("train.freeze: %s start from random weights (no model.<part>.pretrained, no train.init_from) "
+                    "and stay so", ", ".join(frozen))
 
 
 def parameter_table(model: MultimodalModel) -> str:

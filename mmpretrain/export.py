@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,11 +33,13 @@ def export_model(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> 
     the shards under FSDP2)."""
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     model = _under(state, "model.")
-    # the decoder's weights are in the export now, its fields resolved: no longer the checkpoint's
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, decoder=dataclasses.replace(cfg.model.decoder, pretrained="")))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # the decoder's weights are in the export now, its fields resolved: no longer the checkpoint's;
+    # a Hugging Face tokenizer travels with it, in export/tokenizer/
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, decoder=dataclasses.replace(cfg.model.decoder, pretrained=""),
+        text=dataclasses.replace(cfg.model.text, tokenizer=_copy_tokenizer(cfg.model.text.tokenizer, out))))
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     save_weights(model, out / "model.safetensors")
     save_weights(_under(state, "objectives."), out / "objectives.safetensors")
@@ -48,6 +51,24 @@ def export_model(state: dict[str, torch.Tensor], cfg: Config, out_dir: Path) -> 
         (out / name / "config.json").write_text(json.dumps({"modality": name, "model": model_cfg}, indent=1))
         save_weights(tensors, out / name / "model.safetensors")
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+
+
+def _copy_tokenizer(tokenizer: str, out: Path) -> str:
+    """hf:<folder> -> its files copied to out/tokenizer/, named relative to the export
+    ("hf:tokenizer"; pretrained.py resolves it against the export's folder)."""
+    if not tokenizer.startswith("hf:"):
+        return tokenizer
+    source = Path(tokenizer[3:]).expanduser()
+    if source.resolve() == (out / "tokenizer").resolve():
+        return "hf:tokenizer"
+    (out / "tokenizer").mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:  # config.json: the special tokens' ids, where the tokenizer's own files lack them
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / "tokenizer" / name)
+    return "hf:tokenizer"
 
 
 def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mmpretrain.config import ConfigError, DecoderConfig, RopeScalingConfig
+from mmpretrain.weights import copy_param
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 KEY = "model.decoder.pretrained"
@@ -149,18 +150,9 @@ def load_decoder(decoder, folder: str | Path) -> str:
             if tuple(full.shape) != tuple(param.shape):
                 raise ConfigError(f"{KEY}: {', '.join(names)} {tuple(full.shape)} do not fit the decoder's "
                                   f"{tuple(param.shape)}")
-            _copy(param, full)
+            copy_param(param, full)
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)
     return (f"decoder: {len(used)} tensors ({', '.join(sorted(dtypes))}) from {folder} "
             f"({len(set(files.values()))} file(s))")
-
-
-def _copy(param: torch.Tensor, full: torch.Tensor) -> None:
-    full = full.to(device=param.device, dtype=param.dtype)
-    if hasattr(param, "device_mesh"):  # an FSDP2 shard: this rank's part of the full tensor
-        from torch.distributed.tensor import distribute_tensor
-
-        full = distribute_tensor(full, param.device_mesh, param.placements)
-    param.copy_(full)

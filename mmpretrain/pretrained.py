@@ -98,7 +98,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
     for name in ("model.safetensors", "objectives.safetensors"):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path}: no {name} here (expected a run's export/ folder)")
-    cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    tree = yaml.safe_load((path / "config.yaml").read_text())
+    _tokenizer_in(tree.get("model", {}), path)
+    cfg = config_from_dict(tree)
     model = MultimodalModel(cfg.model, Tokenizer(cfg.model.text).vocab_size)
     model.load_state_dict(load_file(path / "model.safetensors"))
     return Pretrained(model, cfg.model, load_file(path / "objectives.safetensors")).to(device)
@@ -109,6 +111,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     or, for text, a `Pretrained` that only has `encode_text`. Needs no training config."""
     path = Path(path)
     meta = json.loads((path / "config.json").read_text())
+    _tokenizer_in(meta["model"], path.parent)
     model_cfg = _build(ModelConfig, meta["model"], "model")
     state = load_file(path / "model.safetensors")
     if meta["modality"] == "text":
@@ -122,3 +125,12 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     section = spec.section(model_cfg)
     tower.preprocess = lambda inputs, **kw: spec.preprocess(inputs, section, **kw)
     return tower.eval().to(device)
+
+
+def _tokenizer_in(model_tree: dict, export: Path) -> None:
+    """An export's Hugging Face tokenizer (hf:tokenizer, relative to the export's folder) as a
+    path that reads from anywhere."""
+    text = model_tree.get("text", {})
+    name = text.get("tokenizer", "openclip")
+    if name.startswith("hf:") and not Path(name[3:]).expanduser().is_absolute():
+        text["tokenizer"] = f"hf:{export / name[3:]}"

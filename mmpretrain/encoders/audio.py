@@ -8,10 +8,12 @@ blocks are timm's VisionTransformer with a (mel, frame) input size and a
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -22,6 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 from mmpretrain.config import ConfigError, _check
 from mmpretrain.encoders.spec import (BadSample, ModalitySpec, Patches, as_tensor, check_heads, file_bytes, file_name,
                                       vit_features)
+from mmpretrain.weights import load_vit
 
 
 @dataclass
@@ -46,6 +49,13 @@ class AudioEncoderConfig:
     # FLIP's token dropout: this fraction of the spectrogram-patch tokens dropped at random per sample in
     # training (never in evaluation; the class token always kept), timm's PatchDropout
     token_dropout: float = _check(0.0, below=1.0, default=0.0)
+    # an image ViT checkpoint (timm, OpenAI-CLIP / open_clip) to start from, the AST way: the patch
+    # kernel averaged over the colour channels and resized, positions resampled to the spectrogram
+    pretrained: str = ""
+    # the ViT's variant, as model.image's (CLIP weights: pre_norm true, norm_eps 1e-5, quick_gelu for OpenAI's)
+    pre_norm: bool = False
+    act: Literal["gelu", "quick_gelu"] = "gelu"
+    norm_eps: float = _check(0.0, default=1e-6)
 
     @property
     def clip_samples(self) -> int:
@@ -120,7 +130,8 @@ class AudioEncoder(nn.Module):
         self.vit = VisionTransformer(
             img_size=(cfg.n_mels, self.frontend.frames), patch_size=(cfg.patch_freq, cfg.patch_time),
             in_chans=1, num_classes=0, global_pool="", embed_dim=cfg.width, depth=cfg.depth,
-            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, patch_drop_rate=cfg.token_dropout)
+            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, patch_drop_rate=cfg.token_dropout, pre_norm=cfg.pre_norm,
+            act_layer=cfg.act, norm_layer=functools.partial(nn.LayerNorm, eps=cfg.norm_eps))
         grid = (cfg.n_mels // cfg.patch_freq, self.frontend.frames // cfg.patch_time)
         self.patches = Patches(grid, (cfg.patch_freq, cfg.patch_time), 1, normalise=False)  # AudioMAE's targets
 
@@ -229,4 +240,5 @@ def media_shape(cfg: AudioEncoderConfig) -> tuple[int, ...]:
 
 
 AUDIO = ModalitySpec("audio", AudioEncoderConfig, AudioEncoder, ("flac", "wav", "mp3", "ogg"), decode,
-                     preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.vit.blocks), masked=True)
+                     preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.vit.blocks), masked=True,
+                     load_pretrained=lambda encoder, file, key: load_vit(encoder.vit, file, key))

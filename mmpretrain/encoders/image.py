@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 from mmpretrain.config import ConfigError, _check
 from mmpretrain.encoders.spec import (BadSample, ModalitySpec, Patches, as_tensor, channels_first, check_heads,
                                       check_normalisation, file_bytes, file_name, vit_features)
+from mmpretrain.weights import load_vit
 
 
 @dataclass
@@ -45,6 +46,10 @@ class ImageEncoderConfig:
     # FLIP's token dropout: this fraction of the patch tokens dropped at random per sample in
     # training (never in evaluation; the class token always kept), timm's PatchDropout
     token_dropout: float = _check(0.0, below=1.0, default=0.0)
+    # a timm ViT or OpenAI-CLIP / open_clip checkpoint file to start from (mmpretrain/weights.py)
+    pretrained: str = ""
+    act: Literal["gelu", "quick_gelu"] = "gelu"  # quick_gelu: OpenAI's CLIP weights were trained with it
+    norm_eps: float = _check(0.0, default=1e-6)  # timm's ViT; CLIP's (OpenAI, open_clip) is 1e-5
 
 
 def validate(cfg: ImageEncoderConfig, model_cfg) -> None:
@@ -63,7 +68,8 @@ class ImageEncoder(nn.Module):
         self.vit = VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, num_classes=0,
                                      global_pool="", embed_dim=cfg.width, depth=cfg.depth,
                                      num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, pre_norm=cfg.pre_norm,
-                                     patch_drop_rate=cfg.token_dropout)
+                                     patch_drop_rate=cfg.token_dropout, act_layer=cfg.act,
+                                     norm_layer=functools.partial(nn.LayerNorm, eps=cfg.norm_eps))
         grid = cfg.image_size // cfg.patch_size
         self.patches = Patches((grid, grid), (cfg.patch_size, cfg.patch_size), 3)
         self.init_clip()  # over the initialisation timm's constructor applied
@@ -194,4 +200,5 @@ def media_shape(cfg: ImageEncoderConfig) -> tuple[int, ...]:
 
 
 IMAGE = ModalitySpec("image", ImageEncoderConfig, ImageEncoder, ("jpg", "jpeg", "png", "webp"), decode,
-                     preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.vit.blocks), masked=True)
+                     preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.vit.blocks), masked=True,
+                     load_pretrained=lambda encoder, file, key: load_vit(encoder.vit, file, key))

@@ -60,6 +60,9 @@ class ModalitySpec:
     # (raw sample, the sample parsed so far, Config, rng or None) -> media to add to it (a video's
     # own audio track); data/samples.py runs it for every registered modality, after the decoding
     extras: Callable[[dict, dict, Any, random.Random | None], dict] | None = None
+    # (encoder, checkpoint file, its config key) -> a log line: the encoder's weights from a
+    # pretrained checkpoint (model.<name>.pretrained; weights.py), after the model is built
+    load_pretrained: Callable[[nn.Module, str, str], str] | None = None
     # masked modelling (objectives.masked_weight) can reconstruct this modality's tokens: its
     # encoder has `patches` (a `Patches`) and `forward(x, masked=True)` -> (tokens, kept patch
     # indices (B, K) or None when nothing was dropped, the input's patches (B, N, D))

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 from timm.layers import PatchDropout, trunc_normal_
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 from torchvision.transforms.v2 import functional as TF
 
 from mmpretrain.config import ConfigError, _check
 from mmpretrain.encoders.spec import (BadSample, ModalitySpec, Patches, as_tensor, channels_first, check_heads,
                                       check_normalisation, drop_tokens, file_bytes, file_name)
+from mmpretrain.weights import copy_state, load_vit
 
 THREADED_PIXELS = 640 * 360  # decode frames at least this large with threads
 
@@ -62,6 +63,9 @@ class VideoEncoderConfig:
     max_pixels: int = _check(1, default=8_294_400)  # per frame (4K), read from metadata before decoding
     max_seconds: float = _check(0.1, default=3600.0)  # longer videos are refused before decoding
     init_from_image: bool = False  # start from the image encoder's weights (temporal embedding at 0)
+    # an image ViT checkpoint (timm, OpenAI-CLIP / open_clip) inflated into this tower as
+    # init_from_image inflates the image tower (the patch kernel spread over the tubelet)
+    pretrained: str = ""
     pre_norm: bool = True  # a LayerNorm before the blocks, no patch bias (as model.image.pre_norm)
     # FLIP's token dropout: this fraction of the tubelet tokens dropped at random per sample in
     # training (never in evaluation; the class token always kept), timm's PatchDropout
@@ -77,6 +81,9 @@ def validate(cfg: VideoEncoderConfig, model_cfg) -> None:
         raise ConfigError(f"model.video.tubelet: {cfg.tubelet} does not divide model.video.num_frames="
                           f"{cfg.num_frames}")
     check_normalisation("model.video", cfg.mean, cfg.std)
+    if cfg.init_from_image and cfg.pretrained:
+        raise ConfigError("model.video.pretrained: set with model.video.init_from_image; the tower starts from one "
+                          "of them (the image tower's weights, or the checkpoint)")
     if cfg.init_from_image:
         i = model_cfg.image
         same = (cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.patch_size, cfg.frame_size, cfg.pre_norm) == \
@@ -139,6 +146,21 @@ class VideoEncoder(nn.Module):
         self.temporal_embed.zero_()
         self.blocks.load_state_dict(vit.blocks.state_dict())
         self.norm.load_state_dict(vit.norm.state_dict())
+
+
+def load_pretrained(encoder: VideoEncoder, file: str, key: str) -> str:
+    """model.video.pretrained: the image checkpoint into a timm ViT of the frames' geometry, then
+    inflated (`init_from_image`) into a plain tower whose tensors are copied into this one (which
+    FSDP2 may have sharded)."""
+    cfg = encoder.cfg
+    vit = VisionTransformer(img_size=cfg.frame_size, patch_size=cfg.patch_size, num_classes=0, global_pool="",
+                            embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+                            pre_norm=cfg.pre_norm)
+    load_vit(vit, file, key)
+    plain = VideoEncoder(cfg)
+    plain.init_from_image(vit)
+    copy_state(encoder, plain.state_dict(), f"{key}: {file}")
+    return f"{key}: inflated from {file}"
 
 
 def init_from(encoder: VideoEncoder, encoders: dict[str, nn.Module]) -> None:
@@ -351,4 +373,4 @@ def media_shape(cfg: VideoEncoderConfig) -> tuple[int, ...]:
 
 VIDEO = ModalitySpec("video", VideoEncoderConfig, VideoEncoder, ("mp4", "webm", "mkv", "mov", "avi"), decode,
                      preprocess, media_shape, validate, blocks=lambda encoder: list(encoder.blocks),
-                     init_from=init_from, extras=audio_track, masked=True)
+                     init_from=init_from, extras=audio_track, masked=True, load_pretrained=load_pretrained)
