@@ -461,7 +461,7 @@ SHIPPED = Path(__file__).parent / "configs"  # package data; configs/ in a clone
 
 
 def shipped_configs() -> str:
-    return ", ".join(sorted(p.stem for p in SHIPPED.glob("*.yaml")))
+    return ", ".join(sorted(str(p.relative_to(SHIPPED).with_suffix("")) for p in SHIPPED.glob("**/*.yaml")))
 
 
 def config_path(arg: str) -> Path:
@@ -470,7 +470,7 @@ def config_path(arg: str) -> Path:
     if path.exists():
         return path
     shipped = SHIPPED / (arg if arg.endswith(".yaml") else f"{arg}.yaml")
-    if path.name == arg and shipped.is_file():
+    if not path.is_absolute() and ".." not in path.parts and shipped.is_file():  # "tiny", "recipes/lit"
         return shipped
     raise ConfigError(f"{arg}: no such config file; expected a YAML file or a shipped config's name "
                       f"({shipped_configs()})")
