@@ -129,3 +129,21 @@ def test_the_tokenizer_key_is_checked(tmp_path):
         load_config(None, ["model.text.context_length=100"])
     save_tokenizer(tmp_path)
     assert load_config(None, [f"model.text.tokenizer=hf:{tmp_path}", "model.text.context_length=512"])
+
+
+def test_sharded_bf16_weights_load_tensor_by_tensor(tmp_path):
+    """A checkpoint in several safetensors files (an index names them) and in bf16: each tensor is
+    cast as it is copied; the logits are the bf16 model's, computed in fp32."""
+    reference = save_model("llama-gqa-untied", tmp_path / "full")
+    reference.to(torch.bfloat16).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    cfg = load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path / 'sharded'}"]).model.decoder
+    decoder = Decoder(cfg, cfg.vocab_size).eval()
+    assert "(bfloat16)" in load_decoder(decoder, tmp_path / "sharded")
+    assert decoder.embed.weight.dtype == torch.float32
+    ids = torch.randint(0, 97, (12,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = decoder(decoder.embed(ids), Packing.from_lengths([12])) @ decoder.output_weight.T
+        theirs = reference.float()(ids[None]).logits[0]  # the bf16 weights, back in fp32
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
