@@ -61,6 +61,9 @@ class SourceConfig:
     pattern: str = _nonempty("demo")
     weight: float = _check(0.0, default=1.0)  # relative; the stream draws sources in these proportions
     name: str = ""  # default: the pattern
+    # a uid list (keep.txt of `python -m mmpretrain.data.curate`, or a .npy of keys): train on those
+    # samples of the shards only, a curated subset without new shards
+    keep: str = ""
 
     @property
     def label(self) -> str:

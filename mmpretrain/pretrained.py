@@ -42,7 +42,8 @@ class Pretrained(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, texts: str | list[str]) -> torch.Tensor:
-        tokens, lengths = self.tokenizer(texts)
+        """One caption or a list -> (B, E)."""
+        tokens, lengths = self.tokenizer([texts] if isinstance(texts, str) else texts)
         return self.model.encode_text(tokens.to(self.device), lengths.to(self.device))
 
     @torch.no_grad()

@@ -22,7 +22,8 @@ from mmpretrain.config import Config, ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
-DEMO_CORPORA = ("demo", "demo-docs", "demo-video", "demo-relations")  # patterns naming a built-in corpus
+# patterns naming a built-in corpus
+DEMO_CORPORA = ("demo", "demo-docs", "demo-video", "demo-relations", "demo-noisy")
 URL_TIMEOUT = 10  # seconds an http(s) shard may take to answer the check
 
 
@@ -69,11 +70,13 @@ def _missing(missing: list[tuple[str, str]], total: int) -> str:
 
 @dataclass
 class Source:
-    """A resolved training source: its name in metrics, its weight in the mix, its shard URLs."""
+    """A resolved training source: its name in metrics, its weight in the mix, its shard URLs, and
+    the keys of the samples it keeps (None: all)."""
 
     name: str
     weight: float
     urls: list[str]
+    keep: frozenset[str] | None = None
 
 
 def as_sources(urls_or_sources: list) -> list[Source]:
@@ -97,12 +100,26 @@ def _pattern(data: DataConfig, p: str, split: str) -> str:
         from mmpretrain.data.demo_relations import demo_relations_corpus
 
         return demo_relations_corpus(data.demo.cache_dir, seed=data.demo.seed)[split]
+    if p == "demo-noisy":  # the demo's train concepts with planted faults, for curation; the demo's eval
+        from mmpretrain.data.demo_noisy import demo_noisy_corpus
+
+        return demo_noisy_corpus(data.demo.cache_dir, data.demo.variants_per_concept, data.demo.seed)[split]
     return p
 
 
 def train_sources(data: DataConfig) -> list[Source]:
     """`data.sources` resolved: one `Source` per entry (weight 0 entries left out)."""
-    return [Source(s.label, s.weight, expand([_pattern(data, s.pattern, "train")], f"data.sources[{i}]"))
+    from mmpretrain.data.curate.core import read_uids
+
+    def keep(s, i: int) -> frozenset[str] | None:
+        if not s.keep:
+            return None
+        try:
+            return frozenset(read_uids(s.keep))
+        except ConfigError as e:
+            raise ConfigError(f"data.sources[{i}].keep: {e}") from None
+
+    return [Source(s.label, s.weight, expand([_pattern(data, s.pattern, "train")], f"data.sources[{i}]"), keep(s, i))
             for i, s in enumerate(data.sources) if s.weight > 0]
 
 
@@ -152,6 +169,8 @@ def check_data(cfg: Config, sources: list[Source], eval_urls: list[str], ranks: 
     need, found, counted = cfg.train.batch_size * ranks, 0, True
     for source in sources:
         n = _samples(source.urls, "data.sources", max(1, need - found))
+        if n is not None and source.keep is not None:  # a uid list: at most its samples
+            n = min(n, len(source.keep))
         counted, found = counted and n is not None, found + (n or 0)
     _samples(eval_urls, "data.eval_sources", 1)
     # resampled streams repeat shards to fill a batch; token-budget batches may hold fewer samples

@@ -56,18 +56,20 @@ class _EpochDataset(torch.utils.data.IterableDataset):
     def _read(self, source: Source, part: int, parts: int, skips) -> wds.DataPipeline:
         """This reader's raw samples of one source, tagged with its name."""
         seed, urls = self.cfg.run.seed, list(source.urls)
-        read = wds.tarfile_to_samples(handler=skips.bad_tar)
+        read = [wds.tarfile_to_samples(handler=skips.bad_tar)]
+        if source.keep is not None:  # a curated subset (data.sources[].keep): the others are not there
+            read.append(wds.select(lambda raw: raw["__key__"] in source.keep))
         tag = wds.map(lambda raw: {**raw, "__source__": source.name})
         if self.train and self.cfg.data.resampled:  # shards with replacement, forever
             rng = random.Random(f"resample-{seed}-{source.name}-{part}")
-            return wds.DataPipeline(lambda: ({"url": rng.choice(urls)} for _ in itertools.count()), read, tag)
+            return wds.DataPipeline(lambda: ({"url": rng.choice(urls)} for _ in itertools.count()), *read, tag)
         if self.train:
             named = "" if len(self.sources) == 1 else f"-{source.name}"
             random.Random(f"shards-{seed}-{self.epoch}{named}").shuffle(urls)
         if len(urls) >= parts:  # each rank/worker reads its own shards
-            return wds.DataPipeline(wds.SimpleShardList(urls[part::parts]), read, tag)
+            return wds.DataPipeline(wds.SimpleShardList(urls[part::parts]), *read, tag)
         # fewer shards than readers: all read everything and keep every parts-th sample
-        return wds.DataPipeline(wds.SimpleShardList(urls), read,
+        return wds.DataPipeline(wds.SimpleShardList(urls), *read,
                                 lambda src: itertools.islice(src, part, None, parts), tag)
 
     def _mix(self, streams: list, name: str):

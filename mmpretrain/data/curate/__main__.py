@@ -1,0 +1,5 @@
+import sys
+
+from mmpretrain.data.curate import main
+
+sys.exit(main())
