@@ -164,3 +164,14 @@ def test_training_reads_only_the_samples_of_a_uid_list(noisy, tiny_cfg, tmp_path
     assert sorted(seen) == chosen
     with pytest.raises(Exception, match=r"data.sources\[0\].keep: uid list"):
         train_sources(tiny_cfg(f"data.sources=[{{pattern: '{shards}', keep: {tmp_path / 'gone.txt'}}}]").data)
+
+
+def test_interleaved_documents_pass_the_pair_steps_untouched(demo_cache, export, tmp_path):
+    from mmpretrain.data.demo import demo_corpus
+
+    docs = demo_corpus(demo_cache, 1)["docs"]
+    keys = sorted(read_shards(docs))
+    for step, options in [("dedup", []), ("score", ["--model", str(export), "--top-fraction", "0.5"])]:
+        assert curate([step, docs, "--out", str(tmp_path / step), "--workers", "1", *options]) == 0
+        keep, removed, _ = outcome(tmp_path / step)
+        assert sorted(keep) == keys and not removed

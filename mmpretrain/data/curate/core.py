@@ -36,13 +36,20 @@ class Sample:
     members: dict[str, bytes]
     bad: tuple[str, str] | None = None  # (reason, detail) training would skip it for, or None
 
+    @property
+    def document(self) -> bool:
+        """An interleaved document (doc.json): its text is not a caption, and steps keep it."""
+        from mmpretrain.data.samples import DOC_KEY
+
+        return DOC_KEY in self.members
+
 
 def read_shard(url: str, caption_keys: list[str], keep: frozenset[str] | None = None) -> Iterator[Sample]:
     """The samples of one shard in order (those in `keep` only, when given). A sample training
     would skip for its text keeps the reason in `bad`; an unreadable tar raises ConfigError."""
     import webdataset as wds
 
-    from mmpretrain.data.samples import BadSample, describe, find_captions
+    from mmpretrain.data.samples import DOC_KEY, BadSample, describe, find_captions
 
     def fail(e: BaseException) -> bool:
         raise ConfigError(f"{url}: cannot be read as a tar shard ({describe(e)})")
@@ -52,10 +59,37 @@ def read_shard(url: str, caption_keys: list[str], keep: frozenset[str] | None = 
         if keep is not None and key not in keep:
             continue
         members = {k: v for k, v in raw.items() if not k.startswith("__")}
+        if DOC_KEY in members:
+            yield Sample(key, url, [], members)
+            continue
         try:
             yield Sample(key, url, find_captions(raw, caption_keys), members)
         except BadSample as e:
             yield Sample(key, url, [], members, (e.reason, e.detail))
+
+
+def parsed_samples(url: str, caption_keys: list[str], keep: frozenset[str] | None, parser):
+    """(record, parsed sample or None) per sample of the shard, parsed by training's `parser`
+    (data/samples.py) in evaluation mode: record {"key", "shard", "caption"} and "bad": (reason,
+    detail) where training would skip it, or "document": True for an interleaved document (not
+    parsed: steps that read pairs keep documents as they are)."""
+    import random
+
+    from mmpretrain.data.samples import BadSample
+
+    for s in read_shard(url, caption_keys, keep):
+        record = {"key": s.key, "shard": s.shard, "caption": s.captions[0] if s.captions else ""}
+        parsed = None
+        if s.bad:
+            record["bad"] = s.bad
+        elif s.document:
+            record["document"] = True
+        else:
+            try:
+                parsed = parser({"__key__": s.key, **s.members}, random.Random(0))
+            except BadSample as e:
+                record["bad"] = (e.reason, e.detail)
+        yield record, parsed, s
 
 
 def map_shards(job: Callable, urls: list[str], workers: int, progress: bool, what: str = "shards") -> list:

@@ -31,7 +31,7 @@ import sys
 import numpy as np
 
 from mmpretrain.config import ConfigError
-from mmpretrain.data.curate.core import Outcome, flatten, map_shards, read_shard
+from mmpretrain.data.curate.core import Outcome, flatten, map_shards, parsed_samples
 
 HASH_BITS = 64  # imagehash.phash's default hash_size 8
 
@@ -100,38 +100,33 @@ def _frame_image(frames):
 
 
 def hash_shard(url: str, caption_keys: list[str], keep: frozenset[str] | None, near: bool) -> list[dict]:
-    """One record per sample: {"key", "shard", "caption", "exact": digest, "phash": [int, ...]} or
-    {"key", "shard", "caption", "bad": (reason, detail)}."""
-    import random
-
+    """One record per sample (core.parsed_samples'), with "exact": digest and "phash": [int, ...]
+    where it parsed."""
     from mmpretrain.data.samples import BadSample
     from mmpretrain.encoders import MODALITIES
     from mmpretrain.encoders.image import open_image
 
     parser = _parser(tuple(caption_keys))
     records = []
-    for s in read_shard(url, caption_keys, keep):
-        record = {"key": s.key, "shard": s.shard, "caption": s.captions[0] if s.captions else ""}
+    for record, parsed, s in parsed_samples(url, caption_keys, keep, parser):
         records.append(record)
-        if s.bad:
-            record["bad"] = s.bad
+        if parsed is None:
             continue
-        try:
-            parsed = parser({"__key__": s.key, **s.members}, random.Random(0))
-            digest = hashlib.sha1()
-            for m in parser.specs:
-                if m in parsed:
-                    digest.update(m.encode() + str(tuple(parsed[m].shape)).encode() + parsed[m].numpy().tobytes())
-            digest.update("\n".join(map(normalise, s.captions)).encode())
-            record["exact"], record["phash"] = digest.hexdigest(), []
-            if near:
+        digest = hashlib.sha1()
+        for m in parser.specs:
+            if m in parsed:
+                digest.update(m.encode() + str(tuple(parsed[m].shape)).encode() + parsed[m].numpy().tobytes())
+        digest.update("\n".join(map(normalise, s.captions)).encode())
+        record["exact"], record["phash"] = digest.hexdigest(), []
+        if near:
+            try:
                 image_ext = next((e for e in MODALITIES["image"].extensions if e in s.members), None)
                 if image_ext:
                     record["phash"].append(phash(open_image(s.members[image_ext], parser.sections["image"])))
                 if "video" in parsed:
                     record["phash"].append(phash(_frame_image(parsed["video"])))
-        except BadSample as e:
-            record["bad"] = (e.reason, e.detail)
+            except BadSample as e:
+                record["bad"] = (e.reason, e.detail)
     return records
 
 
@@ -204,7 +199,7 @@ def run(urls: list[str], a: argparse.Namespace, keep: frozenset[str] | None) -> 
     for r in records:
         if "bad" in r:
             removed[r["key"]] = {"key": r["key"], "shard": r["shard"], "reason": r["bad"][0], "detail": r["bad"][1]}
-    good = [r for r in records if "bad" not in r]
+    good = [r for r in records if "bad" not in r and "document" not in r]
     by_key = {r["key"]: r for r in good}
     first: dict[str, str] = {}
     if not a.no_exact:
@@ -224,10 +219,10 @@ def run(urls: list[str], a: argparse.Namespace, keep: frozenset[str] | None) -> 
         embedded = flatten(map_shards(functools.partial(embed_shard, export=a.semantic, caption_keys=a.caption_keys,
                                                         keep=survivors, text=False),
                                       urls, a.workers, progress, "embedding"))
-        for key, detail in semantic_pass([r for r in embedded if "bad" not in r], a.threshold, a.clusters,
+        for key, detail in semantic_pass([r for r in embedded if "media" in r], a.threshold, a.clusters,
                                          a.seed).items():
             removed[key] = _removed(by_key[key], "semantic_duplicate", detail)
-        stats["embedded"] = sum("bad" not in r for r in embedded)
+        stats["embedded"] = sum("media" in r for r in embedded)
     kept = [r["key"] for r in records if r["key"] not in removed]
     ordered = [removed[r["key"]] for r in records if r["key"] in removed]
     return Outcome("dedup", kept, ordered, stats)

@@ -4,12 +4,10 @@ semantic duplicates and the score step's pair quality both read these."""
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import torch
 
-from mmpretrain.data.curate.core import read_shard
+from mmpretrain.data.curate.core import parsed_samples
 
 _LOADED: dict[str, object] = {}  # export folder -> Pretrained, once per worker process
 
@@ -36,11 +34,8 @@ def parser_for(model_cfg, caption_keys: list[str], tokenizer):
 @torch.no_grad()
 def embed_shard(url: str, export: str, caption_keys: list[str], keep: frozenset[str] | None,
                 text: bool, batch_size: int = 64) -> list[dict]:
-    """One record per sample of the shard: {"key", "shard", "caption", "media": {modality: (E,)
-    float32}, "text": (E,) or absent}, or {"key", "shard", "caption", "bad": (reason, detail)} for
-    one training would skip. `text`: embed the (first) caption too."""
-    from mmpretrain.data.samples import DOC_KEY, BadSample
-
+    """One record per sample of the shard (core.parsed_samples'), with "media": {modality: (E,)
+    float32} and "text": (E,) (`text`: the first caption embedded too) where it parsed."""
     model = pretrained(export)
     parser = parser_for(model.cfg, caption_keys, model.tokenizer)
     records, pending = [], []
@@ -61,19 +56,9 @@ def embed_shard(url: str, export: str, caption_keys: list[str], keep: frozenset[
                 r["text"] = e
         pending.clear()
 
-    for s in read_shard(url, caption_keys, keep):
-        record = {"key": s.key, "shard": s.shard, "caption": s.captions[0] if s.captions else ""}
+    for record, parsed, _ in parsed_samples(url, caption_keys, keep, parser):
         records.append(record)
-        if s.bad:
-            record["bad"] = s.bad
-            continue
-        if DOC_KEY in s.members:
-            record["bad"] = ("document", "an interleaved document: no pair to score")
-            continue
-        try:
-            parsed = parser({"__key__": s.key, **s.members}, random.Random(0))
-        except BadSample as e:
-            record["bad"] = (e.reason, e.detail)
+        if parsed is None:
             continue
         record["media"] = {}
         pending.append((record, parsed))

@@ -50,13 +50,15 @@ def check(a: argparse.Namespace) -> None:
 
 def score_records(records: list[dict]) -> list[dict]:
     """Embedded records (embed.embed_shard) -> {"key", "shard", "caption", "scores": {pair: cosine}}
-    (or "bad")."""
+    (or "bad", or "document": kept unscored)."""
     from mmpretrain.data.curate.embed import unit
 
     out = []
     for r in records:
         row = {k: r[k] for k in ("key", "shard", "caption")}
-        if "bad" in r or not r.get("media"):
+        if r.get("document"):
+            row["document"] = True
+        elif "bad" in r or not r.get("media"):
             row["bad"] = r.get("bad", ("no_media", "no medium the model reads"))
         else:
             t = unit([r["text"]])[0]
@@ -106,6 +108,9 @@ def open_clip_shard(url: str, name: str, checkpoint: str, caption_keys: list[str
     for s in read_shard(url, caption_keys, keep):
         row = {"key": s.key, "shard": s.shard, "caption": s.captions[0] if s.captions else ""}
         out.append(row)
+        if s.document:
+            row["document"] = True
+            continue
         ext = next((e for e in MODALITIES["image"].extensions if e in s.members), None)
         if s.bad or ext is None:
             row["bad"] = s.bad or ("no_media", "no image (an open_clip scorer reads images)")
