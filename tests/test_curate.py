@@ -175,3 +175,26 @@ def test_interleaved_documents_pass_the_pair_steps_untouched(demo_cache, export,
         assert curate([step, docs, "--out", str(tmp_path / step), "--workers", "1", *options]) == 0
         keep, removed, _ = outcome(tmp_path / step)
         assert sorted(keep) == keys and not removed
+
+
+def test_dedup_hashes_a_videos_middle_frame(tmp_path):
+    import random
+
+    import numpy as np
+    import webdataset as wds
+
+    from mmpretrain.data.demo_video import VideoConcept, encode_mp4, render_frames
+
+    concepts = [VideoConcept("red", "circle", "moving left"), VideoConcept("blue", "cross", "moving up"),
+                VideoConcept("green", "square", "moving down")]
+    frames = [render_frames(c, random.Random(i)) for i, c in enumerate(concepts)]
+    brighter = [np.clip(f.astype(int) + 4, 0, 255).astype(np.uint8) for f in frames[0]]  # other bytes, same picture
+    with wds.TarWriter(str(tmp_path / "v.tar")) as sink:
+        for i, (c, f) in enumerate(zip(concepts + concepts[:1], frames + [brighter])):
+            sink.write({"__key__": f"v{i}", "mp4": encode_mp4(f, None), "txt": c.caption})
+    # H.264 moves the copy's middle-frame hash by a few bits; the other clips are about 30 bits away
+    assert curate(["dedup", str(tmp_path / "v.tar"), "--out", str(tmp_path / "d"), "--workers", "1",
+                   "--max-hamming", "6"]) == 0
+    keep, removed, _ = outcome(tmp_path / "d")
+    assert keep == ["v0", "v1", "v2"]
+    assert [(r["key"], r["reason"], r["detail"].split()[1]) for r in removed] == [("v3", "near_duplicate", "v0")]

@@ -83,6 +83,9 @@ def run_step(a: argparse.Namespace) -> dict:
         raise ConfigError(f"--workers {a.workers}: expected at least 1")
     urls = expand(a.shards, "shards")
     keep = frozenset(read_uids(a.keep)) if a.keep else None
+    for name in ("model", "semantic", "open_clip_checkpoint"):  # the folders and files a step loads
+        if isinstance(getattr(a, name, None), str):
+            setattr(a, name, os.path.expanduser(getattr(a, name)))
     module = _module(a.step)
     module.check(a)
     outcome, seconds = timed(lambda: module.run(urls, a, keep))

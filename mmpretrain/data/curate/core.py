@@ -129,7 +129,7 @@ def _one_thread() -> None:
 def read_uids(path: str | os.PathLike) -> list[str]:
     """A uid list: one key per line (.txt, blank lines ignored) or a NumPy array of keys (.npy,
     DataComp's convention)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"uid list {str(path)!r} not found (a keep.txt a curation step wrote, or a .npy of keys)")
     if path.suffix == ".npy":
