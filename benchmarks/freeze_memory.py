@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import multiprocessing as mp
 import resource
 import sys
 from pathlib import Path
@@ -26,6 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from fresh_process import result_of  # noqa: E402
 
 
 def _worker(freeze: bool, width: int, layers: int, steps: int, queue) -> None:
@@ -55,23 +57,13 @@ def _worker(freeze: bool, width: int, layers: int, steps: int, queue) -> None:
     queue.put((params + grads + state, (peak - before) * 1024, sum(p.numel() for p in task.model.decoder.parameters())))
 
 
-def measure(freeze: bool, width: int, layers: int, steps: int) -> tuple[int, int, int]:
-    ctx = mp.get_context("spawn")  # a fresh process each: ru_maxrss is a process's peak
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(freeze, width, layers, steps, queue))
-    proc.start()
-    result = queue.get(timeout=900)
-    proc.join()
-    return result
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
     a = p.parse_args()
-    rows = {name: measure(name == "frozen", a.width, a.layers, a.steps) for name in ("trained", "frozen")}
+    rows = {name: result_of(_worker, name == "frozen", a.width, a.layers, a.steps) for name in ("trained", "frozen")}
     mib = 2 ** 20
     print(f"decoder {a.width} x {a.layers} ({rows['trained'][2] / 1e6:.1f}M parameters), batch 32, {a.steps} steps, "
           f"torch {torch.__version__}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from mmpretrain import parallel
+from mmpretrain import moe, parallel
 from mmpretrain.config import Config, TrainConfig, masked_modalities
 from mmpretrain.model import MultimodalModel
 from mmpretrain.objectives import Objectives, PretrainingTask
@@ -137,6 +137,8 @@ def train_step(task: PretrainingTask, wrapped: nn.Module, optimizer, scheduler, 
                 raise FloatingPointError(f"non-finite loss at step {step + 1} in {', '.join(bad)}: "
                                          f"{ {k: float(v) for k, v in terms.items()} }")
             optimizer.zero_grad(set_to_none=True)
+            for layer in moe.moe_layers(task.model.decoder):  # the skipped step's tokens do not balance
+                layer.routed.zero_()
             log.warning("step %d: non-finite loss in %s, skipped", step + 1, ", ".join(bad))
             return {}
         (loss / cfg.grad_accum).backward()
@@ -151,6 +153,7 @@ def train_step(task: PretrainingTask, wrapped: nn.Module, optimizer, scheduler, 
         sums["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     optimizer.step()
     task.objectives.clamp_()
+    sums.update(moe.balance(task.model.decoder))  # the routed tokens of every rank: the same on each
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return {k: float(parallel.all_reduce_mean(v.float())) for k, v in sums.items()}

@@ -134,6 +134,25 @@ class RopeScalingConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts MLPs in the decoder (mmpretrain/moe.py): `experts` SwiGLU experts in every
+    `every`-th block (0 experts: dense), each token routed to `top_k` of them by a router in fp32.
+    Load balancing: `bias` (auxiliary-loss-free, DeepSeek-V3: a per-expert bias added to the scores
+    for choosing only, moved by `bias_rate` towards even load after every optimizer step, outside
+    autograd), `aux` (Switch Transformer's loss, weight `aux_weight`), or `none`. No capacity limit:
+    no token is dropped. Expert parallelism is not built: every rank holds (its FSDP2 shard of) all
+    experts."""
+
+    experts: int = _check(0, default=0)
+    top_k: int = _check(1, default=2)
+    every: int = _check(1, default=1)  # blocks every-1, 2*every-1, ... are MoE (1: all)
+    hidden: int = _check(0, default=0)  # each expert's SwiGLU hidden width; 0: the dense MLP's
+    balance: Literal["bias", "aux", "none"] = "bias"
+    bias_rate: float = _check(0.0, default=1e-3)
+    aux_weight: float = _check(0.0, default=1e-2)
+
+
+@dataclass
 class DecoderConfig:
     width: int = _check(8, default=256)
     layers: int = _check(1, default=4)
@@ -152,6 +171,7 @@ class DecoderConfig:
     # a Hugging Face Llama-family checkpoint folder (config.json + *.safetensors, local: nothing is
     # downloaded): the decoder's fields come from its config.json and its weights are loaded
     pretrained: str = ""
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig())
 
     @property
     def head_width(self) -> int:
@@ -607,6 +627,13 @@ def validate(cfg: Config) -> Config:
     """Checks across fields: what the modules would assert later (geometry, divisibility), here,
     with the key path, the value and what is allowed."""
     m = cfg.model
+    moe = m.decoder.moe
+    _require(not (moe.experts and m.decoder.pretrained),
+             f"model.decoder.moe.experts: {moe.experts} with model.decoder.pretrained: a dense checkpoint has no "
+             f"experts to load; set moe.experts=0 or train the decoder from scratch")
+    _require(moe.experts != 1, "model.decoder.moe.experts: 1 is a dense MLP with a router; expected 0 or at least 2")
+    _require(not moe.experts or moe.top_k <= moe.experts,
+             f"model.decoder.moe.top_k: {moe.top_k} is more than moe.experts={moe.experts}")
     if m.decoder.pretrained:  # the decoder's fields from the checkpoint's config.json
         from mmpretrain.hf import decoder_config
 

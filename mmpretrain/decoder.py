@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from mmpretrain.attention import PackedAttention
 from mmpretrain.config import DecoderConfig
+from mmpretrain.moe import MoE
 from mmpretrain.packing import Packing
 
 
@@ -50,9 +51,10 @@ class SwiGLU(nn.Module):
 
 class DecoderBlock(nn.Module):
     """Llama's block: grouped-query attention (`kv_heads` key/value heads, each serving
-    heads / kv_heads query heads), q/k/v in one projection (Qwen2's biases optional)."""
+    heads / kv_heads query heads), q/k/v in one projection (Qwen2's biases optional). Its MLP is
+    a mixture of experts where `cfg.moe` makes block `index` one."""
 
-    def __init__(self, cfg: DecoderConfig, backend: str):
+    def __init__(self, cfg: DecoderConfig, backend: str, index: int = 0):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.key_value_heads, cfg.head_width
         hidden = cfg.mlp_hidden or 8 * round(cfg.mlp_ratio * cfg.width / 8)
@@ -61,7 +63,9 @@ class DecoderBlock(nn.Module):
         self.attention = PackedAttention(backend)
         self.proj = nn.Linear(self.heads * self.head_dim, cfg.width, bias=False)
         self.mlp_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.width, hidden)
+        moe = cfg.moe
+        self.mlp = MoE(cfg.width, moe.hidden or hidden, moe) if moe.experts and (index + 1) % moe.every == 0 \
+            else SwiGLU(cfg.width, hidden)
 
     def forward(self, x, packing: Packing, cos, sin):  # x: (T, C)
         t = len(x)
@@ -84,7 +88,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(vocab_size, cfg.width)
         self.caption_pos = nn.Parameter(torch.empty(caption_positions, cfg.width)) if caption_positions else None
-        self.blocks = nn.ModuleList(DecoderBlock(cfg, backend) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(DecoderBlock(cfg, backend, i) for i in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.width, vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(cfg.head_width // 2), persistent=False)
@@ -114,13 +118,17 @@ class Decoder(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=0.02)
         if self.caption_pos is not None:
             nn.init.normal_(self.caption_pos, std=0.01)  # CLIP's text position embedding
+        out_std = 0.02 / (2 * self.cfg.layers) ** 0.5  # scaled residual projections (GPT-2)
         for block in self.blocks:
-            for lin in (block.qkv, block.mlp.gate_up):
-                nn.init.normal_(lin.weight, std=0.02)
+            nn.init.normal_(block.qkv.weight, std=0.02)
             if block.qkv.bias is not None:
                 nn.init.zeros_(block.qkv.bias)
-            for lin in (block.proj, block.mlp.down):  # scaled residual projections (GPT-2)
-                nn.init.normal_(lin.weight, std=0.02 / (2 * self.cfg.layers) ** 0.5)
+            nn.init.normal_(block.proj.weight, std=out_std)
+            if isinstance(block.mlp, MoE):
+                block.mlp.init_weights(0.02, out_std)
+            else:
+                nn.init.normal_(block.mlp.gate_up.weight, std=0.02)
+                nn.init.normal_(block.mlp.down.weight, std=out_std)
 
     def embed_caption(self, tokens: torch.Tensor) -> torch.Tensor:
         """Caption token ids (B, L) -> input embeddings (B, L, C), with caption positions if any."""

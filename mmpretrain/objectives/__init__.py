@@ -18,6 +18,7 @@ import torch.nn as nn
 from mmpretrain.batch import Batch
 from mmpretrain.config import ObjectivesConfig
 from mmpretrain.model import ModelOutput, MultimodalModel
+from mmpretrain.moe import take_aux_loss
 from mmpretrain.objectives.distill import distill_terms
 from mmpretrain.objectives.infonce import clip_loss, gather_with_grad
 from mmpretrain.objectives.masked import MaskedDecoder, masked_loss
@@ -173,4 +174,9 @@ class PretrainingTask(nn.Module):
         self.model.init_weights()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.objectives(self.model(batch, self.layout, self.objectives.masked_modalities), batch)
+        loss, terms = self.objectives(self.model(batch, self.layout, self.objectives.masked_modalities), batch)
+        aux = take_aux_loss(self.model.decoder)  # mixture-of-experts' Switch loss (moe.balance=aux)
+        if aux is not None:
+            loss = loss + self.model.decoder.cfg.moe.aux_weight * aux
+            terms["moe/aux"] = aux.detach()
+        return loss, terms
