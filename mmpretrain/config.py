@@ -225,6 +225,9 @@ class ParallelConfig:
     """Applied to the built model from outside (mmpretrain/parallel/)."""
 
     sp: int = _check(1, default=1)  # Ulysses sequence-parallel group size (divides heads and world)
+    # ring attention (context parallelism) degree: with sp, sp x cp processes share each packed
+    # row (Ulysses within groups of sp, the ring across them); sp x cp divides the world
+    cp: int = _check(1, default=1)
     # ddp: every process holds the whole model; fsdp: FSDP2 shards parameters, gradients and
     # optimizer state over the processes (the model is built on the meta device, then allocated)
     dp_shard: Literal["ddp", "fsdp"] = "ddp"

@@ -38,6 +38,7 @@ class Packing:
     positions: torch.Tensor  # (T,) position of each token inside its own sequence
     pad_index: torch.Tensor  # (T,) flat index of each token in an (N, max_len) grid
     _block_mask: object = field(default=None, repr=False, compare=False)  # see block_mask
+    ring: object = field(default=None, repr=False, compare=False)  # parallel.ring.RingLayout under cp
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor | list[int], device=None) -> Packing:

@@ -27,12 +27,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _join(rank, world, port, sp=1):
+def _join(rank, world, port, sp=1, cp=1):
     """Join a gloo group on CPU, with every GPU hidden (the tests must behave alike on a GPU machine)."""
     os.environ.update(CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    return parallel.init_distributed("cpu", ParallelConfig(sp=sp))
+    return parallel.init_distributed("cpu", ParallelConfig(sp=sp, cp=cp))
 
 
 # forkserver, not spawn: the server imports torch and mmpretrain once a session and each worker is
@@ -154,8 +154,8 @@ def _loss_and_grads(batch, task, loss_module):
     return loss.item(), captured["h"], grads
 
 
-def _sp_worker(rank, world, port, ckpt, contrastive, queue):
-    env = _join(rank, world, port, sp=2)
+def _sp_worker(rank, world, port, ckpt, contrastive, queue, sp=2, cp=1):
+    env = _join(rank, world, port, sp=sp, cp=cp)
     cfg, batch, task = _sp_setup(ckpt, contrastive)
     _send(queue, rank, *_loss_and_grads(batch, task, parallel.parallelize(task, env, cfg.parallel)))
     parallel.cleanup()

@@ -3,7 +3,7 @@
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; torch.distributed does the rest
 (NCCL on GPU, gloo on CPU). The processes form a (dp, sp) device mesh: data
 parallel replicas (DDP), or shards (FSDP2, `parallel.dp_shard=fsdp`), of
-sequence-parallel groups (Ulysses). Activation
+sequence-parallel groups (Ulysses, ring attention, or both). Activation
 checkpointing and sequence parallelism wrap decoder parts in place; model
 files stay single-device.
 """
@@ -34,6 +34,8 @@ class DistEnv:
     dp_rank: int = 0  # data-parallel coordinates: who reads which data
     dp_size: int = 1
     gather_group: object = None  # the contrastive gather's own dp communicator (None: dp_size 1)
+    ring_group: object = None  # parallel.cp > 1: this process's ring (context parallelism)
+    ulysses_group: object = None  # with cp > 1 and sp > 1: its Ulysses group inside the row's group
 
     @property
     def is_main(self) -> bool:
@@ -46,13 +48,14 @@ class DistEnv:
 def init_distributed(device_type: str, cfg: ParallelConfig) -> DistEnv:
     """Join the process group torchrun describes (a no-op when alone) and build the mesh."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % cfg.sp:
-        raise ConfigError(f"parallel.sp: {cfg.sp} does not divide the {world} process(es)")
+    seq = cfg.sp * cfg.cp  # the processes that share a packed row
+    if world % seq:
+        raise ConfigError(f"parallel.sp x parallel.cp: {cfg.sp} x {cfg.cp} does not divide the {world} process(es)")
     if world == 1:
         return DistEnv()
     from torch.distributed.device_mesh import init_device_mesh
 
-    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), cfg.sp)
+    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), seq)
     if device_type == "cuda":
         if env.local_rank >= torch.cuda.device_count():
             raise ConfigError(f"train.device: process {env.rank} has LOCAL_RANK {env.local_rank} but this node "
@@ -61,14 +64,25 @@ def init_distributed(device_type: str, cfg: ParallelConfig) -> DistEnv:
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    env.mesh = init_device_mesh(device_type, (world // cfg.sp, cfg.sp), mesh_dim_names=("dp", "sp"))
+    env.mesh = init_device_mesh(device_type, (world // seq, seq), mesh_dim_names=("dp", "sp"))
     # The loss's gathers get communicators of their own: their backward runs inside autograd,
     # where DDP's bucket all-reduces on the mesh's dp group may come in another order on each
     # rank (graphs differ when batches do), and one communicator must see one order everywhere.
-    gathers = [dist.new_group(list(range(j, world, cfg.sp))) for j in range(cfg.sp)]
-    env.dp_rank, env.dp_size = env.mesh["dp"].get_local_rank(), world // cfg.sp
+    gathers = [dist.new_group(list(range(j, world, seq))) for j in range(seq)]
+    env.dp_rank, env.dp_size = env.mesh["dp"].get_local_rank(), world // seq
     if env.dp_size > 1:
-        env.gather_group = gathers[env.rank % cfg.sp]
+        env.gather_group = gathers[env.rank % seq]
+    if cfg.cp > 1:  # within each row's group (sp rank = ring rank x sp + Ulysses rank): every
+        # process creates every subgroup, in one order, as torch.distributed requires
+        for base in range(0, world, seq):
+            for u in range(cfg.sp):
+                members = [base + r * cfg.sp + u for r in range(cfg.cp)]
+                ring = dist.new_group(members)
+                env.ring_group = ring if env.rank in members else env.ring_group
+            for r in range(cfg.cp):
+                members = [base + r * cfg.sp + u for u in range(cfg.sp)]
+                uly = dist.new_group(members) if cfg.sp > 1 else None
+                env.ulysses_group = uly if env.rank in members else env.ulysses_group
     return env
 
 
@@ -89,7 +103,8 @@ def parallelize(task: nn.Module, env: DistEnv, cfg: ParallelConfig, device_type:
         apply_compile(task.model, device_type, cache=not fsdp)
     if env.sp > 1:  # before checkpointing, which wraps the blocks this reaches into; under FSDP2
         # the sp sum of the blocks' gradients is part of its reduce-scatter
-        apply_ulysses(decoder, env.group("sp"), sum_grads=not fsdp)
+        apply_ulysses(decoder, env.group("sp"), sum_grads=not fsdp, ring_group=env.ring_group,
+                      ulysses_group=env.ulysses_group)
     apply_activation_checkpointing(decoder, cfg.activation_checkpointing, cfg.tiled_mlp)
     if fsdp:
         from mmpretrain.parallel.fsdp import apply_fsdp

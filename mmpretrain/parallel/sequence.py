@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from mmpretrain.packing import Packing
 from mmpretrain.parallel.collectives import GatherOut, SliceIn, all_to_all
+from mmpretrain.parallel.ring import RingAttentionModule, RingLayout, zigzag
 
 
 class UlyssesAttention(nn.Module):
@@ -42,34 +43,48 @@ class UlyssesAttention(nn.Module):
         return all_to_all(out, scatter_dim=0, gather_dim=1, group=self.group)
 
 
-def apply_ulysses(decoder: nn.Module, group, sum_grads: bool = True) -> nn.Module:
+def apply_ulysses(decoder: nn.Module, group, sum_grads: bool = True, ring_group=None, ulysses_group=None) -> nn.Module:
     """Shard `decoder` (a `Decoder`) over the tokens of its packed input across `group`.
     `sum_grads`: sum the sharded region's gradients over `group` here (False when FSDP2's
-    reduce-scatter does it)."""
-    sp = dist.get_world_size(group)
-    if decoder.cfg.heads % sp:
-        raise ValueError(f"parallel.sp={sp} must divide model.decoder.heads={decoder.cfg.heads}")
+    reduce-scatter does it). `ring_group` (context parallelism, parallel/ring.py): attention by
+    ring over that group's ranks, inside Ulysses over `ulysses_group` (None: none); `group` is then
+    their product (ring rank major), and the row is laid out zig-zag over the ring."""
+    world = dist.get_world_size(group)
+    cp = dist.get_world_size(ring_group) if ring_group is not None else 1
+    uly = world // cp
+    if decoder.cfg.heads % uly:
+        raise ValueError(f"parallel.sp={uly} must divide model.decoder.heads={decoder.cfg.heads}")
     for block in decoder.blocks:
-        block.attention = UlyssesAttention(block.attention, group)
+        block.attention = UlyssesAttention(block.attention, group) if cp == 1 else \
+            RingAttentionModule(block.attention, ring_group, ulysses_group)
     for p in list(decoder.blocks.parameters()) + list(decoder.norm.parameters()) if sum_grads else []:
         p.register_hook(lambda g: _sum_over(g, group))
 
-    tokens = 0  # of the row in this forward, before padding: what the output is cut back to
+    tokens, order = 0, None  # of the row in this forward, before padding; its zig-zag order (cp > 1)
 
     def shard_input(module, args):
-        nonlocal tokens
+        nonlocal tokens, order
         x, packing = args
         tokens = len(x)
-        pad = (-len(x)) % sp  # a padding sequence of its own, so it attends to nothing real
-        if pad:
+        pad = (-len(x)) % (world * (2 if cp > 1 else 1))  # a padding sequence of its own, so it
+        if pad:  # attends to nothing real
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
             packing = Packing.from_lengths(packing.lengths.tolist() + [pad], device=x.device)
         rank = dist.get_rank(group)
-        local = dataclasses.replace(packing, positions=packing.positions.chunk(sp)[rank])
+        positions, ring = packing.positions, None
+        if cp > 1:
+            order = zigzag(len(x), cp).to(x.device)
+            x, positions = x[order], positions[order]
+            doc = torch.repeat_interleave(torch.arange(packing.num_seqs, device=x.device), packing.lengths)
+            ring = RingLayout(order.view(cp, -1), doc)
+        local = dataclasses.replace(packing, positions=positions.chunk(world)[rank], ring=ring)
         return SliceIn.apply(x, group), local
 
     def gather_output(module, args, out):
-        return GatherOut.apply(out, group)[:tokens]
+        out = GatherOut.apply(out, group)
+        if order is not None:
+            out = out[torch.argsort(order)]
+        return out[:tokens]
 
     decoder.register_forward_pre_hook(shard_input)
     decoder.register_forward_hook(gather_output)
