@@ -9,7 +9,14 @@ The peer is the same decoder with attention through SDPA and an explicit
 memory grows quadratically, so it runs up to 8k only.
 
     python benchmarks/long_context.py                 # CPU table
+    python benchmarks/long_context.py --parallel      # CPU, gloo: per-rank memory under sp / cp
     python benchmarks/long_context.py --gpu           # on a GPU: ~1B decoder
+
+Parallel mode (CPU, gloo) — the same decoder, one document of S tokens shared by the ranks of
+one row: sp=1 (one process), Ulysses 2, ring attention 2 (parallel.cp=2) and Ulysses 2 x ring 2
+(4 processes); each rank's peak resident memory above its baseline (the largest rank's), and the
+step's seconds. With `--gpu --parallel` the same on torchrun's GPUs (one process per GPU, NCCL):
+`torchrun --nproc_per_node 4 benchmarks/long_context.py --gpu --parallel`.
 
 GPU mode — a ~1B decoder (width 2048, 20 layers, 16 heads of 128, bf16):
 tokens/s and MFU at 8k tokens per checkpointing mode (none, full, selective,
@@ -106,6 +113,95 @@ def cpu_table(lengths: list[int], peer_max: int) -> None:
               flush=True)
 
 
+PARALLEL = (("sp=1", 1, 1), ("ulysses 2", 2, 1), ("ring 2", 1, 2), ("ulysses 2 x ring 2", 2, 2))
+
+
+def parallel_point(rank: int, world: int, port: int, seq: int, sp: int, cp: int, device: str, queue) -> None:
+    """One rank of one row's group: peak memory above baseline and seconds of one forward+backward."""
+    import os
+
+    from mmpretrain import parallel
+    from mmpretrain.config import ParallelConfig
+    from mmpretrain.parallel.sequence import apply_ulysses
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = parallel.init_distributed(device, ParallelConfig(sp=sp, cp=cp))
+    dev = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
+    cfg, dtype = (GPU_MODEL, torch.bfloat16) if device == "cuda" else (CPU_MODEL, torch.float32)
+    dec = build(cfg, "full", False, dev, dtype)
+    if world > 1:
+        apply_ulysses(dec, env.group("sp"), ring_group=env.ring_group, ulysses_group=env.ulysses_group)
+    warm = torch.randn(64 * world, cfg.width, device=dev, dtype=dtype, requires_grad=True)
+    fwd_bwd(dec, warm, Packing.from_lengths([64 * world], device=dev))  # lazy inits
+    dec.zero_grad(set_to_none=False)
+    x = torch.randn(seq, cfg.width, device=dev, dtype=dtype, requires_grad=True)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t = time.perf_counter()
+    fwd_bwd(dec, x, Packing.from_lengths([seq], device=dev))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    queue.put((rank, (peak - base) / 2**20, time.perf_counter() - t))
+    parallel.cleanup()
+
+
+def parallel_table(lengths: list[int]) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    print(f"CPU (gloo), torch {torch.__version__}: decoder width {CPU_MODEL.width}, {CPU_MODEL.layers} layers, "
+          f"{CPU_MODEL.heads} heads, blocks checkpointed; one document of S tokens over the row's ranks; "
+          f"largest rank's peak RSS above its baseline (MiB), seconds of one forward+backward")
+    print(f"{'tokens':>7}" + "".join(f"{name + ' MiB':>24}{'s':>7}" for name, _, _ in PARALLEL) +
+          f"{'ring 2 / sp=1':>15}{'usp / sp=1':>12}")
+    for seq in lengths:
+        row = {}
+        for name, sp, cp in PARALLEL:
+            world = sp * cp
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            queue = ctx.Queue()
+            procs = [ctx.Process(target=parallel_point, args=(r, world, port, seq, sp, cp, "cpu", queue))
+                     for r in range(world)]
+            for proc in procs:
+                proc.start()
+            results = [queue.get(timeout=1800) for _ in procs]
+            for proc in procs:
+                proc.join()
+            row[name] = (max(r[1] for r in results), max(r[2] for r in results))
+        one = row["sp=1"][0]
+        print(f"{seq:>7}" + "".join(f"{row[n][0]:>24.0f}{row[n][1]:>7.1f}" for n, _, _ in PARALLEL) +
+              f"{row['ring 2'][0] / one:>14.2f}x{row['ulysses 2 x ring 2'][0] / one:>11.2f}x", flush=True)
+
+
+def gpu_parallel() -> None:
+    """Under torchrun on GPUs: this rank's row of the sp / cp layouts that fit the world size."""
+    import os
+
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").Queue()
+    for name, sp, cp in PARALLEL:
+        if sp * cp != world:
+            continue
+        for seq in (32_768, 65_536, 131_072):
+            parallel_point(rank, world, int(os.environ["MASTER_PORT"]), seq, sp, cp, "cuda", queue)
+            _, mib, seconds = queue.get()
+            if rank == 0:
+                print(f"{name}: {seq} tokens, rank 0 peak {mib / 1024:.1f} GiB above baseline, {seconds:.2f} s")
+
+
 def gpu_report(seq: int, peak: float | None, max_seq: int) -> None:
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name()
@@ -165,7 +261,14 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=8192, help="GPU throughput sequence length")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--max-seq", type=int, default=524_288, help="longest sequence to try on the GPU")
+    p.add_argument("--parallel", action="store_true", help="per-rank memory under Ulysses / ring (gloo, or --gpu)")
     a = p.parse_args()
+    if a.parallel:
+        if a.gpu:
+            gpu_parallel()
+        else:
+            parallel_table([int(x) for x in a.lengths.split(",") if int(x) <= 16_384])
+        return 0
     if a.gpu:
         if not torch.cuda.is_available():
             print("--gpu: no CUDA device here, nothing to measure")

@@ -15,6 +15,9 @@ inside the sharded region (the blocks and the final norm) see only their
 rank's tokens, so their gradients are summed over the sp group by hooks.
 Pooling for the contrastive objective happens on the gathered output, so it
 is identical on every rank of the group.
+
+With `parallel.cp` the same sharding carries ring attention (parallel/ring.py) instead of,
+or inside, the all-to-all: the row is laid out zig-zag over the ring first.
 """
 
 from __future__ import annotations
