@@ -92,8 +92,10 @@ def decoder_init():
         if self.caption_pos is not None:
             nn.init.normal_(self.caption_pos, std=0.01)
         for block in self.blocks:
-            nn.init.normal_(block.qkv.weight, std=w ** -0.5)
-            nn.init.normal_(block.mlp.gate_up.weight, std=(2 * w) ** -0.5)
+            for lin in (block.q, block.k, block.v):
+                nn.init.normal_(lin.weight, std=w ** -0.5)
+            for lin in (block.mlp.gate, block.mlp.up):
+                nn.init.normal_(lin.weight, std=(2 * w) ** -0.5)
             for lin in (block.proj, block.mlp.down):
                 nn.init.normal_(lin.weight, std=w ** -0.5 * (2 * layers) ** -0.5)
     Decoder.init_weights = init_weights

@@ -38,28 +38,47 @@ def scaled_frequencies(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
     return (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
 
 
+def _split_fused(state_dict, prefix: str, fused: str, parts: list[tuple[str, int]]) -> None:
+    """A state dict written before the projections were separate (one fused `fused` linear)
+    -> the separate ones' keys, rows split in the fused order. Exports of earlier versions load."""
+    for suffix in ("weight", "bias"):
+        key = f"{prefix}{fused}.{suffix}"
+        if key in state_dict:
+            for (name, _), piece in zip(parts, state_dict.pop(key).split([n for _, n in parts])):
+                state_dict[f"{prefix}{name}.{suffix}"] = piece
+
+
 class SwiGLU(nn.Module):
+    """Separate gate and up projections (not one fused): tensor parallelism shards each by rows."""
+
     def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
+        self.gate = nn.Linear(width, hidden, bias=False)
+        self.up = nn.Linear(width, hidden, bias=False)
         self.down = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _split_fused(state_dict, prefix, "gate_up", [("gate", self.gate.out_features), ("up", self.up.out_features)])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class DecoderBlock(nn.Module):
     """Llama's block: grouped-query attention (`kv_heads` key/value heads, each serving
-    heads / kv_heads query heads), q/k/v in one projection (Qwen2's biases optional). Its MLP is
-    a mixture of experts where `cfg.moe` makes block `index` one."""
+    heads / kv_heads query heads), q/k/v projections as Hugging Face's Llama has them (Qwen2's
+    biases optional; separate, so that tensor parallelism can shard each by heads). Its MLP is a
+    mixture of experts where `cfg.moe` makes block `index` one."""
 
     def __init__(self, cfg: DecoderConfig, backend: str, index: int = 0):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.key_value_heads, cfg.head_width
         hidden = cfg.mlp_hidden or 8 * round(cfg.mlp_ratio * cfg.width / 8)
         self.attn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
-        self.qkv = nn.Linear(cfg.width, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=cfg.qkv_bias)
+        self.q = nn.Linear(cfg.width, self.heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k = nn.Linear(cfg.width, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v = nn.Linear(cfg.width, self.kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.attention = PackedAttention(backend)
         self.proj = nn.Linear(self.heads * self.head_dim, cfg.width, bias=False)
         self.mlp_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
@@ -68,15 +87,19 @@ class DecoderBlock(nn.Module):
             else SwiGLU(cfg.width, hidden)
 
     def forward(self, x, packing: Packing, cos, sin):  # x: (T, C)
-        t = len(x)
-        qkv = self.qkv(self.attn_norm(x)).view(t, self.heads + 2 * self.kv_heads, self.head_dim)
-        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
+        t, h = len(x), self.attn_norm(x)
+        # heads from the output widths: under tensor parallelism each rank holds some of them
+        q, k, v = (proj(h).view(t, -1, self.head_dim) for proj in (self.q, self.k, self.v))
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)  # (T, H, D), (T, KV, D)
         if self.kv_heads != self.heads:  # every attention path (packed kernels, Ulysses' all-to-all
             # over heads) takes one key/value head per query head: each shared head repeated
             k, v = (y.repeat_interleave(self.heads // self.kv_heads, dim=1) for y in (k, v))
-        x = x + self.proj(self.attention(q, k, v, packing).reshape(t, self.heads * self.head_dim))
+        x = x + self.proj(self.attention(q, k, v, packing).reshape(t, -1))
         return x + self.mlp(self.mlp_norm(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _split_fused(state_dict, prefix, "qkv", [(n, getattr(self, n).out_features) for n in "qkv"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Decoder(nn.Module):
@@ -120,14 +143,16 @@ class Decoder(nn.Module):
             nn.init.normal_(self.caption_pos, std=0.01)  # CLIP's text position embedding
         out_std = 0.02 / (2 * self.cfg.layers) ** 0.5  # scaled residual projections (GPT-2)
         for block in self.blocks:
-            nn.init.normal_(block.qkv.weight, std=0.02)
-            if block.qkv.bias is not None:
-                nn.init.zeros_(block.qkv.bias)
+            for lin in (block.q, block.k, block.v):
+                nn.init.normal_(lin.weight, std=0.02)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
             nn.init.normal_(block.proj.weight, std=out_std)
             if isinstance(block.mlp, MoE):
                 block.mlp.init_weights(0.02, out_std)
             else:
-                nn.init.normal_(block.mlp.gate_up.weight, std=0.02)
+                nn.init.normal_(block.mlp.gate.weight, std=0.02)
+                nn.init.normal_(block.mlp.up.weight, std=0.02)
                 nn.init.normal_(block.mlp.down.weight, std=out_std)
 
     def embed_caption(self, tokens: torch.Tensor) -> torch.Tensor:

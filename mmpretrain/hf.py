@@ -99,22 +99,23 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 
 
 def weight_map(decoder) -> list[tuple[torch.Tensor, list[str]]]:
-    """Each decoder parameter and the checkpoint tensors it is made of, concatenated along rows in
-    this order (q, k, v into the fused projection; gate, up into SwiGLU's)."""
+    """Each decoder parameter and the checkpoint tensor(s) it is made of (concatenated along rows
+    where more than one)."""
     out = [(decoder.embed.weight, ["model.embed_tokens.weight"]), (decoder.norm.weight, ["model.norm.weight"])]
     if decoder.lm_head is not None:
         out.append((decoder.lm_head.weight, ["lm_head.weight"]))
     for i, block in enumerate(decoder.blocks):
         p = f"model.layers.{i}."
-        attn = [f"{p}self_attn.{x}_proj" for x in "qkv"]
+        attn = {x: f"{p}self_attn.{x}_proj" for x in "qkv"}
         out += [(block.attn_norm.weight, [f"{p}input_layernorm.weight"]),
-                (block.qkv.weight, [f"{a}.weight" for a in attn]),
+                *[(getattr(block, x).weight, [f"{a}.weight"]) for x, a in attn.items()],
                 (block.proj.weight, [f"{p}self_attn.o_proj.weight"]),
                 (block.mlp_norm.weight, [f"{p}post_attention_layernorm.weight"]),
-                (block.mlp.gate_up.weight, [f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"]),
+                (block.mlp.gate.weight, [f"{p}mlp.gate_proj.weight"]),
+                (block.mlp.up.weight, [f"{p}mlp.up_proj.weight"]),
                 (block.mlp.down.weight, [f"{p}mlp.down_proj.weight"])]
-        if block.qkv.bias is not None:
-            out.append((block.qkv.bias, [f"{a}.bias" for a in attn]))
+        if block.q.bias is not None:
+            out += [(getattr(block, x).bias, [f"{a}.bias"]) for x, a in attn.items()]
     return out
 
 

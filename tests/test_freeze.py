@@ -49,9 +49,9 @@ def test_each_part_steps_at_its_own_learning_rate():
     assert lrs[named["model.decoder.embed.weight"]] == 0.0
     assert lrs[named["model.towers.audio.encoder.vit.cls_token"]] == pytest.approx(0.5 * cfg.train.lr)
     assert lrs[named["model.towers.image.encoder.vit.cls_token"]] == pytest.approx(cfg.train.lr)
-    before = named["model.decoder.blocks.0.qkv.weight"].detach().clone()
+    before = named["model.decoder.blocks.0.q.weight"].detach().clone()
     _steps(cfg, built)
-    assert torch.equal(named["model.decoder.blocks.0.qkv.weight"], before)  # lr 0: the schedule keeps the factor
+    assert torch.equal(named["model.decoder.blocks.0.q.weight"], before)  # lr 0: the schedule keeps the factor
 
 
 def test_part_names_are_checked():

@@ -228,3 +228,25 @@ def test_image_tower_takes_open_clips_or_timms_initialisation(init):
     for name, p in got.items():
         assert abs(float(p.std()) / expected[name] - 1) < 0.1, (name, float(p.std()))
     assert isinstance(vit.norm_pre, torch.nn.LayerNorm) and vit.patch_embed.proj.bias is None  # pre_norm
+
+
+def test_a_decoder_state_with_the_earlier_fused_projections_loads():
+    """Exports written before q/k/v and gate/up were separate (one fused linear each) load into
+    the separate projections, rows split in the fused order: the same outputs."""
+    from mmpretrain.config import DecoderConfig
+    from mmpretrain.decoder import Decoder
+    from mmpretrain.packing import Packing
+
+    cfg = DecoderConfig(width=32, layers=2, heads=4, kv_heads=2, qkv_bias=True)
+    torch.manual_seed(0)
+    new = Decoder(cfg, vocab_size=20, backend="sdpa")
+    old = dict(new.state_dict())
+    for i in range(cfg.layers):
+        p = f"blocks.{i}."
+        for suffix in ("weight", "bias"):
+            old[f"{p}qkv.{suffix}"] = torch.cat([old.pop(f"{p}{x}.{suffix}") for x in "qkv"])
+        old[f"{p}mlp.gate_up.weight"] = torch.cat([old.pop(f"{p}mlp.gate.weight"), old.pop(f"{p}mlp.up.weight")])
+    loaded = Decoder(cfg, vocab_size=20, backend="sdpa")
+    loaded.load_state_dict(old)  # strict: every key placed
+    x, packing = torch.randn(9, 32), Packing.from_lengths([4, 5])
+    torch.testing.assert_close(loaded(x, packing), new(x, packing))
