@@ -64,6 +64,10 @@ def build(cfg: Config, env: parallel.DistEnv, device: torch.device,
         from mmpretrain.parallel.fsdp import materialize
 
         materialize(task, device, seed=cfg.run.seed + env.rank)
+        if env.tp > 1:
+            from mmpretrain.parallel.fsdp import sync_over_tp
+
+            sync_over_tp(task, env)
     load_pretrained_parts(task.model, cfg)
     if cfg.objectives.distill.teacher:  # frozen, outside the task's parameters
         from mmpretrain.objectives.distill import make_teacher
@@ -148,9 +152,8 @@ def train_step(task: PretrainingTask, wrapped: nn.Module, optimizer, scheduler, 
             stats["packing_efficiency"] = stats["tokens"] / batch.row_budget
         for k, v in stats.items():
             sums[k] = sums.get(k, 0) + v / cfg.grad_accum
-    if cfg.grad_clip > 0:  # over sharded gradients too (a DTensor norm under FSDP2)
-        norm = torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip)
-        sums["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if cfg.grad_clip > 0:  # over sharded gradients too (DTensor norms under FSDP2 and tp)
+        sums["grad_norm"] = parallel.clip_grad_norm(task.parameters(), cfg.grad_clip)
     optimizer.step()
     task.objectives.clamp_()
     sums.update(moe.balance(task.model.decoder))  # the routed tokens of every rank: the same on each

@@ -228,6 +228,9 @@ class ParallelConfig:
     # ring attention (context parallelism) degree: with sp, sp x cp processes share each packed
     # row (Ulysses within groups of sp, the ring across them); sp x cp divides the world
     cp: int = _check(1, default=1)
+    # tensor parallelism of the decoder (parallel/tensor.py): its projections split over tp
+    # processes, innermost in the mesh (dp x sp x tp); divides the heads and key/value heads
+    tp: int = _check(1, default=1)
     # ddp: every process holds the whole model; fsdp: FSDP2 shards parameters, gradients and
     # optimizer state over the processes (the model is built on the meta device, then allocated)
     dp_shard: Literal["ddp", "fsdp"] = "ddp"
@@ -657,6 +660,15 @@ def validate(cfg: Config) -> Config:
              f"model.decoder.kv_heads: {d.kv_heads} does not divide model.decoder.heads={d.heads}")
     _require(d.heads % cfg.parallel.sp == 0,
              f"parallel.sp: {cfg.parallel.sp} does not divide model.decoder.heads={d.heads}")
+    par = cfg.parallel
+    _require(d.heads % par.tp == 0 and d.key_value_heads % par.tp == 0,
+             f"parallel.tp: {par.tp} does not divide model.decoder.heads={d.heads} and its key/value heads "
+             f"({d.key_value_heads})")
+    _require(par.tp == 1 or par.sp * par.cp == 1,
+             f"parallel.tp: {par.tp} with parallel.sp={par.sp} / parallel.cp={par.cp}: tensor parallelism does not "
+             f"compose with sequence parallelism yet; use one of them")
+    _require(d.heads // par.tp % par.sp == 0, f"parallel.sp: {par.sp} does not divide the {d.heads // par.tp} "
+                                               f"heads each of parallel.tp={par.tp} ranks holds")
     o = cfg.objectives
     _require(o.contrastive_weight > 0 or o.next_token_weight > 0 or o.masked_weight > 0,
              "objectives: contrastive_weight, next_token_weight and masked_weight are all 0; nothing would train")

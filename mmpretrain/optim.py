@@ -50,9 +50,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     # PyTorch's fused kernel (one pass over each tensor, on CPU too; DTensor shards included)
     # where every parameter is on a device it supports: 5x faster than the default per-tensor loop
     fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    # Tensor parallelism leaves DTensors on the tp mesh beside others (plain, or on the dp mesh
+    # alone): torch's fused and foreach kernels take one kind per call, so those runs step tensor
+    # by tensor (slower; the param groups, which checkpoints index, stay as they are)
+    one_kind = len({getattr(p, "device_mesh", None) for p in params}) <= 1
     return torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
                               for (scale, decay), ps in groups.items() if ps or scale == 1.0],
-                             lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+                             lr=cfg.lr, betas=tuple(cfg.betas), fused=(fused and one_kind) or None,
+                             foreach=None if one_kind else False)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

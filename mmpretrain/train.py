@@ -192,7 +192,7 @@ class Trainer:
         counter = FlopCounterMode(display=False)
         with counter:
             values = self.train_step(batches)
-        replicas = self.cfg.train.grad_accum * self.env.world_size // self.env.sp
+        replicas = self.cfg.train.grad_accum * self.env.dp_size
         tokens = values.get("tokens", 0.0) * replicas
         return values, (counter.get_total_flops() / tokens if tokens else None)
 
@@ -275,7 +275,7 @@ class Trainer:
 
     def _loop(self, bar) -> None:
         cfg = self.cfg.train
-        replicas = cfg.grad_accum * self.env.world_size // self.env.sp  # micro-batches per step
+        replicas = cfg.grad_accum * self.env.dp_size  # micro-batches per step
         batches = iter(self.stream)
         t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
         t_start, first = t_last, self.step  # this session's pace, for the ETA

@@ -29,7 +29,8 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    sp: int = 1
+    sp: int = 1  # processes sharing a packed row (parallel.sp x parallel.cp)
+    tp: int = 1  # tensor-parallel degree (the mesh's innermost dimension)
     mesh: object = None  # torch DeviceMesh with dims ("dp", "sp") when distributed
     dp_rank: int = 0  # data-parallel coordinates: who reads which data
     dp_size: int = 1
@@ -49,13 +50,15 @@ def init_distributed(device_type: str, cfg: ParallelConfig) -> DistEnv:
     """Join the process group torchrun describes (a no-op when alone) and build the mesh."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     seq = cfg.sp * cfg.cp  # the processes that share a packed row
-    if world % seq:
-        raise ConfigError(f"parallel.sp x parallel.cp: {cfg.sp} x {cfg.cp} does not divide the {world} process(es)")
+    replica = seq * cfg.tp  # the processes that share a batch
+    if world % replica:
+        raise ConfigError(f"parallel.sp x parallel.cp x parallel.tp: {cfg.sp} x {cfg.cp} x {cfg.tp} does not divide "
+                          f"the {world} process(es)")
     if world == 1:
         return DistEnv()
     from torch.distributed.device_mesh import init_device_mesh
 
-    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), seq)
+    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")), seq, tp=cfg.tp)
     if device_type == "cuda":
         if env.local_rank >= torch.cuda.device_count():
             raise ConfigError(f"train.device: process {env.rank} has LOCAL_RANK {env.local_rank} but this node "
@@ -64,14 +67,15 @@ def init_distributed(device_type: str, cfg: ParallelConfig) -> DistEnv:
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    env.mesh = init_device_mesh(device_type, (world // seq, seq), mesh_dim_names=("dp", "sp"))
+    env.mesh = init_device_mesh(device_type, (world // replica, seq, cfg.tp), mesh_dim_names=("dp", "sp", "tp"))
     # The loss's gathers get communicators of their own: their backward runs inside autograd,
     # where DDP's bucket all-reduces on the mesh's dp group may come in another order on each
     # rank (graphs differ when batches do), and one communicator must see one order everywhere.
-    gathers = [dist.new_group(list(range(j, world, seq))) for j in range(seq)]
-    env.dp_rank, env.dp_size = env.mesh["dp"].get_local_rank(), world // seq
+    # One per place in a replica (sp and tp peers compute the same embeddings).
+    gathers = [dist.new_group(list(range(j, world, replica))) for j in range(replica)]
+    env.dp_rank, env.dp_size = env.mesh["dp"].get_local_rank(), world // replica
     if env.dp_size > 1:
-        env.gather_group = gathers[env.rank % seq]
+        env.gather_group = gathers[env.rank % replica]
     if cfg.cp > 1:  # within each row's group (sp rank = ring rank x sp + Ulysses rank): every
         # process creates every subgroup, in one order, as torch.distributed requires
         for base in range(0, world, seq):
@@ -101,6 +105,10 @@ def parallelize(task: nn.Module, env: DistEnv, cfg: ParallelConfig, device_type:
     fsdp = sharded(env, cfg)
     if cfg.compile == "on":  # the blocks themselves, before wrappers reach into them (auto: off, see config)
         apply_compile(task.model, device_type, cache=not fsdp)
+    if env.tp > 1:  # the decoder's projections split over the tp ranks (before FSDP2 shards them over dp)
+        from mmpretrain.parallel.tensor import apply_tensor_parallel
+
+        apply_tensor_parallel(decoder, env.mesh["tp"])
     if env.sp > 1:  # before checkpointing, which wraps the blocks this reaches into; under FSDP2
         # the sp sum of the blocks' gradients is part of its reduce-scatter
         apply_ulysses(decoder, env.group("sp"), sum_grads=not fsdp, ring_group=env.ring_group,
@@ -112,11 +120,40 @@ def parallelize(task: nn.Module, env: DistEnv, cfg: ParallelConfig, device_type:
         return apply_fsdp(task, env, device_type, bf16)
     if env.dp_size == 1:
         return task
+    if env.tp > 1:
+        raise ConfigError("parallel.tp with data parallelism needs parallel.dp_shard=fsdp (FSDP2 on the dp x tp mesh); "
+                          "DDP does not take tensor-parallel parameters")
     ids = [env.local_rank] if device_type == "cuda" else None
     # find_unused_parameters: a batch may lack a modality pair, leaving that pair's temperature
     # (and a tower) without gradient on some steps.
     return nn.parallel.DistributedDataParallel(task, device_ids=ids, process_group=env.group("dp"),
                                                find_unused_parameters=True)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ over plain and DTensor gradients alike -> the total norm (a plain
+    tensor). Gradients on one kind of tensor (one mesh) go to clip_grad_norm_ as they are; mixed
+    ones (tensor parallelism: DTensors on the dp x tp mesh beside dp-only or plain ones) are normed
+    per mesh, which torch's foreach kernels need, then scaled by one factor."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if p.grad is not None]
+    kinds = collections.defaultdict(list)
+    for p in params:
+        kinds[p.grad.device_mesh if isinstance(p.grad, DTensor) else None].append(p.grad)
+    if len(kinds) <= 1:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    norms = []
+    for grads in kinds.values():
+        norm = torch.nn.utils.get_total_norm(grads)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.stack(norms).norm()
+    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    if coef < 1.0:
+        for grads in kinds.values():
+            torch._foreach_mul_(grads, coef)
+    return total
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

@@ -110,3 +110,22 @@ def materialize(task: nn.Module, device: torch.device, seed: int) -> None:
             if hasattr(m, "reset_parameters"):  # PyTorch's protocol for its layers
                 m.reset_parameters()
         task.init_weights()
+
+
+@torch.no_grad()
+def sync_over_tp(task: nn.Module, env) -> None:
+    """After `materialize` under tensor parallelism: what the tp ranks hold as copies (every
+    parameter and buffer that is not split over tp: norms, embeddings, encoders, experts) made
+    equal to tp rank 0's draw. Each rank drew its own shards from its own seed, which the split
+    projections need (their shards must differ) and the copies must not."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    group = env.mesh.get_group("tp")
+    source = dist.get_global_rank(group, 0)
+    for t in list(task.parameters()) + list(task.buffers()):
+        if isinstance(t, DTensor) and "tp" in (t.device_mesh.mesh_dim_names or ()):
+            continue
+        local = t.to_local() if isinstance(t, DTensor) else t
+        dist.broadcast(local, src=source, group=group)
+
