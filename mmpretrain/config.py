@@ -664,9 +664,6 @@ def validate(cfg: Config) -> Config:
     _require(d.heads % par.tp == 0 and d.key_value_heads % par.tp == 0,
              f"parallel.tp: {par.tp} does not divide model.decoder.heads={d.heads} and its key/value heads "
              f"({d.key_value_heads})")
-    _require(par.tp == 1 or par.sp * par.cp == 1,
-             f"parallel.tp: {par.tp} with parallel.sp={par.sp} / parallel.cp={par.cp}: tensor parallelism does not "
-             f"compose with sequence parallelism yet; use one of them")
     _require(d.heads // par.tp % par.sp == 0, f"parallel.sp: {par.sp} does not divide the {d.heads // par.tp} "
                                                f"heads each of parallel.tp={par.tp} ranks holds")
     o = cfg.objectives

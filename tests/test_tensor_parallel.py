@@ -64,10 +64,12 @@ def test_tensor_parallel_decoder_equals_one_process(kv_heads):
 TINY = ["train.log_every=1", "train.warmup_steps=1", "model.decoder.heads=4", "model.decoder.width=32"]
 
 
-def test_torchrun_tensor_parallel_trains_as_one_process(demo_cache, tmp_path):
-    """tp=2 on 2 processes (one data-parallel replica) against 1 process: the same losses."""
-    stderr, tp = _torchrun(2, "tiny.yaml", demo_cache, tmp_path / "runs" / "tp", "train.steps=3", "parallel.tp=2",
-                           *TINY)
+@pytest.mark.parametrize("layout", [[], ["parallel.sp=2"], ["parallel.cp=2"]], ids=["tp2", "tp2xulysses2", "tp2xring2"])
+def test_torchrun_tensor_parallel_trains_as_one_process(demo_cache, tmp_path, layout):
+    """tp=2 on 2 processes (one data-parallel replica), and with Ulysses or ring attention on 4,
+    against 1 process: the same losses."""
+    stderr, tp = _torchrun(2 * (1 + len(layout)), "tiny.yaml", demo_cache, tmp_path / "runs" / "tp", "train.steps=3",
+                           "parallel.tp=2", *layout, *TINY)
     assert "split over 2 process(es)" in stderr
     one = run([sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
                f"data.demo.cache_dir={demo_cache}", f"run.dir={tmp_path / 'runs'}", "run.name=one",

@@ -78,15 +78,18 @@ def init_distributed(device_type: str, cfg: ParallelConfig) -> DistEnv:
         env.gather_group = gathers[env.rank % replica]
     if cfg.cp > 1:  # within each row's group (sp rank = ring rank x sp + Ulysses rank): every
         # process creates every subgroup, in one order, as torch.distributed requires
-        for base in range(0, world, seq):
-            for u in range(cfg.sp):
-                members = [base + r * cfg.sp + u for r in range(cfg.cp)]
-                ring = dist.new_group(members)
-                env.ring_group = ring if env.rank in members else env.ring_group
-            for r in range(cfg.cp):
-                members = [base + r * cfg.sp + u for u in range(cfg.sp)]
-                uly = dist.new_group(members) if cfg.sp > 1 else None
-                env.ulysses_group = uly if env.rank in members else env.ulysses_group
+        ranks = env.mesh.mesh  # (dp, sp x cp, tp) global ranks
+        for d in range(ranks.shape[0]):
+            for t in range(ranks.shape[2]):
+                row = ranks[d, :, t].tolist()
+                for u in range(cfg.sp):
+                    members = [row[r * cfg.sp + u] for r in range(cfg.cp)]
+                    ring = dist.new_group(members)
+                    env.ring_group = ring if env.rank in members else env.ring_group
+                for r in range(cfg.cp):
+                    members = row[r * cfg.sp : (r + 1) * cfg.sp]
+                    uly = dist.new_group(members) if cfg.sp > 1 else None
+                    env.ulysses_group = uly if env.rank in members else env.ulysses_group
     return env
 
 

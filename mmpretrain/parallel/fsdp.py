@@ -29,9 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def shard_mesh(env, device_type: str):
-    """The 1-D mesh the parameters are sharded over: dp, or every process when sp > 1."""
+    """The 1-D mesh the parameters are sharded over: dp, or every process when sp > 1 (dp x sp,
+    flattened, under tensor parallelism: FSDP2 composes with tp only over a mesh of the same root)."""
     if env.sp == 1:
         return env.mesh["dp"]
+    if env.tp > 1:
+        return env.mesh["dp", "sp"]._flatten("dp_sp")  # torch's (private) flattening, as torchtitan uses
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(device_type, (env.world_size,), mesh_dim_names=("shard",))

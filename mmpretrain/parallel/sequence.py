@@ -96,5 +96,6 @@ def apply_ulysses(decoder: nn.Module, group, sum_grads: bool = True, ring_group=
 
 def _sum_over(grad: torch.Tensor, group) -> torch.Tensor:
     grad = grad.clone()
-    dist.all_reduce(grad, group=group)
+    # a tensor-parallel DTensor's own shard: the sp peers hold the same shard of other tokens
+    dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=group)
     return grad
