@@ -81,14 +81,23 @@ def test_torchrun_tensor_parallel_trains_as_one_process(demo_cache, tmp_path, la
         assert got == pytest.approx(want, rel=1e-4), (got, want)
 
 
-def test_torchrun_fsdp2_on_a_dp_by_tp_mesh_then_resumed_without_tp(demo_cache, tmp_path):
+def test_torchrun_fsdp2_on_a_dp_by_tp_mesh_equals_fsdp2_alone_and_resumes_without_tp(demo_cache, tmp_path):
     """4 processes as dp 2 x tp 2 under FSDP2 (projections split over tp, everything sharded over
-    dp), a checkpoint at step 2, resumed by 2 processes at tp=1: DCP reshards the split weights."""
-    run_dir = tmp_path / "runs" / "tp"
-    stderr, metrics = _torchrun(4, "tiny.yaml", demo_cache, run_dir, "train.steps=2", "parallel.tp=2",
-                                "parallel.dp_shard=fsdp", "train.checkpoint_every=2", *TINY)
+    dp) from the same weights (train.init_from) as FSDP2 on 2 processes: the same losses; its
+    checkpoint at step 2 resumed by 2 processes at tp=1 (DCP reshards the split weights)."""
+    runs = tmp_path / "runs"
+    start = run([sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
+                 f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "run.name=start", "train.device=cpu",
+                 "train.steps=2", "train.eval_every=0", *TINY], timeout=240, cpu_only=True)
+    assert start.returncode == 0, start.stderr[-2000:]
+    common = ["parallel.dp_shard=fsdp", f"train.init_from={runs / 'start' / 'export'}", *TINY]
+    _, alone = _torchrun(2, "tiny.yaml", demo_cache, runs / "alone", "train.steps=2", *common)
+    stderr, metrics = _torchrun(4, "tiny.yaml", demo_cache, runs / "tp", "train.steps=2", "parallel.tp=2",
+                                "train.checkpoint_every=2", *common)
     assert "FSDP2: " in stderr and "split over 2 process(es)" in stderr and [m["step"] for m in metrics] == [1, 2]
-    stderr, metrics = _torchrun(2, "tiny.yaml", demo_cache, run_dir, "train.steps=3", "parallel.dp_shard=fsdp",
-                                *TINY)
+    keep = lambda ms: [{k: m[k] for k in ("step", "loss", "grad_norm")} for m in ms]  # noqa: E731
+    for got, want in zip(keep(metrics), keep(alone)):
+        assert got == pytest.approx(want, rel=1e-4), (got, want)
+    stderr, metrics = _torchrun(2, "tiny.yaml", demo_cache, runs / "tp", "train.steps=3", *common)
     assert "written by 4 process(es)" in stderr and [m["step"] for m in metrics] == [1, 2, 3]
-    assert json.loads((run_dir / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
+    assert json.loads((runs / "tp" / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
