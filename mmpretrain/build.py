@@ -141,8 +141,7 @@ def train_step(task: PretrainingTask, wrapped: nn.Module, optimizer, scheduler, 
                 raise FloatingPointError(f"non-finite loss at step {step + 1} in {', '.join(bad)}: "
                                          f"{ {k: float(v) for k, v in terms.items()} }")
             optimizer.zero_grad(set_to_none=True)
-            for layer in moe.moe_layers(task.model.decoder):  # the skipped step's tokens do not balance
-                layer.routed.zero_()
+            moe.discard_counts(task.model.decoder)
             log.warning("step %d: non-finite loss in %s, skipped", step + 1, ", ".join(bad))
             return {}
         (loss / cfg.grad_accum).backward()

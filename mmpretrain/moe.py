@@ -133,10 +133,17 @@ def moe_layers(module: nn.Module) -> list[MoE]:
 def take_aux_loss(module: nn.Module) -> torch.Tensor | None:
     """The Switch losses of `module`'s MoE layers from the forward just run (mean over layers),
     or None; each layer's list is emptied."""
-    losses = [loss for m in moe_layers(module) for loss in m.aux_losses]
+    losses = []
     for m in moe_layers(module):
+        losses += m.aux_losses
         m.aux_losses = []
     return torch.stack(losses).mean() if losses else None
+
+
+def discard_counts(module: nn.Module) -> None:
+    """A skipped step's routed tokens: forgotten, so they do not move the balancing bias."""
+    for m in moe_layers(module):
+        m.routed.zero_()
 
 
 def balance(module: nn.Module, group=None) -> dict[str, torch.Tensor]:

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mmpretrain.parallel.collectives import start_exchange
+
 MODES = ("ring", "gather")
 
 
@@ -73,15 +75,9 @@ def _block_grads(a, b, scale, bias, diagonal: bool, chunk: int):
     return ga, gb, gs, gbias
 
 
-def _peer(group, rank: int) -> int:
-    return dist.get_global_rank(group, rank)
-
-
 def _exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]], group) -> None:
-    """Point-to-point sends and receives (group ranks), all in flight at once."""
-    ops = [dist.P2POp(dist.isend, t.contiguous(), _peer(group, r), group) for t, r in sends]
-    ops += [dist.P2POp(dist.irecv, t, _peer(group, r), group) for t, r in recvs]
-    for work in dist.batch_isend_irecv(ops):
+    """Point-to-point sends and receives (group ranks), all in flight at once, waited for."""
+    for work in start_exchange(sends, recvs, group):
         work.wait()
 
 

@@ -86,3 +86,12 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> tor
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """(N, ...) on each rank -> (world, N, ...), differentiable."""
     return _AllGather.apply(group, x)
+
+
+def start_exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]], group) -> list:
+    """Point-to-point sends and receives (ranks of `group`), all put in flight at once -> the works
+    to wait on (the caller may compute meanwhile)."""
+    peer = lambda r: dist.get_global_rank(group, r)  # noqa: E731
+    ops = [dist.P2POp(dist.isend, t.contiguous(), peer(r), group) for t, r in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer(r), group) for t, r in recvs]
+    return dist.batch_isend_irecv(ops)

@@ -131,4 +131,3 @@ def sync_over_tp(task: nn.Module, env) -> None:
             continue
         local = t.to_local() if isinstance(t, DTensor) else t
         dist.broadcast(local, src=source, group=group)
-

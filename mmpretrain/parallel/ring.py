@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mmpretrain.parallel.collectives import all_to_all
+from mmpretrain.parallel.collectives import all_to_all, start_exchange
 
 
 @dataclass
@@ -99,11 +99,9 @@ def _send_next(tensors: list[torch.Tensor], group) -> tuple[list[torch.Tensor], 
     """Start sending `tensors` to the next ring rank and receiving the previous one's -> (buffers,
     works to wait on): in flight while this rank computes."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    nxt, prev = dist.get_global_rank(group, (rank + 1) % world), dist.get_global_rank(group, (rank - 1) % world)
     bufs = [torch.empty_like(t) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors]
-    ops += [dist.P2POp(dist.irecv, b, prev, group) for b in bufs]
-    return bufs, dist.batch_isend_irecv(ops)
+    works = start_exchange([(t, (rank + 1) % world) for t in tensors], [(b, (rank - 1) % world) for b in bufs], group)
+    return bufs, works
 
 
 def _arrived(pending) -> list[torch.Tensor]:
