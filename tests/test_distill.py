@@ -2,6 +2,7 @@
 and offline distillation from the teacher's embeddings stored in shards (data/teacher_embed.py)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,27 @@ def test_a_run_distils_from_an_export_which_stays_frozen_and_outside_the_checkpo
     raw = next(iter(wds.DataPipeline(wds.SimpleShardList(shards[:1]), wds.tarfile_to_samples())))
     with pytest.raises(BadSample, match="missing_teacher"):  # the shards before embedding
         SampleParser(offline, True, Tokenizer(offline.model.text))(raw, __import__("random").Random(0))
+
+    # --beside: a sidecar next to each old shard, read with it by training, the same members
+    import shutil
+
+    old = teacher_cfg.run_dir.parent / "old"
+    old.mkdir()
+    copies = [str(shutil.copy(s, old / Path(s).name)) for s in shards]
+    assert teacher_embed.main([*copies, "--teacher", str(export), "--beside", "--batch-size", "7"]) == 0
+    assert sorted(p.name for p in old.iterdir()) == sorted([*(Path(c).name for c in copies),
+                                                            *(teacher_embed.sidecar_of(Path(c).name) for c in copies)])
+    merged = {r["__key__"]: r for r in wds.DataPipeline(wds.SimpleShardList(copies),
+                                                       teacher_embed.with_sidecars(wds.reraise_exception))}
+    written = {r["__key__"]: r for r in wds.DataPipeline(wds.SimpleShardList([taught]), wds.tarfile_to_samples())}
+    assert merged.keys() == written.keys()
+    assert all(merged[k].get("teacher.npz") == written[k].get("teacher.npz") for k in written)
+    assert sum("teacher.npz" in r for r in merged.values()) > 0
+    beside = tiny_cfg("train.steps=2", "run.name=beside", "objectives.distill.teacher=offline",
+                      f"data.sources=[{copies[0]}]")
+    train.run(beside)
+    records = [json.loads(l) for l in (beside.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["distill/text-image"] > 0 and "missing_teacher" not in r["skipped_samples"] for r in records)
 
 
 def check_offline_equals_online(cfg, export, taught: str) -> None:

@@ -170,7 +170,8 @@ class SampleParser:
         from mmpretrain.data.teacher_embed import MEMBER, read_member
 
         if MEMBER not in raw:
-            raise BadSample("missing_teacher", f"no {MEMBER} (python -m mmpretrain.data.teacher_embed writes it)")
+            raise BadSample("missing_teacher", f"no {MEMBER} in the sample or a sidecar beside its shard "
+                                                 f"(python -m mmpretrain.data.teacher_embed writes them)")
         try:
             out, rows = read_member(raw[MEMBER], chosen, list(self.specs))
         except Exception as e:  # NumPy raises many types for a bad archive

@@ -57,6 +57,10 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         """This reader's raw samples of one source, tagged with its name."""
         seed, urls = self.cfg.run.seed, list(source.urls)
         read = [wds.tarfile_to_samples(handler=skips.bad_tar)]
+        if self.train and self.cfg.objectives.distill.teacher == "offline":  # sidecars beside the shards
+            from mmpretrain.data.teacher_embed import with_sidecars
+
+            read = [with_sidecars(skips.bad_tar)]
         if source.keep is not None:  # a curated subset (data.sources[].keep): the others are not there
             read.append(wds.select(lambda raw: raw["__key__"] in source.keep))
         tag = wds.map(lambda raw: {**raw, "__source__": source.name})

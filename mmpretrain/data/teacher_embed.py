@@ -14,6 +14,17 @@ Train on the new shards with `objectives.distill.teacher=offline`. Samples the t
 read (bad media, no caption) and interleaved documents are written unchanged, without
 `teacher.npz`; training counts the former under their own skip reason and the rest as
 `missing_teacher`.
+
+Beside the old shards instead, when copying the corpus is not wanted:
+
+    python -m mmpretrain.data.teacher_embed 'shards/train-{000000..000009}.tar' \
+        --teacher runs/big/export --beside
+
+writes, for each local shard `train-000000.tar`, a sidecar `train-000000.teacher.tar` next to
+it holding only `__key__` and `teacher.npz` of its embedded samples, in the shard's order (a few
+KiB a sample). Training with `objectives.distill.teacher=offline` on the old shards reads each
+shard's sidecar beside it (`with_sidecars`); a sample whose shard has none, or which its
+sidecar lacks, is a `missing_teacher` skip.
 """
 
 from __future__ import annotations
@@ -23,11 +34,48 @@ import io
 import random
 import re
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 MEMBER = "teacher.npz"
+SIDECAR = ".teacher.tar"  # train-000000.tar -> train-000000.teacher.tar
+
+
+def sidecar_of(url: str) -> str:
+    """The sidecar shard beside shard `url` (--beside)."""
+    return url.removesuffix(".tar") + SIDECAR
+
+
+def with_sidecars(handler):
+    """A webdataset stage, {"url"} -> raw samples like `tarfile_to_samples(handler)`, each with
+    the `teacher.npz` of its shard's sidecar where the sidecar holds its key. A sidecar's keys
+    are its shard's embedded keys in the shard's order, so both are read once, side by side."""
+    import webdataset as wds
+
+    def stage(urls):
+        for entry in urls:
+            url = entry["url"]
+            shard = wds.tarfile_to_samples(handler=handler)(iter([entry]))
+            side = None
+            if not url.endswith(SIDECAR) and is_local_file(sidecar_of(url)):
+                side = wds.tarfile_to_samples(handler=handler)(iter([{"url": sidecar_of(url)}]))
+            head = next(side, None) if side else None
+            for raw in shard:
+                if head is not None and head["__key__"] == raw["__key__"]:
+                    raw = {**raw, MEMBER: head[MEMBER]}
+                    head = next(side, None)
+                yield raw
+
+    return stage
+
+
+def is_local_file(url: str) -> bool:
+    from mmpretrain.data.sources import is_local
+
+    return is_local(url) and Path(url.removeprefix("file:")).is_file()
 
 
 def teacher_members(parsed: list[dict], pretrained, batch_size: int) -> list[bytes]:
@@ -111,24 +159,46 @@ def read_member(data: bytes, caption: int, modalities: list[str]) -> tuple[dict,
     return out, len(text)
 
 
+def write_sidecar(url: str, raws) -> str:
+    """`url`'s sidecar from its samples (those of `samples([url], ...)`), written whole or not at all."""
+    import webdataset as wds
+
+    path = Path(sidecar_of(url).removeprefix("file:"))
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with wds.TarWriter(str(partial), mtime=int(time.time())) as sink:  # whole seconds: no pax headers
+            for raw in raws:
+                if MEMBER in raw:
+                    sink.write({"__key__": raw["__key__"], MEMBER: raw[MEMBER]})
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     from mmpretrain.config import ConfigError
     from mmpretrain.data.make_shards import write_shards
     from mmpretrain.data.sources import expand
     from mmpretrain.pretrained import load_pretrained
+    from tqdm.auto import tqdm
 
     p = argparse.ArgumentParser(prog="python -m mmpretrain.data.teacher_embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shards", nargs="+", help="shard patterns (brace ranges like train-{000000..000009}.tar)")
     p.add_argument("--teacher", required=True, help="an mmpretrain export folder (a run's export/)")
-    p.add_argument("--out", required=True, help="new shard name pattern with a %%d field, e.g. out/train-%%06d.tar")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="new shard name pattern with a %%d field, e.g. out/train-%%06d.tar")
+    where.add_argument("--beside", action="store_true",
+                       help="write <shard>.teacher.tar beside each (local) shard instead of new shards")
     p.add_argument("--max-count", type=int, default=10_000, help="samples per new shard (default 10000)")
     p.add_argument("--batch-size", type=int, default=64, help="samples the teacher embeds at once (default 64)")
     p.add_argument("--caption-keys", nargs="+", default=None, metavar="KEY",
                    help="where captions are, as the training run's data.caption_keys (default: its default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    if not re.search(r"%0?\d*d", a.out):
+    if a.out and not re.search(r"%0?\d*d", a.out):
         print("error: --out needs a %d field for the shard number, e.g. out/train-%06d.tar", file=sys.stderr)
         return 2
     try:
@@ -137,11 +207,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if a.beside and (remote := [u for u in urls if not is_local_file(u)]):
+        print(f"error: --beside writes next to local shards; {remote[0]!r} is not one (use --out)", file=sys.stderr)
+        return 2
     counts = {"embedded": 0, "documents": 0}
-    written = write_shards(samples(urls, pretrained, a.batch_size, counts, a.caption_keys), a.out, a.max_count, 1e6,
-                           progress=sys.stderr.isatty())
+    if a.beside:
+        written = [write_sidecar(url, samples([url], pretrained, a.batch_size, counts, a.caption_keys))
+                   for url in tqdm(urls, desc="shards", unit="shard", disable=not sys.stderr.isatty())]
+    else:
+        written = write_shards(samples(urls, pretrained, a.batch_size, counts, a.caption_keys), a.out, a.max_count,
+                               1e6, progress=sys.stderr.isatty())
     skipped = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("embedded", "documents"))
-    print(f"wrote {len(written)} shard(s) to {a.out}: {counts['embedded']} sample(s) with the teacher's embeddings, "
+    where = "beside their shards" if a.beside else f"to {a.out}"
+    print(f"wrote {len(written)} {'sidecar' if a.beside else 'shard'}(s) {where}: {counts['embedded']} sample(s) with the teacher's embeddings, "
           f"{counts['documents']} document(s) and {sum(counts.values()) - counts['embedded'] - counts['documents']} "
           f"unreadable sample(s) unchanged{f' ({skipped})' if skipped else ''}")
     return 0
