@@ -57,12 +57,11 @@ def with_sidecars(handler):
 
     def stage(urls):
         for entry in urls:
-            url = entry["url"]
             shard = wds.tarfile_to_samples(handler=handler)(iter([entry]))
-            side = None
-            if not url.endswith(SIDECAR) and is_local_file(sidecar_of(url)):
-                side = wds.tarfile_to_samples(handler=handler)(iter([{"url": sidecar_of(url)}]))
-            head = next(side, None) if side else None
+            beside = sidecar_of(entry["url"])
+            side = wds.tarfile_to_samples(handler=handler)(iter([{"url": beside}])) if is_local_file(beside) \
+                else iter(())
+            head = next(side, None)
             for raw in shard:
                 if head is not None and head["__key__"] == raw["__key__"]:
                     raw = {**raw, MEMBER: head[MEMBER]}
@@ -218,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         written = write_shards(samples(urls, pretrained, a.batch_size, counts, a.caption_keys), a.out, a.max_count,
                                1e6, progress=sys.stderr.isatty())
     skipped = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("embedded", "documents"))
-    where = "beside their shards" if a.beside else f"to {a.out}"
-    print(f"wrote {len(written)} {'sidecar' if a.beside else 'shard'}(s) {where}: {counts['embedded']} sample(s) with the teacher's embeddings, "
+    where = "sidecar(s) beside their shards" if a.beside else f"shard(s) to {a.out}"
+    print(f"wrote {len(written)} {where}: {counts['embedded']} sample(s) with the teacher's embeddings, "
           f"{counts['documents']} document(s) and {sum(counts.values()) - counts['embedded'] - counts['documents']} "
           f"unreadable sample(s) unchanged{f' ({skipped})' if skipped else ''}")
     return 0
