@@ -297,6 +297,8 @@ class Trainer:
                 if len(self.train_sources) > 1:
                     record["source_share"] = self._source_shares()
                 record["temperature"], record["memory"] = self._temperatures(), self._memory()
+                if self.task.objectives.logit_bias is not None:  # SigLIP's learned bias per pair
+                    record["bias"] = {k: float(v) for k, v in _full(self.task.objectives.logit_bias).items()}
                 if flops_per_token:
                     record.update(self._model_flops(flops_per_token * record["tokens_per_s"]))
                 self.data_wait = 0.0
@@ -335,9 +337,7 @@ class Trainer:
     def _temperatures(self) -> dict[str, float]:
         """Each pair's contrastive temperature, 1 / exp(logit scale) (collective under FSDP2: the
         scales are sharded)."""
-        full = {k: p.full_tensor() if hasattr(p, "full_tensor") else p
-                for k, p in self.task.objectives.logit_scale.items()}
-        return {pair: math.exp(-float(s)) for pair, s in full.items()}
+        return {pair: math.exp(-float(s)) for pair, s in _full(self.task.objectives.logit_scale).items()}
 
     def _memory(self) -> dict[str, float]:
         """This process's peak memory so far, GiB: CUDA allocated and reserved, or its resident set
@@ -372,6 +372,11 @@ def init_path(cfg: Config) -> Path | None:
         raise ConfigError(f"train.init_from: {cfg.train.init_from!r} is neither an export folder (model.safetensors) "
                           f"nor a complete checkpoint folder")
     return path
+
+
+def _full(params) -> dict[str, torch.Tensor]:
+    """A ParameterDict's values whole (a collective under FSDP2, where they are sharded)."""
+    return {k: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for k, p in params.items()}
 
 
 def _listed(sources: list[dict]) -> str:

@@ -1,12 +1,14 @@
 """SigLIP: the loss and every gradient against a dense float64 reference over the global batch, on
 1, 2 and 4 gloo ranks, ring and gather exchanges, chunked and not; open_clip's SigLipLoss on one."""
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mmpretrain import train
 from mmpretrain.objectives import Objectives, contrastive_losses, siglip_loss
 from mmpretrain.config import ObjectivesConfig
 from mmpretrain.model import ModelOutput
@@ -97,3 +99,16 @@ def test_objectives_siglip_takes_the_pairs_with_both_sides_and_the_papers_initia
     assert set(terms) == {"contrastive/text-image"}  # no sample has audio
     want = _dense(a[present], b[present], torch.tensor(10.0, dtype=torch.float64), -10.0)
     torch.testing.assert_close(terms["contrastive/text-image"].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_siglip_run_logs_each_pairs_bias_beside_its_temperature(tiny_cfg):
+    """`objectives.contrastive=siglip` through the trainer: each logged record carries the learned
+    bias of every pair (what a user reads to see SigLIP calibrate), moving from the paper's -10."""
+    cfg = tiny_cfg("train.steps=2", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=0",
+                   "objectives.contrastive=siglip", "run.name=siglip")
+    train.run(cfg)
+    metrics = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["bias"].keys() == m["temperature"].keys() == {"text-image", "text-audio", "image-audio"}
+    assert all(b != -10.0 and abs(b + 10) < 0.1 for b in metrics[-1]["bias"].values())
