@@ -1,7 +1,7 @@
 """Does distillation help? A smaller student of the main job, trained with and without the main
 job's export as its teacher, at equal steps, several seeds (CPU).
 
-    python benchmarks/distill_student.py [--teacher runs/demo/export] [--seeds 0 1 2] [--weight 1.0]
+    python benchmarks/distill_student.py [--teacher runs/demo/export] [--seeds 0 1 2] [--weight 1.0] [--temperature 1.0]
 
 The teacher is `--teacher` (an export of `configs/text_image_audio.yaml`), or trained here first
 with that config's defaults. The student is the same config at a smaller size (`STUDENT`: towers
@@ -44,6 +44,7 @@ def main() -> int:
     p.add_argument("--teacher", default=None, help="an export of the main job (default: train one first)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--weight", type=float, default=1.0, help="objectives.distill.weight")
+    p.add_argument("--temperature", type=float, default=1.0, help="objectives.distill.temperature")
     p.add_argument("--dir", default="runs/distill_student")
     p.add_argument("--out", default=None, help="JSON results (default: <dir>/results.json)")
     a = p.parse_args()
@@ -57,13 +58,15 @@ def main() -> int:
     for seed in a.seeds:  # the sides alternate, so a drifting machine hits both alike
         for side in runs:
             extra = [] if side == "alone" else [f"objectives.distill.teacher={teacher}",
-                                                f"objectives.distill.weight={a.weight}"]
+                                                f"objectives.distill.weight={a.weight}",
+                                                f"objectives.distill.temperature={a.temperature}"]
             r1 = train(out, f"{side}-{seed}", [*STUDENT, f"run.seed={seed}", *extra])
             runs[side].append(r1)
             print(f"{side:<10} seed {seed}: " + "  ".join(f"{k} {v:.2f}" for k, v in r1.items()), flush=True)
     directions = list(runs["alone"][0])
     means = {side: {k: statistics.mean(r[k] for r in rs) for k in directions} for side, rs in runs.items()}
-    print(f"\nstudent {' '.join(STUDENT)}, teacher {teacher}, weight {a.weight}, seeds {a.seeds}")
+    print(f"\nstudent {' '.join(STUDENT)}, teacher {teacher}, weight {a.weight}, temperature {a.temperature}, "
+          f"seeds {a.seeds}")
     print(f"{'direction':<14}{'alone':>8}{'distilled':>11}{'difference':>12}   per seed (alone / distilled)")
     for k in directions:
         seeds = "  ".join(f"{x[k]:.2f}/{y[k]:.2f}" for x, y in zip(runs["alone"], runs["distilled"]))
@@ -72,7 +75,7 @@ def main() -> int:
     mean = {side: statistics.mean(m.values()) for side, m in means.items()}
     print(f"{'mean':<14}{mean['alone']:>8.3f}{mean['distilled']:>11.3f}{mean['distilled'] - mean['alone']:>+12.3f}")
     Path(a.out or out / "results.json").write_text(json.dumps(
-        {"teacher": str(teacher), "student": STUDENT, "weight": a.weight, "seeds": a.seeds, "runs": runs,
+        {"teacher": str(teacher), "student": STUDENT, "weight": a.weight, "temperature": a.temperature, "seeds": a.seeds, "runs": runs,
          "means": means}, indent=1))
     return 0
 

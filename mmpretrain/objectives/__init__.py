@@ -108,7 +108,8 @@ class Objectives(nn.Module):
         teacher = getattr(self, "teacher", None)
         distilled = {}
         if teacher is not None and batch is not None and cfg.distill.weight:
-            distilled = distill_terms(out, *teacher.embed(batch), self.logit_scale, self.gather_group)
+            distilled = distill_terms(out, *teacher.embed(batch), self.logit_scale, self.gather_group,
+                                      cfg.distill.temperature)
         terms = contrastive_losses(out, self.logit_scale, self.gather_group, self.logit_bias, cfg.siglip_exchange,
                                    cfg.siglip_chunk) if cfg.contrastive_weight else {}
         loss = out.lm_hidden.new_zeros((), dtype=torch.float32)
