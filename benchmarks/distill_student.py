@@ -1,14 +1,17 @@
 """Does distillation help? A smaller student of the main job, trained with and without the main
 job's export as its teacher, at equal steps, several seeds (CPU).
 
-    python benchmarks/distill_student.py [--teacher runs/demo/export] [--seeds 0 1 2] [--weight 1.0] [--temperature 1.0]
+    python benchmarks/distill_student.py [--teacher runs/demo/export] [--seeds 0 1 2] [--weight 1.0]
+        [--temperature 1.0] [--alone runs/distill_student/results.json]
 
 The teacher is `--teacher` (an export of `configs/text_image_audio.yaml`), or trained here first
 with that config's defaults. The student is the same config at a smaller size (`STUDENT`: towers
 of width 48 and 2 layers, a decoder of width 64 and 1 layer), trained by `python -m
 mmpretrain.train` for the config's steps once without a teacher and once with
 `objectives.distill.teacher=<export>` per seed. Prints the final held-out R@1 of every direction per
-run, the means per side and the difference; `--out` writes them as JSON.
+run, the means per side and the difference; `--out` writes them as JSON. `--alone` takes the runs
+without a teacher from an earlier results file instead of training them again (the same student
+and seeds, so only what is distilled differs).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--weight", type=float, default=1.0, help="objectives.distill.weight")
     p.add_argument("--temperature", type=float, default=1.0, help="objectives.distill.temperature")
+    p.add_argument("--alone", default=None, help="a previous run's results.json: its runs without the teacher "
+                   "(the same student, seeds and machine) instead of training them again")
     p.add_argument("--dir", default="runs/distill_student")
     p.add_argument("--out", default=None, help="JSON results (default: <dir>/results.json)")
     a = p.parse_args()
@@ -55,8 +60,13 @@ def main() -> int:
         print("teacher:", train(out, "teacher", []), flush=True)
         teacher = out / "teacher" / "export"
     runs = {"alone": [], "distilled": []}
+    if a.alone:
+        before = json.loads(Path(a.alone).read_text())
+        if before["student"] != STUDENT or before["seeds"] != a.seeds:
+            sys.exit(f"--alone {a.alone}: another student or other seeds than this run's")
+        runs["alone"] = before["runs"]["alone"]
     for seed in a.seeds:  # the sides alternate, so a drifting machine hits both alike
-        for side in runs:
+        for side in ["distilled"] if a.alone else runs:
             extra = [] if side == "alone" else [f"objectives.distill.teacher={teacher}",
                                                 f"objectives.distill.weight={a.weight}",
                                                 f"objectives.distill.temperature={a.temperature}"]
