@@ -2,7 +2,7 @@
 job's export as its teacher, at equal steps, several seeds (CPU).
 
     python benchmarks/distill_student.py [--teacher runs/demo/export] [--seeds 0 1 2] [--weight 1.0]
-        [--temperature 1.0] [--alone runs/distill_student/results.json]
+        [--temperature 4.0] [--alone runs/distill_student/results.json]
 
 The teacher is `--teacher` (an export of `configs/text_image_audio.yaml`), or trained here first
 with that config's defaults. The student is the same config at a smaller size (`STUDENT`: towers
@@ -47,7 +47,7 @@ def main() -> int:
     p.add_argument("--teacher", default=None, help="an export of the main job (default: train one first)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--weight", type=float, default=1.0, help="objectives.distill.weight")
-    p.add_argument("--temperature", type=float, default=1.0, help="objectives.distill.temperature")
+    p.add_argument("--temperature", type=float, default=4.0, help="objectives.distill.temperature")
     p.add_argument("--alone", default=None, help="a previous run's results.json: its runs without the teacher "
                    "(the same student, seeds and machine) instead of training them again")
     p.add_argument("--dir", default="runs/distill_student")

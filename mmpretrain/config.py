@@ -254,8 +254,10 @@ class DistillConfig:
     teacher: str = ""  # "": none
     weight: float = _check(0.0, default=1.0)
     # Hinton's distillation temperature: both similarity matrices' logits divided by it (softer
-    # targets: the teacher's ranking beyond its top pick), the loss times its square; 1: open_clip's
-    temperature: float = _check(1e-3, default=1.0)
+    # targets: the teacher's ranking beyond its top pick), the loss times its square. 1 is
+    # open_clip's DistillClipLoss; 4 gave the demo's student +0.077 R@1 where 1 gave nothing
+    # (benchmarks/RESULTS.md)
+    temperature: float = _check(1e-3, default=4.0)
     # an open_clip model name (ViT-B-32, ...) or a model config JSON file: `teacher` is then a local
     # checkpoint of it (nothing is downloaded); the teacher embeds text and images
     open_clip_model: str = ""
