@@ -85,8 +85,8 @@ def main() -> int:
     mean = {side: statistics.mean(m.values()) for side, m in means.items()}
     print(f"{'mean':<14}{mean['alone']:>8.3f}{mean['distilled']:>11.3f}{mean['distilled'] - mean['alone']:>+12.3f}")
     Path(a.out or out / "results.json").write_text(json.dumps(
-        {"teacher": str(teacher), "student": STUDENT, "weight": a.weight, "temperature": a.temperature, "seeds": a.seeds, "runs": runs,
-         "means": means}, indent=1))
+        {"teacher": str(teacher), "student": STUDENT, "weight": a.weight, "temperature": a.temperature,
+         "seeds": a.seeds, "runs": runs, "means": means}, indent=1))
     return 0
 
 

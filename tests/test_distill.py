@@ -29,7 +29,7 @@ def test_distill_loss_is_open_clips():
     assert distill_loss(ta, tb, torch.tensor(50.0), ta, tb, 50.0) < ours
     # Hinton's temperature: open_clip's loss at both scales divided by it, times its square
     _, softened = DistillClipLoss()(a, b, torch.tensor(5.0), ta, tb, torch.tensor(12.5))
-    torch.testing.assert_close(distill_loss(a, b, torch.tensor(20.0), ta, tb, 50.0, soften=4.0), 16 * softened)
+    torch.testing.assert_close(distill_loss(a, b, torch.tensor(20.0), ta, tb, 50.0, temperature=4.0), 16 * softened)
 
 
 def test_a_run_distils_from_an_export_which_stays_frozen_and_outside_the_checkpoint(tiny_cfg):

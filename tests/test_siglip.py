@@ -1,7 +1,6 @@
 """SigLIP: the loss and every gradient against a dense float64 reference over the global batch, on
 1, 2 and 4 gloo ranks, ring and gather exchanges, chunked and not; open_clip's SigLipLoss on one."""
 
-import json
 import math
 
 import pytest
@@ -14,6 +13,7 @@ from mmpretrain.config import ObjectivesConfig
 from mmpretrain.model import ModelOutput
 
 from test_distributed import _join, _run_workers, _send
+from test_train import read_metrics
 
 
 def _dense(a, b, scale, bias):
@@ -107,7 +107,7 @@ def test_a_siglip_run_logs_each_pairs_bias_beside_its_temperature(tiny_cfg):
     cfg = tiny_cfg("train.steps=2", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=0",
                    "objectives.contrastive=siglip", "run.name=siglip")
     train.run(cfg)
-    metrics = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(cfg.run_dir)
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         assert m["bias"].keys() == m["temperature"].keys() == {"text-image", "text-audio", "image-audio"}

@@ -29,12 +29,12 @@ def soft_cross_entropy(teacher_logits: torch.Tensor, student_logits: torch.Tenso
 
 
 def distill_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor,
-                 teacher_scale: float, soften: float = 1.0) -> torch.Tensor:
+                 teacher_scale: float, temperature: float = 1.0) -> torch.Tensor:
     """Both directions' soft cross-entropy of matching rows: student (a, b, scale), teacher (ta, tb,
-    teacher_scale), all features normalised. `soften`: Hinton's distillation temperature, both
+    teacher_scale), all features normalised. `temperature`: Hinton's distillation temperature, both
     sides' logits divided by it and the loss multiplied by its square (1: open_clip's definition)."""
-    student, teacher = scale * a @ b.t() / soften, teacher_scale * ta @ tb.t() / soften
-    return soften ** 2 * (soft_cross_entropy(teacher, student) + soft_cross_entropy(teacher.t(), student.t())) / 2
+    student, teacher = scale * a @ b.t() / temperature, teacher_scale * ta @ tb.t() / temperature
+    return temperature ** 2 * (soft_cross_entropy(teacher, student) + soft_cross_entropy(teacher.t(), student.t())) / 2
 
 
 class Teacher:
@@ -164,9 +164,9 @@ def make_teacher(cfg, device: torch.device):
 
 
 def distill_terms(out, teacher_embeddings: dict[str, torch.Tensor], teacher_scale: dict[str, float], scales,
-                  group=None, soften: float = 1.0) -> dict[str, torch.Tensor]:
+                  group=None, temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """One term per student pair (`scales`) the teacher has too ("distill/text-image", ...), over
-    the rows of every rank in `group` with both sides (`soften` as distill_loss takes it). Every
+    the rows of every rank in `group` with both sides (`temperature` as distill_loss takes it). Every
     rank gathers the same keys (the student's modalities; zeros where this rank's teacher has none)."""
     from mmpretrain.objectives.infonce import gather_with_grad
 
@@ -183,5 +183,6 @@ def distill_terms(out, teacher_embeddings: dict[str, torch.Tensor], teacher_scal
         if int(both.sum()) < 2:
             continue
         terms[f"distill/{pair}"] = distill_loss(rows[f"s/{a}"][both], rows[f"s/{b}"][both], param.exp(),
-                                                rows[f"t/{a}"][both], rows[f"t/{b}"][both], teacher_scale[pair], soften)
+                                                rows[f"t/{a}"][both], rows[f"t/{b}"][both], teacher_scale[pair],
+                                                temperature)
     return terms
