@@ -25,6 +25,13 @@ from mmpretrain.data import demo
 ATTRIBUTES = ("colour", "shape", "place")
 
 
+def differs_only_in(concepts: list, attribute: str) -> torch.Tensor:
+    """(n, n) bool: concept j differs from concept i in `attribute` and in no other."""
+    return torch.tensor([[getattr(a, attribute) != getattr(b, attribute)
+                          and all(getattr(a, o) == getattr(b, o) for o in ATTRIBUTES if o != attribute)
+                          for b in concepts] for a in concepts])
+
+
 def geometry(export: str) -> dict[str, dict[str, float]]:
     """-> {pair: {"pair": mean cosine, "R@1": ..., "<attribute>": mean, "<attribute> closest": ...}}."""
     concepts = demo.all_concepts()
@@ -41,10 +48,7 @@ def geometry(export: str) -> dict[str, dict[str, float]]:
         sim = text @ emb.t()
         row = {"pair": sim.diag().mean().item(), "R@1": (sim.argmax(1) == torch.arange(len(sim))).float().mean().item()}
         for attribute in ATTRIBUTES:
-            # j differs from i in `attribute` alone
-            mask = torch.tensor([[getattr(a, attribute) != getattr(b, attribute)
-                                  and all(getattr(a, o) == getattr(b, o) for o in ATTRIBUTES if o != attribute)
-                                  for b in concepts] for a in concepts])
+            mask = differs_only_in(concepts, attribute)
             row[attribute] = sim[mask].mean().item()
             row[f"{attribute} closest"] = torch.where(mask, sim, -2.0).max(1).values.mean().item()
         out[f"text-{modality}"] = row
