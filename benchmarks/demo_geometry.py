@@ -7,9 +7,10 @@ Every one of the demo's 240 concepts (colour x shape x place, train and held-out
 afresh (fixed seed) and embedded with its caption. For text->image and text->audio it prints the
 mean cosine of the pairs, and for the negatives that differ from the query's concept in exactly one
 attribute (the hard ones: the two others are shared) their mean cosine and the mean of each query's
-closest such negative, per attribute; text-text likewise, for the captions alone. A model that ranks the pair first keeps every attribute's
-closest negative below the pair; R@1 over the 240 concepts is printed beside it (not the training
-run's held-out figure: more candidates, other renderings).
+closest such negative, per attribute; text-text likewise, for the captions alone. A model that
+ranks the pair first keeps every attribute's closest negative below the pair; R@1 over the 240
+concepts is printed beside it (not the training run's held-out figure: more candidates, other
+renderings).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from mmpretrain import load_pretrained
 from mmpretrain.data import demo
+from mmpretrain.eval.retrieval import recall_at_k
 
 ATTRIBUTES = ("colour", "shape", "place")
 
@@ -43,12 +45,13 @@ def geometry(export: str) -> dict[str, dict[str, float]]:
         text = model.encode_text([c.caption for c in concepts])
         media = {"image": model.encode_image(images), "audio": model.encode_audio(waves, demo.SAMPLE_RATE),
                  "text": text}  # text-text: how far apart the text tower puts captions (its pair: 1)
+    masks = {attribute: differs_only_in(concepts, attribute) for attribute in ATTRIBUTES}
+    pairs = torch.eye(len(concepts), dtype=torch.bool)
     out = {}
     for modality, emb in media.items():
         sim = text @ emb.t()
-        row = {"pair": sim.diag().mean().item(), "R@1": (sim.argmax(1) == torch.arange(len(sim))).float().mean().item()}
-        for attribute in ATTRIBUTES:
-            mask = differs_only_in(concepts, attribute)
+        row = {"pair": sim.diag().mean().item(), **recall_at_k(sim, pairs, ks=(1,))}
+        for attribute, mask in masks.items():
             row[attribute] = sim[mask].mean().item()
             row[f"{attribute} closest"] = torch.where(mask, sim, -2.0).max(1).values.mean().item()
         out[f"text-{modality}"] = row
