@@ -6,8 +6,8 @@ Both sides train on the same shards (the built-in `demo-relations` corpus: two o
 side or one above the other, captions that bind colour to shape and name the relation), at
 matched sizes: ViT 32 px / patch 4 / width 96 / 3 layers / 4 heads, a text path of width 128,
 2 layers, 4 heads over open_clip's BPE with a 16-token context, embedding 128; the same batch
-(128), steps, learning rate (2e-3), warm-up (30), weight decay (0.05), AdamW betas (0.9, 0.98) and
-eps (1e-8), random resized crops of 85-100% area. Ours is `python -m mmpretrain.train
+(128), steps, eps (1e-8) and random resized crops of 85-100% area, and the learning rate, warm-up,
+weight decay and AdamW betas of ours' config (with the `--ours` overrides) passed to open_clip. Ours is `python -m mmpretrain.train
 configs/text_image_audio.yaml` with the image modality and the relations corpus (its shipped
 defaults otherwise; `--ours` adds overrides, for ablations); open_clip's CLIP is trained by
 open_clip's own entry point (`open_clip_train.main`, the `bench` extra) with a model config of
@@ -93,7 +93,16 @@ def train_ours(out: Path, seed: int, steps: int, overrides: list[str]) -> tuple[
     return timed(cmd, out / f"ours-{seed}.log", out / f"ours-{seed}"), out / f"ours-{seed}" / "export"
 
 
-def train_open_clip(out: Path, seed: int, steps: int, shards: str) -> tuple[float, Path]:
+def optimizer_flags(overrides: list[str]) -> list[str]:
+    """open_clip's optimizer flags from ours' config and overrides: both sides train alike."""
+    from mmpretrain.config import load_config
+
+    t = load_config(ROOT / "configs/text_image_audio.yaml", overrides).train
+    return ["--lr", str(t.lr), "--warmup", str(t.warmup_steps), "--wd", str(t.weight_decay),
+            "--beta1", str(t.betas[0]), "--beta2", str(t.betas[1])]
+
+
+def train_open_clip(out: Path, seed: int, steps: int, shards: str, overrides: list[str]) -> tuple[float, Path]:
     epochs = steps * 128 // SAMPLES_PER_EPOCH
     if epochs * SAMPLES_PER_EPOCH != steps * 128:
         sys.exit(f"--steps must be a multiple of {SAMPLES_PER_EPOCH // 128} (open_clip trains whole epochs)")
@@ -102,7 +111,7 @@ def train_open_clip(out: Path, seed: int, steps: int, shards: str) -> tuple[floa
     (cfg_dir / f"{OPENCLIP_MODEL}.json").write_text(json.dumps(OPENCLIP_CFG, indent=1))
     args = ["--model", OPENCLIP_MODEL, "--train-data", shards, "--dataset-type", "webdataset",
             "--train-num-samples", str(SAMPLES_PER_EPOCH), "--epochs", str(epochs), "--batch-size", "128",
-            "--lr", "2e-3", "--warmup", "30", "--wd", "0.05", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-8",
+            *optimizer_flags(overrides), "--eps", "1e-8",
             "--aug-cfg", "scale=(0.85,1.0)", "ratio=(0.9,1.1)",
             "--image-mean", *map(str, MEAN_STD), "--image-std", *map(str, MEAN_STD), "--workers", "1", "--precision", "fp32",
             "--device", "cpu", "--seed", str(seed), "--logs", str(out), "--name", f"open_clip-{seed}",
@@ -240,7 +249,7 @@ def main() -> int:
                 seconds = next(r["seconds"] for r in timed_before[side] if r["seed"] == seed)
             else:
                 seconds, _ = (train_ours(out, seed, a.steps, a.ours) if side == "ours" else
-                              train_open_clip(out, seed, a.steps, shards["train"]))
+                              train_open_clip(out, seed, a.steps, shards["train"], a.ours))
             scores = (score_ours(out / f"ours-{seed}" / "export", data) if side == "ours" else
                       score_open_clip(open_clip_checkpoint(out, seed, a.steps), out, data))
             rows[side].append({"seed": seed, **scores, "seconds": seconds})
