@@ -1,7 +1,7 @@
 """Pretraining entry point.
 
     python -m mmpretrain.train configs/text_image_audio.yaml [key.path=value ...] [--print-config]
-    mmpretrain-train text_image_audio train.steps=50        # a shipped config by name, from any folder
+    mmpretrain-train text_image_audio train.steps=800       # a shipped config by name, from any folder
     python -m mmpretrain.train --print-config train.steps=100  # no config file: the built-in defaults
     torchrun --nproc_per_node N -m mmpretrain.train configs/text_image_audio.yaml
 

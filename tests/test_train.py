@@ -300,9 +300,9 @@ def test_a_shipped_config_by_name_from_any_folder(capsys, tmp_path, monkeypatch)
     from mmpretrain.config import load_config, to_yaml
 
     monkeypatch.chdir(tmp_path)  # no configs/ here
-    expected = to_yaml(load_config(ROOT / "configs" / "text_image_audio.yaml", ["train.steps=70"]))
+    expected = to_yaml(load_config(ROOT / "configs" / "text_image_audio.yaml", ["train.steps=700"]))
     for name in ("text_image_audio", "text_image_audio.yaml"):
-        assert train.main([name, "train.steps=70", "--print-config"]) == 0
+        assert train.main([name, "train.steps=700", "--print-config"]) == 0
         assert capsys.readouterr().out == expected
     assert train.main(["text_image_audoi", "--print-config"]) == 2
     err = capsys.readouterr().err
