@@ -8,8 +8,9 @@ matched sizes: ViT 32 px / patch 4 / width 96 / 3 layers / 4 heads, a text path 
 2 layers, 4 heads over open_clip's BPE with a 16-token context, embedding 128; the same batch
 (128), steps, eps (1e-8) and random resized crops of 85-100% area, and the learning rate, warm-up,
 weight decay and AdamW betas of ours' config (with the `--ours` overrides) passed to open_clip.
-Ours is `python -m mmpretrain.train configs/text_image_audio.yaml` with the image modality and the relations corpus (its shipped
-defaults otherwise; `--ours` adds overrides, for ablations); open_clip's CLIP is trained by
+Ours is `python -m mmpretrain.train configs/text_image_audio.yaml` with the image modality and the
+relations corpus (its shipped defaults otherwise; `--ours` adds overrides, for ablations);
+open_clip's CLIP is trained by
 open_clip's own entry point (`open_clip_train.main`, the `bench` extra) with a model config of
 those sizes written here. Both are then scored by the same code (`mmpretrain.eval.retrieval`'s
 CLIP_benchmark definitions) on the 240 held-out scenes, each with both phrasings as queries.
