@@ -10,9 +10,8 @@ matched sizes: ViT 32 px / patch 4 / width 96 / 3 layers / 4 heads, a text path 
 weight decay and AdamW betas of ours' config (with the `--ours` overrides) passed to open_clip.
 Ours is `python -m mmpretrain.train configs/text_image_audio.yaml` with the image modality and the
 relations corpus (its shipped defaults otherwise; `--ours` adds overrides, for ablations);
-open_clip's CLIP is trained by
-open_clip's own entry point (`open_clip_train.main`, the `bench` extra) with a model config of
-those sizes written here. Both are then scored by the same code (`mmpretrain.eval.retrieval`'s
+open_clip's CLIP is trained by open_clip's own entry point (`open_clip_train.main`, the `bench`
+extra) with a model config of those sizes written here. Both are then scored by the same code (`mmpretrain.eval.retrieval`'s
 CLIP_benchmark definitions) on the 240 held-out scenes, each with both phrasings as queries.
 Wall-clock is each training command's, start to exit, run one at a time.
 
