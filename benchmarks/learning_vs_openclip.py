@@ -11,8 +11,9 @@ weight decay and AdamW betas of ours' config (with the `--ours` overrides) passe
 Ours is `python -m mmpretrain.train configs/text_image_audio.yaml` with the image modality and the
 relations corpus (its shipped defaults otherwise; `--ours` adds overrides, for ablations);
 open_clip's CLIP is trained by open_clip's own entry point (`open_clip_train.main`, the `bench`
-extra) with a model config of those sizes written here. Both are then scored by the same code (`mmpretrain.eval.retrieval`'s
-CLIP_benchmark definitions) on the 240 held-out scenes, each with both phrasings as queries.
+extra) with a model config of those sizes written here. Both are then scored by the same code
+(`mmpretrain.eval.retrieval`'s CLIP_benchmark definitions) on the 240 held-out scenes, each with
+both phrasings as queries.
 Wall-clock is each training command's, start to exit, run one at a time.
 
 Prints text->image R@1 / R@5 and image->text R@1 per seed and side, the means, and the ratios;
