@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "text_image_audio.yaml"  # ours; its optimizer settings are open_clip's too
 OPENCLIP_MODEL = "mmp-relations-vit"
 OPENCLIP_CFG = {  # the sizes of ours under configs/text_image_audio.yaml's towers
     "embed_dim": 128,
@@ -87,7 +88,7 @@ def timed(cmd: list[str], log_file: Path, run_dir: Path) -> float:
 
 def train_ours(out: Path, seed: int, steps: int, overrides: list[str]) -> tuple[float, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mmpretrain.train", "configs/text_image_audio.yaml", f"run.dir={out}",
+    cmd = [sys.executable, "-m", "mmpretrain.train", str(CONFIG), f"run.dir={out}",
            f"run.name=ours-{seed}", f"run.seed={seed}", "model.modalities=[image]",
            "data.sources=[demo-relations]", "data.eval_sources=[demo-relations]", f"train.steps={steps}",
            "train.eval_every=0", "train.checkpoint_every=0", "train.progress=false", *overrides]
@@ -98,7 +99,7 @@ def optimizer_flags(overrides: list[str]) -> list[str]:
     """open_clip's optimizer flags from ours' config and overrides: both sides train alike."""
     from mmpretrain.config import load_config
 
-    t = load_config(ROOT / "configs/text_image_audio.yaml", overrides).train
+    t = load_config(CONFIG, overrides).train
     return ["--lr", str(t.lr), "--warmup", str(t.warmup_steps), "--wd", str(t.weight_decay),
             "--beta1", str(t.betas[0]), "--beta2", str(t.betas[1])]
 

@@ -1,8 +1,10 @@
+import importlib.util
 import io
 import os
 import random
 import signal
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,15 @@ from mmpretrain.data.samples import SampleParser
 from mmpretrain.tokenizer import Tokenizer
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def benchmark(name: str):
+    """benchmarks/<name>.py imported as module `name` (not a package: loaded from its file), registered
+    in sys.modules, where dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 

@@ -1,7 +1,6 @@
 """benchmarks/demo_geometry.py: the negatives it compares are those that differ in one attribute
 alone, and its figures are cosines of a real export's embeddings."""
 
-import importlib.util
 import math
 
 from mmpretrain.build import build_task
@@ -10,11 +9,9 @@ from mmpretrain.data import demo
 from mmpretrain.export import export_model
 from mmpretrain.tokenizer import Tokenizer
 
-from conftest import ROOT
+from conftest import ROOT, benchmark
 
-spec = importlib.util.spec_from_file_location("demo_geometry", ROOT / "benchmarks" / "demo_geometry.py")
-demo_geometry = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(demo_geometry)
+demo_geometry = benchmark("demo_geometry")
 
 
 def test_each_concepts_hard_negatives_are_the_other_values_of_one_attribute():

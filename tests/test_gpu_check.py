@@ -1,17 +1,14 @@
 """benchmarks/gpu_check.py must be ready to run when a GPU machine comes: it runs on CPU (saying
 there is no CUDA), writes its JSON, and reads the figures out of its parts' outputs."""
 
-import importlib.util
 import json
 import sys
 
 import torch
 
-from conftest import ROOT, run
+from conftest import ROOT, benchmark, run
 
-spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-spec.loader.exec_module(gpu_check)
+gpu_check = benchmark("gpu_check")
 
 
 def test_runs_on_cpu_and_writes_its_report(tmp_path):

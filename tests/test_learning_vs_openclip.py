@@ -1,15 +1,11 @@
 """benchmarks/learning_vs_openclip.py: open_clip is given ours' optimizer settings, overrides included,
 so a change of the shipped defaults cannot leave the two sides training differently."""
 
-import importlib.util
-
 from mmpretrain.config import load_config
 
-from conftest import ROOT
+from conftest import benchmark
 
-spec = importlib.util.spec_from_file_location("learning_vs_openclip", ROOT / "benchmarks" / "learning_vs_openclip.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = benchmark("learning_vs_openclip")
 
 
 def flag(flags: list[str], name: str) -> float:
@@ -17,7 +13,7 @@ def flag(flags: list[str], name: str) -> float:
 
 
 def test_open_clip_trains_with_ours_schedule_and_optimizer():
-    t = load_config(ROOT / "configs/text_image_audio.yaml").train
+    t = load_config(bench.CONFIG).train
     flags = bench.optimizer_flags([])
     assert [flag(flags, f) for f in ("--lr", "--warmup", "--wd", "--beta1", "--beta2")] == \
         [t.lr, t.warmup_steps, t.weight_decay, *t.betas]
