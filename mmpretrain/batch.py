@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -74,3 +75,16 @@ def collate(samples: list[dict], media_shapes: dict[str, tuple], context_length:
     return Batch([s["__key__"] for s in samples], tokens, lengths, media, present, documents=documents,
                  captions=[s["captions"] for s in samples], teacher=teacher,
                  teacher_scale=taught[0]["scale"] if taught else {})
+
+
+def coverage(batch: Batch, pairs: list[str]) -> collections.Counter:
+    """Samples of `batch` that reach each modality's tower ("image", in pairs or documents) and
+    each contrastive pair of `pairs` ("text-image", "image-audio": samples with both sides; every
+    media-caption pair has its text)."""
+    has = {"text": torch.ones(len(batch.keys), dtype=torch.bool), **{m: p.cpu() for m, p in batch.present.items()}}
+    seen = collections.Counter({m: int(p.sum()) for m, p in batch.present.items()})
+    seen.update(kind for doc in batch.documents for kind, _ in doc if kind != "text")
+    for pair in pairs:
+        a, b = pair.split("-")
+        seen[pair] += int((has[a] & has[b]).sum())
+    return seen

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
     set_model_state_dict,
-    set_state_dict,
+    set_optimizer_state_dict,
 )
 
 from mmpretrain.config import ConfigError
@@ -183,13 +183,26 @@ def load_checkpoint(path: Path, task: nn.Module, optimizer) -> dict:
     path = Path(path)
     rank, world = _rank()
     state = _tensors(task, optimizer)
+    _only_saved_optimizer_state(state["optimizer"], tensor_shapes(path))
     dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    set_state_dict(task, optimizer, model_state_dict=state["task"], optim_state_dict=state["optimizer"])
+    set_model_state_dict(task, state["task"])
+    # not strict: parameters without saved state (above) are expected
+    set_optimizer_state_dict(task, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
     writers = json.loads((path / MARKER).read_text())["world_size"]
     if writers == world:
         return torch.load(path / f"rank_{rank:05d}.pt", weights_only=True) | {"writers": writers}
     every = [torch.load(f, weights_only=True) for f in sorted(path.glob("rank_*.pt"))]
     return every[rank if rank < writers else 0] | {"writers": writers, "all": every}
+
+
+def _only_saved_optimizer_state(optim_state: dict, saved: dict) -> None:
+    """Drop from `optim_state` (what the fresh optimizer would load: `get_state_dict` gives every
+    parameter a state) the parameters the checkpoint holds no state for: those that never had a
+    gradient in the writing run (a tower, or a pair's temperature, that saw no data). They stay
+    without state, as in the uninterrupted run, where AdamW creates it at their first gradient."""
+    for name in [n for n, s in optim_state["state"].items()
+                 if not any(f"optimizer.state.{n}.{k}" in saved for k in s)]:
+        del optim_state["state"][name]
 
 
 def weight_shapes(path: Path) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from mmpretrain import checkpoint, parallel
 from mmpretrain.attention import resolve_backend
+from mmpretrain.batch import coverage
 from mmpretrain.build import build, train_step
 from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_dict, to_yaml
 from mmpretrain.data import BatchStream
@@ -47,6 +48,7 @@ from mmpretrain.runlog import RunLog
 from mmpretrain.tokenizer import Tokenizer
 
 log = logging.getLogger("mmpretrain")
+COVERAGE_STEPS = 20  # a session's first steps, whose batches show which towers and pairs get data
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,13 +107,16 @@ class Trainer:
         self.data_wait = 0.0  # seconds spent waiting for batches since the last record
         self.step = 0
         self.signalled: int | None = None
+        self.flops_per_token: float | None = None  # counted on the run's first step (`_counted_step`)
+        self.coverage: collections.Counter | None = collections.Counter()  # see `_say_what_saw_no_data`
         self.saver: checkpoint.AsyncCheckpointer | None = None  # made at the first background save
 
     # ------------------------------------------------------------------ state
     def local_state(self) -> dict:
         """This rank's own part of a checkpoint (the tensors go through DCP)."""
         return {"scheduler": self.scheduler.state_dict(), "step": self.step, "data": self.stream.state_dict(),
-                "sources": [to_dict(s) for s in self.cfg.data.sources], "rng": rng_state()}
+                "sources": [to_dict(s) for s in self.cfg.data.sources], "rng": rng_state(),
+                "steps": self.cfg.train.steps, "flops_per_token": self.flops_per_token}
 
     def maybe_resume(self) -> None:
         """Load the checkpoint `train.resume` names, if any, or the weights `train.init_from` names,
@@ -125,6 +130,10 @@ class Trainer:
             same_ranks = state["writers"] == self.env.world_size
             if same_ranks:
                 set_rng_state(state["rng"])
+                # counted anew, the FLOPs would be counted on this session's first step, whose
+                # kernels under FlopCounterMode round differently: the resume would not be exact
+                self.flops_per_token = state.get("flops_per_token")
+            self._follow_schedule(state.get("steps"), state["step"])
             if not self.keeps_data(state["sources"]):
                 log.warning("train.resume_data=reset: the data start afresh (epoch 0 of data.sources); "
                             "weights, optimizer and step are the checkpoint's")
@@ -144,6 +153,20 @@ class Trainer:
             # fresh optimizer, schedule, data position and step
             log.info("%s", checkpoint.load_weights(self.task, self.init_from, self.env.rank, self.env.world_size))
         self.log.trim(self.step)
+
+    def _follow_schedule(self, theirs: int | None, step: int) -> None:
+        """A resume with another train.steps than the checkpoint's run (`theirs`, None in older
+        checkpoints) goes on along this run's schedule (warm-up and decay over train.steps) from
+        `step` on, and says so."""
+        if theirs == self.cfg.train.steps:
+            return
+        before = self.scheduler.get_last_lr()[0]
+        self.scheduler.last_epoch -= 1
+        self.scheduler.step()  # the learning rates of this run's schedule at the checkpoint's step
+        if theirs is not None:
+            log.warning("train.steps=%d, the checkpoint's run had %d: the learning-rate schedule (warm-up and "
+                        "decay) is this run's from step %d on: lr %.3g there, %.3g in the checkpoint's",
+                        self.cfg.train.steps, theirs, step, self.scheduler.get_last_lr()[0], before)
 
     def keeps_data(self, theirs: list[dict]) -> bool:
         """Whether the checkpoint's data position goes on: it was written for these data.sources
@@ -209,7 +232,10 @@ class Trainer:
         """`batches` moved to the device, the time spent waiting for each added to `data_wait`."""
         while True:
             waited = time.perf_counter()
-            batch = next(batches).to(self.device, non_blocking=True)
+            batch = next(batches)
+            if self.coverage is not None:
+                self.coverage.update(coverage(batch, list(self.task.objectives.logit_scale)))
+            batch = batch.to(self.device, non_blocking=True)
             self.data_wait += time.perf_counter() - waited
             yield batch
 
@@ -279,14 +305,15 @@ class Trainer:
         batches = iter(self.stream)
         t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
         t_start, first = t_last, self.step  # this session's pace, for the ETA
-        flops_per_token = None  # counted on this session's first step
         while self.step < cfg.steps:
-            if self.step == first and self.cfg.parallel.compile != "on":
-                values, flops_per_token = self._counted_step(batches)
+            if self.flops_per_token is None and self.step == first and self.cfg.parallel.compile != "on":
+                values, self.flops_per_token = self._counted_step(batches)
             else:
                 values = self.train_step(batches)
             self.step += 1
             bar.update(1)
+            if self.coverage is not None and (self.step - first == COVERAGE_STEPS or self.step == cfg.steps):
+                self._say_what_saw_no_data(self.step - first)
             samples += values.get("samples", 0.0) * replicas
             tokens += values.get("tokens", 0.0) * replicas
             if values and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
@@ -299,8 +326,8 @@ class Trainer:
                 record["temperature"], record["memory"] = self._temperatures(), self._memory()
                 if self.task.objectives.logit_bias is not None:  # SigLIP's learned bias per pair
                     record["bias"] = {k: float(v) for k, v in _full(self.task.objectives.logit_bias).items()}
-                if flops_per_token:
-                    record.update(self._model_flops(flops_per_token * record["tokens_per_s"]))
+                if self.flops_per_token:
+                    record.update(self._model_flops(self.flops_per_token * record["tokens_per_s"]))
                 self.data_wait = 0.0
                 t_last, samples, tokens = time.perf_counter(), 0.0, 0.0
                 bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
@@ -319,6 +346,26 @@ class Trainer:
                     plot_curves(self.run_dir)  # what the run got to, as at its end
                 raise Preempted(f"stopped by a signal after step {self.step}; checkpoint written, "
                                 f"run the same command again to resume")
+
+    def _say_what_saw_no_data(self, steps: int) -> None:
+        """Collective: warn, once, of the towers and contrastive pairs that no sample of this
+        session's first `steps` steps reached (on any rank): they do not train, and what leaves
+        them out of the model."""
+        seen = parallel.sum_counts(self.coverage, self.env.group("dp"))
+        self.coverage = None
+        towers = [m for m in self.cfg.model.modalities if not seen[m]]
+        pairs = [p for p in self.task.objectives.logit_scale if not seen[p] and not set(p.split("-")) & set(towers)]
+        if not self.env.is_main:
+            return
+        if towers:
+            kept = [m for m in self.cfg.model.modalities if m not in towers]
+            log.warning("no sample of the first %d steps has %s: the %s tower(s) do not train "
+                        "(model.modalities=[%s] leaves them out)", steps, " or ".join(towers), " and ".join(towers),
+                        ", ".join(kept))
+        if pairs:
+            log.warning("no sample of the first %d steps has both sides of %s: the pair's temperature does "
+                        "not train%s", steps, " or ".join(pairs), " (objectives.media_pairs=false leaves out "
+                        "the media pairs)" if any("text" not in p.split("-") for p in pairs) else "")
 
     def _source_shares(self) -> dict[str, float]:
         """Realised proportions of the sources over the run so far, all data-parallel ranks."""

@@ -157,6 +157,47 @@ def write_shards(folder, name: str, samples: int, per_shard: int) -> str:
     return str(folder / f"{name}-{{000000..{(samples - 1) // per_shard:06d}}}.tar")
 
 
+def write_partial_shards(folder, name: str, samples: int, drop: tuple[str, ...]) -> str:
+    """One shard of demo samples without the media in `drop` ("png", "flac") -> its path."""
+    with wds.TarWriter(str(folder / f"{name}.tar")) as sink:
+        for i in range(samples):
+            sink.write({k: v for k, v in sample_dict(i).items() if k not in drop})
+    return str(folder / f"{name}.tar")
+
+
+@pytest.mark.parametrize("data", ["image-only", "image-or-audio"])
+def test_resume_when_a_tower_or_a_pair_saw_no_data(tiny_cfg, tmp_path, caplog, data):
+    """Own data that trains some parameters only (the audio tower on image-only shards; the
+    image-audio temperature where no sample has both): the first run says what saw no data, and
+    its checkpoint, where those parameters have no optimizer state, resumes: with more steps (the
+    schedule's change said), or after a crash to the weights of the uninterrupted run, bit for bit."""
+    images = write_partial_shards(tmp_path, "images", 16, ("flac",))
+    sources = [images] if data == "image-only" else [images, write_partial_shards(tmp_path, "audio", 16, ("png",))]
+    own = [f"data.sources=[{', '.join(sources)}]", f"data.eval_sources=[{images}]", "train.batch_size=8"]
+    said = {"image-only": "no sample of the first 1 steps has audio: the audio tower(s) do not train "
+                          "(model.modalities=[image] leaves them out)",
+            "image-or-audio": "no sample of the first 2 steps has both sides of image-audio: the pair's temperature "
+                              "does not train (objectives.media_pairs=false leaves out the media pairs)"}[data]
+    with caplog.at_level("INFO", logger="mmpretrain"):
+        if data == "image-only":  # train.steps=1, then the same command with train.steps=3
+            train.run(tiny_cfg(*own, "train.steps=1", "run.name=cut"))
+            assert said in caplog.messages
+            train.run(tiny_cfg(*own, "train.steps=3", "run.name=cut"))
+            assert "train.steps=3, the checkpoint's run had 1: the learning-rate schedule" in caplog.text
+            assert [m["step"] for m in read_metrics(tmp_path / "runs" / "cut")] == [1, 2, 3]
+            return
+        cut = tiny_cfg(*own, "train.steps=3", "train.checkpoint_every=1", "run.name=cut")
+        run_until_crash(cut, after_step=1)
+        train.run(cut)  # from step 1: the session's first 2 steps
+        assert said in caplog.messages
+    assert "resumed from" in caplog.text and "the checkpoint's run had" not in caplog.text
+    whole = tiny_cfg(*own, "train.steps=3", "run.name=whole")
+    train.run(whole)
+    resumed, uninterrupted = (read_tensors(latest_checkpoint(c.run_dir), "") for c in (cut, whole))
+    assert resumed.keys() == uninterrupted.keys()
+    assert [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])] == []
+
+
 def test_resume_at_the_end_of_an_epoch_goes_on_to_the_next(demo_cache, tmp_path):
     """96 samples in 3 shards, batches of 16: 6 steps (one epoch, nothing left over), then the same
     command with train.steps=8 resumes into the second epoch, where 8 steps in one go stand."""
