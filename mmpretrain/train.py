@@ -310,7 +310,9 @@ class Trainer:
                     pace = (time.perf_counter() - t_start) / (self.step - first)  # seconds per step
                     log.info("%s", _log_line(record, cfg.steps, pace))
             if self.step < cfg.steps and any(s.due(self.step) for s in self.eval_sets):
-                bar.write(f"step {self.step}: " + _eval_line(self.evaluate()))
+                line = f"step {self.step}: " + _eval_line(self.evaluate())  # (a collective)
+                if self.env.is_main:
+                    bar.write(line)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self.save(background=True)
             if self._any_rank(self.signalled is not None):
@@ -492,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     config, overrides = args.config, args.overrides
     if config is not None and "=" in config and not Path(config).exists():  # overrides only
         config, overrides = None, [config, *overrides]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=parallel.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
         cfg = load_config(config and config_path(config), overrides)
