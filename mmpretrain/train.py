@@ -43,7 +43,7 @@ from mmpretrain.export import export_model
 from mmpretrain.model import check_memory
 from mmpretrain.parallel.fsdp import gathered
 from mmpretrain.plots import plot_curves, plot_reconstructions
-from mmpretrain.runlog import RunLog
+from mmpretrain.runlog import RunLog, source_tags
 from mmpretrain.tokenizer import Tokenizer
 
 log = logging.getLogger("mmpretrain")
@@ -100,7 +100,7 @@ class Trainer:
         self.evaluator = Evaluator(self.task.model, cfg, self.tokenizer, device, env.dp_rank, env.dp_size,
                                    lambda obj: parallel.gather_objects(obj, env.group("dp")))
         wandb = {"project": cfg.log.wandb_project, "config": to_dict(cfg)} if cfg.log.wandb else None
-        self.log = RunLog(self.run_dir, env.is_main, wandb)
+        self.log = RunLog(self.run_dir, env.is_main, wandb, source_tags(cfg.data.sources))
         self.skips_logged: collections.Counter = collections.Counter()  # skips already in metrics.jsonl
         self.data_wait = 0.0  # seconds spent waiting for batches since the last record
         self.step = 0
