@@ -74,14 +74,15 @@ def curves_figure(run_dir: Path):
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
     ax_loss.legend(fontsize=8)
     retrieval = sorted({name for e in evals for name, r in e.items() if name != "step" and "acc1" not in r})
-    pairs = {}  # (set, {a, b}) -> its name ("text-image"): a colour each, the two directions told
-    chances = {}  # apart by line and marker (equal curves stay visible); items -> pairs of chance 1/items
+    # a colour per (set, pair), its two directions told apart by line and marker so that equal curves
+    # stay visible; chance is 1 / the items a pair ranks, a line per distinct count
+    pairs, chances = {}, {}  # (set, {a, b}) -> "text-image"; items -> those pairs
     for name in retrieval:
         runs = [e for e in evals if name in e]
         prefix = "" if retrieval == ["retrieval"] else f"{name} "
         for k in runs[-1][name]:
             pair = (name, frozenset(k.split("->")))
-            style = dict(ls="--", marker="s", ms=9, mfc="none") if pair in pairs else dict(marker="o")
+            style = {"ls": "--", "marker": "s", "ms": 9, "mfc": "none"} if pair in pairs else {"marker": "o"}
             pairs.setdefault(pair, prefix + k.replace("->", "-"))
             ax_r1.plot([e["step"] for e in runs], [e[name][k]["R@1"] for e in runs], label=prefix + k,
                        color=f"C{list(pairs).index(pair)}", **style)
