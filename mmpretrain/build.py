@@ -59,7 +59,7 @@ def build(cfg: Config, env: parallel.DistEnv, device: torch.device,
     log.info("parameters: %s", parameter_table(task.model))
     if not sharded:
         task.to(device)
-    wrapped = parallel.parallelize(task, env, cfg.parallel, device.type, bf16)
+    wrapped = parallel.parallelize(task, env, cfg.parallel, device.type, bf16, bool(unused_parameter_keys(cfg)))
     if sharded:
         from mmpretrain.parallel.fsdp import materialize
 
@@ -77,6 +77,23 @@ def build(cfg: Config, env: parallel.DistEnv, device: torch.device,
     scheduler = build_scheduler(optimizer, cfg.train)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     return Built(tokenizer, task, wrapped, optimizer, scheduler, autocast, bf16)
+
+
+def unused_parameter_keys(cfg: Config) -> list[str]:
+    """The settings under which some trainable parameter may get no gradient in a step ([]: every
+    one gets one in every step, on every rank), for DDP's find_unused_parameters: data whose
+    samples may lack a modality (its tower, its pairs' temperatures), an objective left out (the
+    heads only it uses), masked modelling (its decoders rest in the unmasked phase), experts (one
+    may be routed no token)."""
+    from mmpretrain.data.sources import FULLY_PAIRED
+
+    paired = all(set(cfg.model.modalities) <= set(FULLY_PAIRED.get(s.pattern, ())) for s in cfg.data.sources
+                 if s.weight > 0)
+    o = cfg.objectives
+    causes = {"data.sources": not paired, "objectives.contrastive_weight": not o.contrastive_weight,
+              "objectives.next_token_weight": not o.next_token_weight, "objectives.masked_weight": o.masked_weight,
+              "model.decoder.moe.experts": cfg.model.decoder.moe.experts}
+    return [key for key, cause in causes.items() if cause]
 
 
 def load_pretrained_parts(model: MultimodalModel, cfg: Config) -> None:

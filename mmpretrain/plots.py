@@ -19,6 +19,14 @@ def _by_set(record: dict) -> dict:
     return record
 
 
+def _items(result: dict, direction: str) -> int:
+    """The candidates a query of `direction` ranks, by which chance R@1 is 1 / items: a retrieval
+    result's n counts queries, so text->image takes image->text's n (its images, where several
+    captions may share one), the other directions their own."""
+    a, b = direction.split("->")
+    return result.get(f"{b}->{a}", result[direction])["n"] if a == "text" else result[direction]["n"]
+
+
 def _configured_shares(run_dir: Path) -> dict[str, float]:
     """{source name: weight / total} from the run's config.yaml ({} if it cannot be read)."""
     import yaml
@@ -66,15 +74,22 @@ def curves_figure(run_dir: Path):
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
     ax_loss.legend(fontsize=8)
     retrieval = sorted({name for e in evals for name, r in e.items() if name != "step" and "acc1" not in r})
-    chances = set()
+    # a colour per (set, pair), its two directions told apart by line and marker so that equal curves
+    # stay visible; chance is 1 / the items a pair ranks, a line per distinct count
+    pairs, chances = {}, {}  # (set, {a, b}) -> "text-image"; items -> those pairs
     for name in retrieval:
         runs = [e for e in evals if name in e]
+        prefix = "" if retrieval == ["retrieval"] else f"{name} "
         for k in runs[-1][name]:
-            label = k if retrieval == ["retrieval"] else f"{name} {k}"
-            ax_r1.plot([e["step"] for e in runs], [e[name][k]["R@1"] for e in runs], marker="o", label=label)
-            chances.add(runs[-1][name][k]["n"])
-    if chances:  # the largest set's, the lowest
-        ax_r1.axhline(1 / max(chances), color="gray", ls=":", label=f"chance (1/{max(chances)})")
+            pair = (name, frozenset(k.split("->")))
+            style = {"ls": "--", "marker": "s", "ms": 9, "mfc": "none"} if pair in pairs else {"marker": "o"}
+            pairs.setdefault(pair, prefix + k.replace("->", "-"))
+            ax_r1.plot([e["step"] for e in runs], [e[name][k]["R@1"] for e in runs], label=prefix + k,
+                       color=f"C{list(pairs).index(pair)}", **style)
+            chances.setdefault(_items(runs[-1][name], k), set()).add(pairs[pair])
+    for n, which in sorted(chances.items()):
+        ax_r1.axhline(1 / n, color="gray", ls=":", lw=1,
+                      label=f"chance (1/{n})" + (f": {', '.join(sorted(which))}" if len(chances) > 1 else ""))
     ax_r1.set(xlabel="step", ylabel="R@1", title="held-out zero-shot retrieval", ylim=(0, 1))
     if retrieval:
         ax_r1.legend(fontsize=8)

@@ -1,8 +1,9 @@
 """The run's records: `metrics.jsonl` (one line per logged step) and `eval/history.jsonl` (one line
-per evaluation: {"step", <set name>: its headline metrics}), each number of them also in TensorBoard
+per evaluation: {"step", <set name>: its headline metrics}), each metric of them also in TensorBoard
 event files under `tb/train/` and `tb/eval/` (`tensorboard --logdir runs`; tags such as
-`retrieval/text->image/R@1`, `image-shape/acc1`). Only the main process writes them. With
-`log.wandb=true` (the `wandb` extra) every number also goes to a Weights & Biases run
+`retrieval/text->image/R@1`, `image-shape/acc1`, `source_share/<source name or index>`; a set's
+size, classes and chosen weight decay stay in the records only). Only the main process writes them. With
+`log.wandb=true` (the `wandb` extra) every metric also goes to a Weights & Biases run
 (train/<key>, eval/<set>/<metric>), one per run folder, continued on resume; `WANDB_MODE=offline`
 keeps it in `wandb/` of the run folder with no network."""
 
@@ -14,11 +15,23 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+# numbers of an evaluation that describe it rather than measure it (the set's size, its classes,
+# the probe's chosen weight decay): kept in history.jsonl, not charted
+NOT_METRICS = frozenset({"n", "classes", "weight_decay"})
+
+
+def source_tags(sources) -> dict[str, str]:
+    """{"source_share/<label>": "source_share/<name or index>"} for `data.sources`: an unnamed
+    source's label is its shard pattern, which makes no tag (a path of braces and slashes)."""
+    return {f"source_share/{s.label}": f"source_share/{s.name or i}" for i, s in enumerate(sources)}
+
 
 class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool, wandb: dict | None = None):
-        """`wandb`: wandb.init's project and config (None: no W&B); only `enabled` (the main process) logs."""
+    def __init__(self, run_dir: Path, enabled: bool, wandb: dict | None = None, tags: dict[str, str] | None = None):
+        """`wandb`: wandb.init's project and config (None: no W&B); only `enabled` (the main process) logs.
+        `tags`: a record's key path -> its tag in TensorBoard and W&B, where they differ (`source_tags`)."""
         self.run_dir = Path(run_dir)
+        self.tags = tags or {}
         self._wandb_init, self._wandb = (wandb if enabled else None), None
         if self._wandb_init is not None:
             _import_wandb()  # before training: a missing package is a config error, not a crash at step 1
@@ -49,7 +62,7 @@ class RunLog:
             self._metrics.write(json.dumps(record) + "\n")
             self._metrics.flush()
             step = record["step"]
-            values = dict(_numbers({k: v for k, v in record.items() if k != "step"}))
+            values = self._tagged(_numbers({k: v for k, v in record.items() if k != "step"}))
             _add_scalars(self._writer("train", step), step, values)
             self._to_wandb("train", step, values)
 
@@ -60,9 +73,13 @@ class RunLog:
             self.history_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.history_path, "a") as f:
                 f.write(json.dumps({"step": step, **results}) + "\n")
-            values = dict(_numbers(results))
+            values = self._tagged((k, v) for k, v in _numbers(results) if k.rsplit("/", 1)[-1] not in NOT_METRICS)
             _add_scalars(self._writer("eval", step), step, values)
             self._to_wandb("eval", step, values)
+
+    def _tagged(self, numbers) -> dict[str, float]:
+        """(key path, number) pairs -> {tag: number}, renamed by `tags`."""
+        return {self.tags.get(k, k): v for k, v in numbers}
 
     def _to_wandb(self, kind: str, step: int, values: dict[str, float]) -> None:
         if self._wandb_init is None:

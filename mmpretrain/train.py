@@ -44,7 +44,7 @@ from mmpretrain.export import export_model
 from mmpretrain.model import check_memory
 from mmpretrain.parallel.fsdp import gathered
 from mmpretrain.plots import plot_curves, plot_reconstructions
-from mmpretrain.runlog import RunLog
+from mmpretrain.runlog import RunLog, source_tags
 from mmpretrain.tokenizer import Tokenizer
 
 log = logging.getLogger("mmpretrain")
@@ -102,7 +102,7 @@ class Trainer:
         self.evaluator = Evaluator(self.task.model, cfg, self.tokenizer, device, env.dp_rank, env.dp_size,
                                    lambda obj: parallel.gather_objects(obj, env.group("dp")))
         wandb = {"project": cfg.log.wandb_project, "config": to_dict(cfg)} if cfg.log.wandb else None
-        self.log = RunLog(self.run_dir, env.is_main, wandb)
+        self.log = RunLog(self.run_dir, env.is_main, wandb, source_tags(cfg.data.sources))
         self.skips_logged: collections.Counter = collections.Counter()  # skips already in metrics.jsonl
         self.data_wait = 0.0  # seconds spent waiting for batches since the last record
         self.step = 0
@@ -337,7 +337,9 @@ class Trainer:
                     pace = (time.perf_counter() - t_start) / (self.step - first)  # seconds per step
                     log.info("%s", _log_line(record, cfg.steps, pace))
             if self.step < cfg.steps and any(s.due(self.step) for s in self.eval_sets):
-                bar.write(f"step {self.step}: " + _eval_line(self.evaluate()))
+                line = f"step {self.step}: " + _eval_line(self.evaluate())  # (a collective)
+                if self.env.is_main:
+                    bar.write(line)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self.save(background=True)
             if self._any_rank(self.signalled is not None):
@@ -539,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     config, overrides = args.config, args.overrides
     if config is not None and "=" in config and not Path(config).exists():  # overrides only
         config, overrides = None, [config, *overrides]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=parallel.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
         cfg = load_config(config and config_path(config), overrides)

@@ -4,6 +4,7 @@ definitions, its weight-decay search, the CLIs, their errors and the feature cac
 import io
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -164,6 +165,21 @@ def test_linear_probe_separates_separable_embeddings_and_leaves_the_rng_alone():
     head = linear_probe.fit_head(x[:150], y[:150], 4, 1e-4)
     assert torch.equal(torch.get_rng_state(), state)
     assert (head(x[150:]).argmax(1) == y[150:]).all()
+
+
+def test_linear_probe_shows_a_bar_of_its_fits(monkeypatch, capsys):
+    """The weight-decay sweep (a dozen fits, then the refit) shows its progress when asked (the CLI
+    asks on a terminal), counting each fit, and ends complete; nothing when not asked."""
+    fits, fit = [], linear_probe.fit_head
+    monkeypatch.setattr(linear_probe, "fit_head", lambda *a, **kw: fits.append(a[3]) or fit(*a, **kw))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 8, generator=g), torch.arange(40) % 3
+    linear_probe.probe_features(x, y, x, y, ["a", "b", "c"], epochs=1)
+    assert capsys.readouterr().err == ""
+    fits.clear()
+    linear_probe.probe_features(x, y, x, y, ["a", "b", "c"], progress=True, epochs=1)
+    shown = [tuple(map(int, c)) for c in re.findall(r"linear probe:.*?(\d+)/(\d+) \[", capsys.readouterr().err)]
+    assert shown[0] == (0, linear_probe.MAX_FITS) and len(fits) > 7 and shown[-1] == (len(fits), len(fits))
 
 
 # ---------------------------------------------------------------------------- the CLIs

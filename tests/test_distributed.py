@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from mmpretrain import parallel
 from mmpretrain.config import ParallelConfig, load_config
-from mmpretrain.build import build_task
+from mmpretrain.build import build, build_task, train_step
 from mmpretrain.model import ModelOutput
 from mmpretrain.objectives import contrastive_losses
 
@@ -123,6 +123,8 @@ def test_torchrun_two_processes(demo_cache, tmp_path):
                                "train.warmup_steps=1")  # the schedule as far as step 2 is the same for 2 and 3 steps
     assert [m["step"] for m in metrics] == [1, 2]
     assert "2 process(es)" in stderr
+    assert stderr.count("INFO mmpretrain: parameters:") == 1  # rank 0's INFO lines only
+    assert "find_unused_parameters" not in stderr  # the paired demo corpus: DDP is not told to search
     assert json.loads((run / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
     stderr, resumed = _torchrun(2, "tiny.yaml", demo_cache, run, "train.steps=3", "train.log_every=1",
                                  "train.warmup_steps=1")
@@ -130,6 +132,38 @@ def test_torchrun_two_processes(demo_cache, tmp_path):
     _, whole = _torchrun(2, "tiny.yaml", demo_cache, tmp_path / "runs" / "whole", "train.steps=3", "train.log_every=1",
                           "train.warmup_steps=1")
     assert_same_run([m["loss"] for m in resumed], [m["loss"] for m in whole])
+
+
+def _ddp_worker(rank, world, port, queue):
+    """Two DDP steps of tiny.yaml on batches of image, audio and captions, with data.sources the
+    paired demo corpus, then own shards (which may lack a modality) in batches without audio."""
+    env = _join(rank, world, port)
+    results = []
+    for sources, audio in (("demo", True), ("own-{000..003}.tar", False)):
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.sources=[{sources}]", "train.device=cpu"])
+        built = build(cfg, env, torch.device("cpu"))
+        torch.manual_seed(rank)
+        batch, _ = synthetic_batch(cfg, n=4)
+        batch.present["audio"][:] = audio
+        before = {n: p.detach().clone() for n, p in built.task.named_parameters()}
+        for step in range(2):
+            train_step(built.task, built.wrapped, built.optimizer, built.scheduler, built.autocast, iter([batch]),
+                       cfg.train, step)
+        still = sorted(n for n, p in built.task.named_parameters() if torch.equal(p.detach(), before[n]))
+        results.append((built.wrapped.find_unused_parameters, still))
+    _send(queue, rank, results)
+    parallel.cleanup()
+
+
+def test_ddp_searches_for_unused_parameters_only_where_some_may_be_unused():
+    """DDP's find_unused_parameters follows the config: off on the paired demo corpus (every
+    parameter trains), on for own shards, where a batch without audio leaves the audio tower and
+    its pairs' temperatures without gradient, and untouched, as on one process."""
+    audio_pairs = {"objectives.logit_scale.text-audio", "objectives.logit_scale.image-audio"}
+    for rank, (paired_run, (find_unused, still)) in _run_workers(_ddp_worker):
+        assert paired_run == (False, []), rank
+        assert find_unused and audio_pairs | {"model.towers.audio.fusion.to_decoder.weight"} <= set(still), rank
+        assert all(n.startswith("model.towers.audio.") or n in audio_pairs for n in still), still
 
 
 SP_CFG = ["model.decoder.heads=4", "model.decoder.width=32", "model.decoder.layers=2",

@@ -20,27 +20,77 @@ def read_metrics(run_dir):
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_in_tensorboard(records: list[dict], folder) -> set[str]:
-    """The event files in `folder`, read as TensorBoard reads them, hold each number of the jsonl
-    `records` at its step (as float32), tagged by its keys ("temperature/text-image"), and nothing
-    else: no step twice after a resume -> the tags."""
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """The event files in `folder`, read as TensorBoard reads them: {tag: [(step, value), ...]}."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def assert_in_tensorboard(records: list[dict], folder) -> set[str]:
+    """The event files in `folder` hold each metric of the jsonl `records` at its step (as float32),
+    tagged by its keys ("temperature/text-image"), and nothing else (not an evaluation's n, classes
+    or weight_decay; no step twice after a resume) -> the tags."""
     def numbers(tree, prefix=""):
         for k, v in tree.items():
             if isinstance(v, dict):
                 yield from numbers(v, f"{prefix}{k}/")
-            elif isinstance(v, (int, float)):
+            elif isinstance(v, (int, float)) and k not in ("n", "classes", "weight_decay"):
                 yield prefix + k, v
 
     expected = {}
     for r in records:
         for tag, v in numbers({k: v for k, v in r.items() if k != "step"}):
             expected.setdefault(tag, []).append((r["step"], struct.unpack("f", struct.pack("f", v))[0]))
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    events.Reload()
-    assert {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]} == expected
+    assert tensorboard_scalars(folder) == expected
     return set(expected)
+
+
+def test_tensorboard_tags_sources_by_name_or_index_and_charts_metrics_only(tmp_path):
+    """A source is charted by its name, or its index in data.sources, never by its shard pattern; an
+    evaluation's metrics are charted, not its set's size, classes or the probe's weight decay."""
+    from mmpretrain.config import load_config
+    from mmpretrain.runlog import RunLog, source_tags
+
+    cfg = load_config(None, ["data.sources=[{pattern: 'laion/train-{000..009}.tar'}, {pattern: cc.tar, name: cc}]"])
+    log = RunLog(tmp_path, True, tags=source_tags(cfg.data.sources))
+    log.metrics({"step": 1, "loss": 2.0, "source_share": {"laion/train-{000..009}.tar": 0.25, "cc": 0.75}})
+    log.eval(1, {"retrieval": {"text->image": {"R@1": 0.5, "n": 100}},
+                 "shapes-probe": {"acc1": 0.75, "n": 100, "weight_decay": 0.01, "classes": 6}})
+    log.close()
+    assert tensorboard_scalars(tmp_path / "tb" / "train") == {"loss": [(1, 2.0)], "source_share/0": [(1, 0.25)],
+                                                              "source_share/cc": [(1, 0.75)]}
+    assert tensorboard_scalars(tmp_path / "tb" / "eval") == {"retrieval/text->image/R@1": [(1, 0.5)],
+                                                             "shapes-probe/acc1": [(1, 0.75)]}
+    assert json.loads((tmp_path / "eval" / "history.jsonl").read_text())["shapes-probe"]["classes"] == 6  # kept
+
+
+def test_curves_tell_the_two_directions_apart_and_draw_each_pairs_chance(tmp_path):
+    """curves.png's retrieval panel: a pair's two directions in one colour, told apart by line and
+    marker (equal recalls stay visible), and chance at 1 / the items each pair ranks: one line per
+    distinct count (two captions per image: text->image's n counts 200 queries of 100 images)."""
+    from mmpretrain.plots import curves_figure
+
+    def result(n_items, captions=1):
+        return {"R@1": 0.3, "n": n_items * captions}
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    history = {"step": 1, "retrieval": {"text->image": result(100, 2), "image->text": result(100),
+                                        "text->audio": result(100), "audio->text": result(100)},
+               "audio-only": {"text->audio": result(40), "audio->text": result(40)}}
+    (tmp_path / "eval" / "history.jsonl").write_text(json.dumps(history) + "\n")
+    ax = curves_figure(tmp_path).axes[1]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    style = lambda label: (lines[label].get_linestyle(), lines[label].get_marker())  # noqa: E731
+    for a, b in (("text", "image"), ("text", "audio")):
+        forth, back = f"retrieval {a}->{b}", f"retrieval {b}->{a}"
+        assert style(forth) != style(back) and lines[forth].get_color() == lines[back].get_color()
+    assert style("audio-only text->audio") != style("audio-only audio->text")
+    chance = sorted(line.get_ydata()[0] for label, line in lines.items() if label.startswith("chance"))
+    assert chance == [1 / 100, 1 / 40]
 
 
 def test_smoke_run_through_the_real_entry_point(demo_cache, tmp_path):

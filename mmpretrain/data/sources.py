@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # patterns naming a built-in corpus
 DEMO_CORPORA = ("demo", "demo-docs", "demo-video", "demo-relations", "demo-noisy")
+# the media every training sample of a built-in corpus holds, with its caption (the others' vary)
+FULLY_PAIRED = {"demo": ("image", "audio")}
 URL_TIMEOUT = 10  # seconds an http(s) shard may take to answer the check
 
 

@@ -9,6 +9,7 @@ with a validation split (here 20% of train, held out with a fixed seed): 97 valu
 logspace(-6, 2), first 7 evenly spread ones, then around the best at spans 8, 4, 2, 1, keeping
 the one with the best validation top-1; the head is then refitted on all of train with it and
 reported on --split (acc1, acc5, mean_per_class_recall, as zero-shot classification reports them).
+On a terminal a progress bar counts the fits.
 
 Embeddings are cached under the run's eval/features/, keyed by a hash of the model's weights,
 the dataset folder and its shards, and the split: a second probe (or a sweep) does not re-encode.
@@ -28,6 +29,7 @@ from mmpretrain.eval.classify import classification_metrics, cli, embed_split, r
 
 LR, EPOCHS, BATCH_SIZE, VAL_PROPORTION, SEED = 0.1, 10, 64, 0.2, 0
 WEIGHT_DECAYS = np.logspace(-6, 2, num=97).tolist()
+MAX_FITS = 7 + 2 * 4 + 1  # the sweep's first 7, two new neighbours at each of 4 spans, the refit
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -79,9 +81,10 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: flo
     return head.eval()
 
 
-def sweep_weight_decay(x_train, y_train, x_val, y_val, n_classes: int, **fit) -> float:
+def sweep_weight_decay(x_train, y_train, x_val, y_val, n_classes: int, bar=None, **fit) -> float:
     """CLIP_benchmark's search: 7 of WEIGHT_DECAYS, then the best and its neighbours at spans 8, 4, 2, 1
-    (`find_peak`: the first best validation top-1 wins; index 0 when none is above 0)."""
+    (`find_peak`: the first best validation top-1 wins; index 0 when none is above 0). `bar`: a
+    tqdm bar advanced by each fit."""
     accuracy = {}
 
     def val_acc1(i):
@@ -89,6 +92,8 @@ def sweep_weight_decay(x_train, y_train, x_val, y_val, n_classes: int, **fit) ->
             head = fit_head(x_train, y_train, n_classes, WEIGHT_DECAYS[i], **fit)
             with torch.no_grad():
                 accuracy[i] = (head(x_val).argmax(dim=1) == y_val).double().mean().item()
+            if bar is not None:
+                bar.update(1)
         return accuracy[i]
 
     def find_peak(idxs):
@@ -107,32 +112,40 @@ def sweep_weight_decay(x_train, y_train, x_val, y_val, n_classes: int, **fit) ->
 
 
 def linear_probe(pretrained, dataset: str | Path, split: str = "test", batch_size: int = 64,
-                 cache_dir: Path | None = None, **fit) -> dict:
-    """Fit on DIR/train with the swept weight decay, report on DIR/<split>."""
+                 cache_dir: Path | None = None, progress: bool = False, **fit) -> dict:
+    """Fit on DIR/train with the swept weight decay, report on DIR/<split>; `progress`: a bar of the fits."""
     dataset = Path(dataset)
     classnames = read_classnames(dataset)
     x, y, modality = cached_features(pretrained, dataset, "train", batch_size, cache_dir)
     x_test, y_test, _ = cached_features(pretrained, dataset, split, batch_size, cache_dir)
-    return {**probe_features(x, y, x_test, y_test, classnames, **fit), "modality": modality}
+    return {**probe_features(x, y, x_test, y_test, classnames, progress, **fit), "modality": modality}
 
 
-def probe_features(x, y, x_test, y_test, classnames: list[str], **fit) -> dict:
+def probe_features(x, y, x_test, y_test, classnames: list[str], progress: bool = False, **fit) -> dict:
     """The protocol on embeddings: the weight decay swept on 20% of (x, y) held out, the head refitted
-    on all of it, reported on (x_test, y_test)."""
+    on all of it, reported on (x_test, y_test). `progress`: a bar of the fits on stderr."""
+    from tqdm.auto import tqdm
+
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(SEED))
     n_val = int(round(VAL_PROPORTION * len(x)))
     val, train = perm[:n_val], perm[n_val:]
-    wd = sweep_weight_decay(x[train], y[train], x[val], y[val], len(classnames), **fit)
-    head = fit_head(x, y, len(classnames), wd, **fit)
+    # MAX_FITS at most: the sweep skips the neighbours it has fitted, so the total is set at the end
+    with tqdm(total=MAX_FITS, desc="linear probe", unit="fit", disable=not progress) as bar:
+        wd = sweep_weight_decay(x[train], y[train], x[val], y[val], len(classnames), bar, **fit)
+        bar.set_postfix(weight_decay=f"{wd:.1e}")
+        head = fit_head(x, y, len(classnames), wd, **fit)
+        bar.update(1)
+        bar.total = bar.n
     with torch.no_grad():
         logits = head(x_test)
     return {**classification_metrics(logits, y_test, classnames), "weight_decay": wd, "n_train": len(x)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli("linear_probe", __doc__,
-               lambda model, dataset, split, bs, eval_dir: linear_probe(model, dataset, split, bs, eval_dir / "features"),
-               argv)
+    def run(model, dataset, split, batch_size, eval_dir):  # a bar of the sweep's fits on a terminal
+        return linear_probe(model, dataset, split, batch_size, eval_dir / "features", progress=sys.stderr.isatty())
+
+    return cli("linear_probe", __doc__, run, argv)
 
 
 if __name__ == "__main__":

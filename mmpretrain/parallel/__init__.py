@@ -11,6 +11,7 @@ files stay single-device.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from dataclasses import dataclass
 
@@ -99,11 +100,13 @@ def sharded(env: DistEnv, cfg: ParallelConfig) -> bool:
 
 
 def parallelize(task: nn.Module, env: DistEnv, cfg: ParallelConfig, device_type: str = "cpu",
-                bf16: bool = False) -> nn.Module:
+                bf16: bool = False, find_unused: bool = True) -> nn.Module:
     """Compile, sequence parallelism and checkpointing on the blocks, then FSDP2 (dp_shard=fsdp)
     or DDP over the dp dimension around `task` (the module whose forward uses every parameter).
     `task` may still be on the meta device for FSDP2 (`fsdp.materialize` allocates it
-    afterwards). Returns what to call."""
+    afterwards). `find_unused`: whether some parameter may get no gradient in a step (DDP's
+    find_unused_parameters; `build.unused_parameter_keys` decides it from the config). Returns
+    what to call."""
     decoder = task.model.decoder
     fsdp = sharded(env, cfg)
     if cfg.compile == "on":  # the blocks themselves, before wrappers reach into them (auto: off, see config)
@@ -127,10 +130,17 @@ def parallelize(task: nn.Module, env: DistEnv, cfg: ParallelConfig, device_type:
         raise ConfigError("parallel.tp with data parallelism needs parallel.dp_shard=fsdp (FSDP2 on the dp x tp mesh); "
                           "DDP does not take tensor-parallel parameters")
     ids = [env.local_rank] if device_type == "cuda" else None
-    # find_unused_parameters: a batch may lack a modality pair, leaving that pair's temperature
-    # (and a tower) without gradient on some steps.
+    # Without find_unused_parameters a parameter that gets no gradient (a tower whose modality a
+    # batch lacks, that pair's temperature) fails the next step; with it DDP walks the autograd
+    # graph every step, and warns when it finds nothing.
     return nn.parallel.DistributedDataParallel(task, device_ids=ids, process_group=env.group("dp"),
-                                               find_unused_parameters=True)
+                                               find_unused_parameters=find_unused)
+
+
+def log_level() -> int:
+    """INFO on the first process (or alone), WARNING and above on torchrun's others: each INFO
+    line once, not once per rank. Read from torchrun's RANK, before the process group exists."""
+    return logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
