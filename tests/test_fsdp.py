@@ -235,6 +235,22 @@ def test_torchrun_fsdp_trains_checkpoints_and_resumes_on_one_process(demo_cache,
     assert [m["step"] for m in map(json.loads, (run_dir / "metrics.jsonl").open())] == [1, 2, 3]
 
 
+def test_torchrun_fsdp_resumes_when_a_tower_saw_no_data(demo_cache, tmp_path):
+    """FSDP2 on 2 ranks over image-only shards (the audio tower gets no gradient and no optimizer
+    state; under FSDP2 the unused temperatures of the root unit get zeros), stopped and resumed
+    on 2 ranks."""
+    from test_train import write_partial_shards
+
+    images = write_partial_shards(tmp_path, "images", 32, ("flac",))
+    own = [f"data.sources=[{images}]", f"data.eval_sources=[{images}]", "train.batch_size=8",
+           "parallel.dp_shard=fsdp", "train.log_every=1"]
+    run_dir = tmp_path / "runs" / "fsdp"
+    stderr, _ = _torchrun(2, "tiny.yaml", demo_cache, run_dir, "train.steps=1", *own)
+    assert "has audio: the audio tower(s) do not train" in stderr
+    stderr, metrics = _torchrun(2, "tiny.yaml", demo_cache, run_dir, "train.steps=2", *own)
+    assert "written by 2 process(es)" in stderr and [m["step"] for m in metrics] == [1, 2]
+
+
 def test_torchrun_fsdp_bf16_mixed_precision_trains_evaluates_and_exports_fp32(demo_cache, tmp_path):
     """train.precision=bf16 under FSDP2 (bf16 compute parameters, fp32 reduction and shards), as
     on GPUs: the losses follow fp32's, the evaluation runs (it once met bf16 parameters with fp32
