@@ -202,3 +202,27 @@ def test_similarity_from_a_trained_run_and_without_temperatures(tiny_cfg, tmp_pa
     (export / "objectives.safetensors").unlink()  # an export without them is incomplete
     with pytest.raises(FileNotFoundError, match="no objectives.safetensors here"):
         mmpretrain.load_pretrained(export)
+
+
+def test_a_run_its_export_and_a_checkpoint_name_one_model_in_python_and_every_cli(tiny_cfg, tmp_path, capsys):
+    from mmpretrain.eval import classify, linear_probe, retrieval
+
+    cfg = tiny_cfg("train.steps=1", "run.name=named")
+    train.run(cfg)
+    folders = [cfg.run_dir, cfg.run_dir / "export", latest_checkpoint(cfg.run_dir)]
+    models = [mmpretrain.load_pretrained(folder) for folder in folders]
+    img, txt = [m.encode_image([picture(0)]) for m in models], [m.encode_text(["a red circle"]) for m in models]
+    for i in (1, 2):
+        torch.testing.assert_close(img[i], img[0])
+        torch.testing.assert_close(txt[i], txt[0])
+        assert models[i].logit_scale == models[0].logit_scale  # a checkpoint's temperatures too
+    with pytest.raises(FileNotFoundError, match=r"^load_pretrained .*nowhere: no such folder; expected a run folder"):
+        mmpretrain.load_pretrained(tmp_path / "nowhere")
+
+    capsys.readouterr()
+    dataset = ["--dataset", str(tmp_path)]
+    for main, more in ((retrieval.main, []), (classify.main, dataset), (linear_probe.main, dataset)):
+        for flag in ("--model", "--run"):  # one flag, --run its alias; tmp_path holds no model
+            assert main([flag, str(tmp_path), *more]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: --model {tmp_path}: holds no export") and err.count("\n") == 1, err

@@ -5,10 +5,10 @@ query for media retrieval (found when its own item is in the top k); for text
 retrieval each item is a query, found when *any* of its captions is in the
 top k. Media-to-media queries are found when the same item is in the top k.
 
-    python -m mmpretrain.eval.retrieval --run runs/demo --shards 'eval-{000..003}.tar'
+    python -m mmpretrain.eval.retrieval --model runs/demo --shards 'eval-{000..003}.tar'
 
-`--run` is a run folder (its export/, or its newest checkpoint before there is one),
-an export/ folder or a checkpoint folder (runs/demo/checkpoints/step_00000400). The
+`--model` (or `--run`) is a run folder (its export/, or its newest checkpoint before there is
+one), an export/ folder or a checkpoint folder (runs/demo/checkpoints/step_00000400). The
 table is written beside the training run's own eval/retrieval.json, never over it,
 named after the shards (and the checkpoint): eval/retrieval-eval-000..003.json.
 """
@@ -135,35 +135,6 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def load_model(path: Path, device, flag: str = "--run"):
-    """A run folder, an export/ folder or a checkpoint folder -> (Pretrained, its config, the run's
-    eval/ folder, "-step_XXXXXXXX" for a checkpoint else ""). `flag`: the option errors name."""
-    from mmpretrain.checkpoint import is_checkpoint, latest_checkpoint, read_tensors
-    from mmpretrain.config import ConfigError, load_config
-    from mmpretrain.model import MultimodalModel
-    from mmpretrain.pretrained import Pretrained, load_pretrained
-    from mmpretrain.tokenizer import Tokenizer
-
-    expected = "expected a run folder (runs/<name>), its export/ or one of its checkpoints/step_* folders"
-    if not path.is_dir():
-        raise ConfigError(f"{flag} {path}: no such folder; {expected}")
-    if (path / "export" / "model.safetensors").is_file():
-        path = path / "export"
-    if (path / "model.safetensors").is_file():
-        return load_pretrained(path, device), load_config(path / "config.yaml"), path.parent / "eval", ""
-    checkpoint = path if is_checkpoint(path) else latest_checkpoint(path)
-    if checkpoint is None:
-        raise ConfigError(f"{flag} {path}: holds no export (model.safetensors) and no complete checkpoint; "
-                          f"{expected}")
-    run = checkpoint.parent.parent
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{flag} {checkpoint}: its run folder {run} has no config.yaml")
-    cfg = load_config(run / "config.yaml")
-    model = MultimodalModel(cfg.model, Tokenizer(cfg.model.text).vocab_size)
-    model.load_state_dict(read_tensors(checkpoint, prefix="task.model."))
-    return Pretrained(model, cfg.model).to(device), cfg, run / "eval", f"-{checkpoint.name}"
-
-
 def default_out(eval_dir: Path, patterns: list[str], suffix: str = "") -> Path:
     """eval/retrieval-<shards><suffix>.json, named after the shard patterns' last two path parts
     ('/data/coco/test-{000..003}.tar' -> retrieval-coco-test-000..003.json): beside the training
@@ -179,10 +150,11 @@ def default_out(eval_dir: Path, patterns: list[str], suffix: str = "") -> Path:
 def main(argv: list[str] | None = None) -> int:
     from mmpretrain.config import ConfigError
     from mmpretrain.data.sources import expand, resolve_sources
+    from mmpretrain.pretrained import add_model_argument, open_model
 
     p = argparse.ArgumentParser(prog="python -m mmpretrain.eval.retrieval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a run folder, its export/ folder or a checkpoint folder")
+    add_model_argument(p, required=True)
     p.add_argument("--shards", default=None,
                    help="shard pattern (brace expansion); default: the run's data.eval_sources")
     p.add_argument("--out", default=None, help="JSON output (default: <run>/eval/retrieval-<shards>.json)")
@@ -193,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     try:
-        pretrained, cfg, eval_dir, suffix = load_model(Path(args.run), args.device)
+        pretrained, cfg, where = open_model(args.model, args.device, "--model")
         urls = expand([args.shards], "--shards") if args.shards else resolve_sources(cfg.data, "eval")
         probe_eval(urls, cfg, pretrained.tokenizer, "--shards" if args.shards else "data.eval_sources")
     except ConfigError as e:
@@ -202,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(pretrained.model, cfg, pretrained.tokenizer, urls, args.device, args.static_frames)
     print(format_table(results))
     patterns = [args.shards] if args.shards else cfg.data.eval_sources
-    suffix += "-static" * args.static_frames
-    out = Path(args.out) if args.out else default_out(eval_dir, patterns, suffix)
+    suffix = where.suffix + "-static" * args.static_frames
+    out = Path(args.out) if args.out else default_out(where.run / "eval", patterns, suffix)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")
