@@ -51,6 +51,9 @@ class Pretrained(nn.Module):
     @torch.no_grad()
     def encode(self, modality: str, inputs, **kwargs) -> torch.Tensor:
         """Raw inputs of `modality` (see its spec's `preprocess`) -> (B, E)."""
+        if modality not in self.model.modalities:  # before decoding: the inputs are not what is wrong
+            raise ValueError(f"encode_{modality}: this model has no {modality} tower (its towers: "
+                             f"{', '.join(['text', *self.model.modalities])})")
         x = MODALITIES[modality].preprocess(inputs, getattr(self.cfg, modality), **kwargs)
         return self.model.encode_media(modality, x.to(self.device))[1]
 

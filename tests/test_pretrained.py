@@ -95,6 +95,27 @@ def test_encode_image_takes_paths_bytes_pil_arrays_and_tensors_one_or_many(tmp_p
         model.encode_image(tmp_path / "bad.png")
 
 
+def test_encode_image_makes_grey_rgba_and_palette_rgb_and_a_missing_tower_is_named():
+    model = untrained()  # image and audio towers
+    a = picture(0)
+    grey, rgba = np.asarray(a.convert("L")), np.asarray(a.convert("RGBA"))  # (H, W); (H, W, 4), opaque
+    expected = model.encode_image(a.convert("L").convert("RGB"))
+    for one in (grey, torch.tensor(grey), grey[..., None], torch.tensor(grey)[None]):  # (H, W, 1), (1, H, W)
+        torch.testing.assert_close(model.encode_image(one), expected)
+    for one in (rgba, torch.tensor(rgba).permute(2, 0, 1), [a.convert("RGBA")]):  # the alpha dropped
+        torch.testing.assert_close(model.encode_image(one), model.encode_image(a))
+    torch.testing.assert_close(model.encode_image([grey, grey]), expected[[0, 0]])
+    palette = a.convert("P")
+    torch.testing.assert_close(model.encode_image(palette), model.encode_image(palette.convert("RGB")))
+    torch.testing.assert_close(model.encode_image(np.asarray(a)[:4]), model.encode_image(a.crop((0, 0, 40, 4))))
+    with pytest.raises(ValueError, match=r"channel axis.*\(4, 20, 4\)"):
+        model.encode_image(np.zeros((4, 20, 4), np.uint8))  # RGBA either way: refused, not guessed
+
+    with pytest.raises(ValueError, match=r"^encode_video: this model has no video tower \(its towers: text, image, "
+                                         r"audio\)$"):
+        model.encode_video(np.zeros((4, 3, 16, 16), np.uint8))  # refused before decoding, whatever the input
+
+
 def test_encode_audio_takes_clips_batches_channels_and_files_never_guessing_the_rate(tmp_path):
     model = untrained()
     sr = model.cfg.audio.sample_rate

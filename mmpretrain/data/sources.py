@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import logging
 import os
 import subprocess
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 # patterns naming a built-in corpus
 DEMO_CORPORA = ("demo", "demo-docs", "demo-video", "demo-relations", "demo-noisy")
 URL_TIMEOUT = 10  # seconds an http(s) shard may take to answer the check
+MEDIA_SCAN = 1000  # samples per source whose member names are read, at most, for one the model reads
 
 
 def is_local(url: str) -> bool:
@@ -161,11 +163,12 @@ class _Unreadable(Exception):
 def check_data(cfg: Config, sources: list[Source], eval_urls: list[str], ranks: int = 1,
                announce: bool = True) -> None:
     """Before a model is built: every training source and the eval shards open and hold a complete
-    sample, and the training data hold one global batch (train.batch_size x `ranks` data-parallel
-    ranks). Local shards are read in order, headers only, until that many samples are found, so a
-    large corpus costs its first shard; a URL or `pipe:` source is opened once, within seconds,
-    and read to its first sample (counting it would download it). `announce`: say, in one log
-    line, that own training data are evaluated on the demo corpus."""
+    sample and media the model reads (`check_media`), and the training data hold one global batch
+    (train.batch_size x `ranks` data-parallel ranks). Local shards are read in order, headers
+    only, until that many samples are found, so a large corpus costs its first shard; a URL or
+    `pipe:` source is opened once, within seconds, and read to its first sample (counting it
+    would download it). `announce`: say, in one log line, that own training data are evaluated
+    on the demo corpus."""
     need, found, counted = cfg.train.batch_size * ranks, 0, True
     for source in sources:
         n = _samples(source.urls, "data.sources", max(1, need - found))
@@ -173,6 +176,8 @@ def check_data(cfg: Config, sources: list[Source], eval_urls: list[str], ranks: 
             n = min(n, len(source.keep))
         counted, found = counted and n is not None, found + (n or 0)
     _samples(eval_urls, "data.eval_sources", 1)
+    check_media(cfg, [s.urls for s in sources], "data.sources")
+    check_media(cfg, [eval_urls], "data.eval_sources")
     # resampled streams repeat shards to fill a batch; token-budget batches may hold fewer samples
     if counted and found < need and not cfg.data.resampled and not cfg.data.max_tokens:
         shards = sum(len(s.urls) for s in sources)
@@ -184,6 +189,59 @@ def check_data(cfg: Config, sources: list[Source], eval_urls: list[str], ranks: 
     if announce and own and any(p in DEMO_CORPORA for p in cfg.data.eval_sources):
         log.warning("data.eval_sources is the built-in demo corpus: retrieval is measured on it, not on your "
                     "data (set data.eval_sources to held-out shards of your own)")
+
+
+def check_media(cfg: Config, url_lists: list[list[str]], what: str) -> None:
+    """Some sample of the shards (each list: one source's) holds media of the model's modalities, or
+    one error says what the data holds instead, not every sample skipped as `no_media`. Member
+    names only, of each source's first local samples until one has such media (at most
+    MEDIA_SCAN); sources of documents alone, or not local, are not judged."""
+    from mmpretrain.data.samples import DOC_KEY
+    from mmpretrain.encoders import MODALITIES
+
+    kinds = {ext: m for m, spec in MODALITIES.items() for ext in spec.extensions}
+    captions = {k.partition(":")[0] for k in cfg.data.caption_keys}
+    found, n = set(), 0
+    for urls in url_lists:
+        local = [u for u in urls if is_local(u)]
+        if not local:
+            return
+        for members in itertools.islice(_sample_members(local), MEDIA_SCAN):
+            media = {kinds[e] for e in members if e in kinds}
+            # a modality's `extras` may derive another's media from its members (a video's audio track)
+            if media & set(cfg.model.modalities) or any(MODALITIES[m].extras for m in media):
+                return
+            n += DOC_KEY not in members
+            found |= media | ({"text"} if members & captions else set())
+    if n:
+        media = [m for m in MODALITIES if m in found]
+        holds = ", ".join(media + ["text"] * ("text" in found)) or "no media, no captions"
+        hint = f" (model.modalities=[{','.join(media)}])" if media else ""
+        wanted = " or ".join(cfg.model.modalities)
+        raise ConfigError(f"{what}: the data has no {wanted} (found: {holds} in its first {n} sample(s)); "
+                          f"set model.modalities to what it holds{hint}, or give shards with {wanted}")
+
+
+def _sample_members(urls: list[str]):
+    """Each sample's member extensions, in order over local shards (headers only; a shard that
+    cannot be read is passed over: `_samples` reports those)."""
+    for url in urls:
+        try:
+            with tarfile.open(url) as tar:
+                key, members = None, set()
+                for member in tar:
+                    k, ext = base_plus_ext(member.name) if member.isreg() else (None, None)
+                    if k is None:
+                        continue
+                    if k != key and key is not None:
+                        yield members
+                        members = set()
+                    key = k
+                    members.add(ext)
+                if key is not None:
+                    yield members
+        except (tarfile.TarError, OSError):
+            continue
 
 
 def _samples(urls: list[str], what: str, want: int) -> int | None:

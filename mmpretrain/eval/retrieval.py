@@ -149,7 +149,7 @@ def default_out(eval_dir: Path, patterns: list[str], suffix: str = "") -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from mmpretrain.config import ConfigError
-    from mmpretrain.data.sources import expand, resolve_sources
+    from mmpretrain.data.sources import check_media, expand, resolve_sources
     from mmpretrain.pretrained import add_model_argument, open_model
 
     p = argparse.ArgumentParser(prog="python -m mmpretrain.eval.retrieval", description=__doc__,
@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pretrained, cfg, where = open_model(args.model, args.device, "--model")
         urls = expand([args.shards], "--shards") if args.shards else resolve_sources(cfg.data, "eval")
-        probe_eval(urls, cfg, pretrained.tokenizer, "--shards" if args.shards else "data.eval_sources")
+        what = "--shards" if args.shards else "data.eval_sources"
+        check_media(cfg, [urls], what)
+        probe_eval(urls, cfg, pretrained.tokenizer, what)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
