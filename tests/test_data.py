@@ -632,6 +632,17 @@ def test_shard_paths_that_are_globs_folders_or_home_relative(tiny_cfg, tmp_path,
         trainer_until_model(cfg, monkeypatch)
 
 
+def test_a_glob_or_a_folder_is_answered_with_the_brace_pattern_of_its_files(tiny_cfg, tmp_path, monkeypatch):
+    write_shardwriter(tmp_path, [sample_dict(i) for i in range(4)], maxcount=1)  # sw-000000 ... sw-000003
+    pattern = repr(str(tmp_path / "sw-{000000..000003}.tar"))
+    for given in (str(tmp_path / "sw-*.tar"), str(tmp_path)):
+        with pytest.raises(ConfigError, match=re.escape(f"e.g. {pattern}")):
+            trainer_until_model(own_data_cfg(tiny_cfg, given), monkeypatch)
+    (tmp_path / "sw-000002.tar").unlink()
+    with pytest.raises(ConfigError, match=re.escape(repr(str(tmp_path / "sw-{{000000..000001},000003}.tar")))):
+        trainer_until_model(own_data_cfg(tiny_cfg, str(tmp_path / "sw-*.tar")), monkeypatch)
+
+
 def test_data_without_the_models_media_says_what_it_holds_before_any_sample_is_skipped(tiny_cfg, tmp_path,
                                                                                        monkeypatch, caplog):
     images = [{k: v for k, v in sample_dict(i).items() if k != "flac"} for i in range(16)]  # png, txt, json

@@ -57,17 +57,42 @@ def _missing(missing: list[tuple[str, str]], total: int) -> str:
     folder, or nothing there."""
     path, given = missing[0]
 
-    def example(folder: str) -> str:
-        return f"name shards by a brace pattern, e.g. {os.path.join(folder, 'train-{000000..000127}.tar')!r}"
+    def example(folder: str, files: list[str]) -> str:
+        pattern = brace_pattern(files) if files else os.path.join(folder, "train-{000000..000127}.tar")
+        return f"name shards by a brace pattern, e.g. {pattern!r}"
 
     if glob.has_magic(path):
-        matches, folder = len(glob.glob(path)), os.path.dirname(path)
-        return f"{path!r} is a glob ({matches} file(s) match it), not a shard: {example(folder)}"
+        matches = glob.glob(path)
+        return (f"{path!r} is a glob ({len(matches)} file(s) match it), not a shard: "
+                f"{example(os.path.dirname(path), matches)}")
     if Path(path).is_dir():
-        tars = len(glob.glob(os.path.join(glob.escape(path), "*.tar")))
-        return f"{path!r} is a folder (with {tars} .tar file(s)), not a shard: {example(path)}"
+        tars = glob.glob(os.path.join(glob.escape(path), "*.tar"))
+        return f"{path!r} is a folder (with {len(tars)} .tar file(s)), not a shard: {example(path, tars)}"
     named = f"{path!r} (from {given!r})" if path != given else repr(path)
     return f"{len(missing)} of {total} shard(s) not found, e.g. {named}"
+
+
+def brace_pattern(paths: list[str]) -> str:
+    """A brace pattern that expands to exactly `paths`: their common start and end around the part
+    that differs, as ranges where that part is numbers of one width ('train-{000000..000003}.tar',
+    'train-{{000000..000003},000005}.tar'), else as a list ('{a,b}.tar')."""
+    paths = sorted(paths)
+    if len(paths) == 1:
+        return paths[0]
+    start = os.path.commonprefix(paths).rstrip("0123456789")  # a number's digits stay together
+    end = os.path.commonprefix([p[len(start):][::-1] for p in paths])[::-1].lstrip("0123456789")
+    parts = [p[len(start):len(p) - len(end)] for p in paths]
+    if all(x.isdigit() and len(x) == len(parts[0]) for x in parts):
+        runs = [[parts[0]]]
+        for prev, x in zip(parts, parts[1:]):
+            if int(x) == int(prev) + 1:
+                runs[-1].append(x)
+            else:
+                runs.append([x])
+        parts = [f"{{{r[0]}..{r[-1]}}}" if len(r) > 1 else r[0] for r in runs]
+        if len(parts) == 1:
+            return f"{start}{parts[0]}{end}"
+    return f"{start}{{{','.join(parts)}}}{end}"
 
 
 @dataclass
