@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 # patterns naming a built-in corpus
 DEMO_CORPORA = ("demo", "demo-docs", "demo-video", "demo-relations", "demo-noisy")
+# those whose eval split holds only combinations their train split never shows: retrieval on them is
+# zero-shot. Nothing else says so (an own held-out split is only held out): see `zero_shot`
+ZERO_SHOT_CORPORA = ("demo", "demo-video", "demo-relations", "demo-noisy")
 URL_TIMEOUT = 10  # seconds an http(s) shard may take to answer the check
 MEDIA_SCAN = 1000  # samples per source whose member names are read, at most, for one the model reads
 
@@ -161,6 +164,12 @@ def resolve_sources(data: DataConfig, split: str) -> list[str]:
 def eval_urls(data: DataConfig, patterns: list[str], what: str = "data.eval_sources") -> list[str]:
     """Eval shard patterns (a demo corpus' name: its eval split) -> URLs."""
     return expand([_pattern(data, p, "eval") for p in patterns], what)
+
+
+def zero_shot(patterns: list[str]) -> bool:
+    """Whether retrieval on these eval patterns is zero-shot: all of them built-in corpora whose
+    eval split is (the title says "held-out zero-shot" then, else "held-out")."""
+    return bool(patterns) and all(p in ZERO_SHOT_CORPORA for p in patterns)
 
 
 def demo_classification_sets(data: DataConfig, modalities: list[str]) -> dict[str, Path]:

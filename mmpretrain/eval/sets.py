@@ -35,6 +35,7 @@ class EvalSet:
     folder: Path | None = None  # classification, linear_probe: CLIP_benchmark's layout
     modality: str = ""
     split: str = "test"
+    zero_shot: bool = False  # retrieval: its corpus says it is (sources.zero_shot), not only held out
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -42,11 +43,12 @@ class EvalSet:
 
 def run_sets(cfg: Config) -> list[EvalSet]:
     """The run's sets, resolved and checked (shards found, dataset folders in the layout)."""
-    from mmpretrain.data.sources import demo_classification_sets, eval_urls
+    from mmpretrain.data.sources import demo_classification_sets, eval_urls, zero_shot
     from mmpretrain.eval.classify import read_classnames, read_templates, split_shards
 
     every = cfg.train.eval_every
-    sets = [EvalSet("retrieval", "retrieval", every, urls=eval_urls(cfg.data, cfg.data.eval_sources))]
+    sets = [EvalSet("retrieval", "retrieval", every, urls=eval_urls(cfg.data, cfg.data.eval_sources),
+                    zero_shot=zero_shot(cfg.data.eval_sources))]
     for name, folder in demo_classification_sets(cfg.data, cfg.model.modalities).items():
         sets.append(EvalSet(name, "classification", every, folder=folder))
         if (folder / "train").is_dir():  # at the end only: it embeds the train/ split too
@@ -55,7 +57,7 @@ def run_sets(cfg: Config) -> list[EvalSet]:
         where = f"eval.sets[{i}] ({s.name})"
         one = EvalSet(s.name, s.kind, s.every or every, modality=s.modality, split=s.split)
         if s.kind == "retrieval":
-            one.urls = eval_urls(cfg.data, [s.path], f"{where}.path")
+            one.urls, one.zero_shot = eval_urls(cfg.data, [s.path], f"{where}.path"), zero_shot([s.path])
         else:
             one.folder = Path(s.path).expanduser()
             if not one.folder.is_dir():
