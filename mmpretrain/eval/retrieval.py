@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 KS = (1, 5, 10)
+SHARED_CAPTIONS = 0.01  # the share of captions that are also another item's above which a warning says so
+log = logging.getLogger(__name__)
 
 
 def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks=KS) -> dict[str, float]:
@@ -65,6 +68,22 @@ def retrieval_metrics(emb: dict[str, torch.Tensor], present: dict[str, torch.Ten
     return out
 
 
+def warn_shared_captions(captions: list[str], caption_item: torch.Tensor, what: str) -> int:
+    """Say so when many captions are word for word another item's caption too: those items tie for
+    the caption (text->media) and their captions tie (media->text), so R@1 counts how the set is
+    ordered, not what the model learned. -> how many such captions."""
+    items = collections.defaultdict(set)
+    for text, item in zip(captions, caption_item.tolist()):
+        items[text].add(item)
+    shared = [text for text in captions if len(items[text]) > 1]
+    if len(shared) > SHARED_CAPTIONS * len(captions):
+        log.warning("%s: %d of %d captions (%.0f%%) are word for word another item's caption too (%d text(s) "
+                    "shared): R@1 is undefined for them (a tie, broken by the order of the set); make the eval "
+                    "captions distinct", what, len(shared), len(captions), 100 * len(shared) / len(captions),
+                    len(set(shared)))
+    return len(shared)
+
+
 def static_frames(video: torch.Tensor) -> torch.Tensor:
     """(B, T, ...) clips -> each clip's first frame repeated T times: the control that shows
     whether a video model uses motion (its retrieval should drop) or single frames."""
@@ -72,12 +91,14 @@ def static_frames(video: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_batches(model, tokenizer, batches, device, static: bool = False) -> tuple[dict, dict, torch.Tensor, list]:
+def embed_batches(model, tokenizer, batches, device, static: bool = False) -> tuple[dict, dict, torch.Tensor, list,
+                                                                                  list]:
     """Run the model's encoders over eval batches -> item embeddings (text: one row per
-    caption), presence masks, the item of each caption, keys. `static`: video as static_frames."""
+    caption), presence masks, the item of each caption, keys, the captions. `static`: video as
+    static_frames."""
     was_training = model.training
     model.eval()
-    emb, present, caption_item, keys = {}, {}, [], []
+    emb, present, caption_item, keys, texts = {}, {}, [], [], []
     for batch in batches:
         if not batch.keys:  # only interleaved documents: nothing to retrieve
             continue
@@ -87,6 +108,7 @@ def embed_batches(model, tokenizer, batches, device, static: bool = False) -> tu
         captions = [c for caps in batch.captions for c in caps]
         caption_item += [len(keys) + i for i, caps in enumerate(batch.captions) for _ in caps]
         keys += batch.keys
+        texts += captions
         tokens, lengths = tokenizer(captions)
         parts = {"text": model.encode_text(tokens.to(device), lengths.to(device))}
         for m in model.modalities:
@@ -101,14 +123,16 @@ def embed_batches(model, tokenizer, batches, device, static: bool = False) -> tu
     model.train(was_training)
     emb = {m: torch.cat(v) for m, v in emb.items()}
     present = {m: torch.cat(v) for m, v in present.items()}
-    return emb, present, torch.tensor(caption_item, dtype=torch.long), keys
+    return emb, present, torch.tensor(caption_item, dtype=torch.long), keys, texts
 
 
-def evaluate(model, cfg, tokenizer, urls: list[str], device, static: bool = False) -> dict[str, dict]:
+def evaluate(model, cfg, tokenizer, urls: list[str], device, static: bool = False,
+             what: str = "retrieval") -> dict[str, dict]:
     from mmpretrain.data import eval_batches
 
-    emb, present, caption_item, _ = embed_batches(model, tokenizer, eval_batches(urls, cfg, tokenizer), device,
-                                                  static)
+    emb, present, caption_item, _, captions = embed_batches(model, tokenizer, eval_batches(urls, cfg, tokenizer),
+                                                            device, static)
+    warn_shared_captions(captions, caption_item, what)
     return retrieval_metrics(emb, present, caption_item)
 
 
@@ -173,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = evaluate(pretrained.model, cfg, pretrained.tokenizer, urls, args.device, args.static_frames)
+    results = evaluate(pretrained.model, cfg, pretrained.tokenizer, urls, args.device, args.static_frames, what)
     print(format_table(results))
     patterns = [args.shards] if args.shards else cfg.data.eval_sources
     suffix = where.suffix + "-static" * args.static_frames

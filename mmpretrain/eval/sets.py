@@ -94,6 +94,7 @@ class Evaluator:
         was_training = model.training
         self.pretrained = Pretrained(model, cfg.model)  # a view of the model in training, not a copy
         model.train(was_training)
+        self._warned: set[str] = set()  # retrieval sets whose shared captions were checked
 
     def evaluate(self, sets: list[EvalSet]) -> dict[str, dict]:
         was_training = self.model.training
@@ -107,11 +108,14 @@ class Evaluator:
 
     def retrieval(self, s: EvalSet) -> dict:
         from mmpretrain.data import eval_batches
-        from mmpretrain.eval.retrieval import embed_batches, retrieval_metrics
+        from mmpretrain.eval.retrieval import embed_batches, retrieval_metrics, warn_shared_captions
 
         batches = eval_batches(s.urls, self.cfg, self.tokenizer, rank=self.rank, world=self.world)
-        emb, present, caption_item, keys = _merge(self.gather(embed_batches(self.model, self.tokenizer, batches,
-                                                                            self.device)))
+        emb, present, caption_item, _, captions = _merge(self.gather(embed_batches(self.model, self.tokenizer,
+                                                                                   batches, self.device)))
+        if self.rank == 0 and s.name not in self._warned:  # the set's captions are the same at every evaluation
+            self._warned.add(s.name)
+            warn_shared_captions(captions, caption_item, f"eval set {s.name}")
         results = retrieval_metrics(emb, present, caption_item)
         return {k: v for k, v in results.items() if not s.modality or s.modality in k.split("->")}
 
@@ -152,18 +156,19 @@ class Evaluator:
         return {**probe_features(x, y, x_test, y_test, read_classnames(s.folder)), "modality": modality}
 
 
-def _merge(parts: list[tuple]) -> tuple[dict, dict, torch.Tensor, list]:
+def _merge(parts: list[tuple]) -> tuple[dict, dict, torch.Tensor, list, list]:
     """embed_batches' outputs of the ranks' parts -> one set's (items renumbered in rank order)."""
-    emb, present, caption_item, keys = {}, {}, [], []
-    for e, p, c, k in parts:
+    emb, present, caption_item, keys, captions = {}, {}, [], [], []
+    for e, p, c, k, t in parts:
         for m, v in e.items():
             emb.setdefault(m, []).append(v)
         for m, v in p.items():
             present.setdefault(m, []).append(v)
         caption_item.append(c + len(keys))
         keys += k
+        captions += t
     return ({m: torch.cat(v) for m, v in emb.items()}, {m: torch.cat(v) for m, v in present.items()},
-            torch.cat(caption_item), keys)
+            torch.cat(caption_item), keys, captions)
 
 
 def format_classification(results: dict[str, dict], sets: list[EvalSet]) -> str:
