@@ -247,7 +247,7 @@ class ParallelConfig:
 
 @dataclass
 class DistillConfig:
-    """Distillation from a frozen teacher (objectives/distill.py): an mmpretrain export folder; an
+    """Distillation from a frozen teacher (objectives/distill.py): an mmpretrain run, export or checkpoint folder; an
     open_clip checkpoint file with `open_clip_model` naming its architecture; or "offline": the
     teacher's embeddings stored in the shards (python -m mmpretrain.data.teacher_embed)."""
 

@@ -1,4 +1,5 @@
-"""Downstream use of an export: `load_pretrained` (every tower) and `load_encoder` (one tower).
+"""Downstream use of a trained model: `load_pretrained` (every tower; a run folder, its export/ or
+a checkpoint, named as every CLI names a model: `find_model`) and `load_encoder` (one tower).
 
 Each `encode_*` takes raw inputs (one or a list: paths, PIL images, arrays, tensors; see the
 modality's `preprocess` in `encoders/`), preprocesses them with the same code the training
@@ -9,6 +10,7 @@ scaled logits with the temperature training learned. Needs no data pipeline and 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +18,7 @@ import torch.nn as nn
 import yaml
 from safetensors.torch import load_file
 
-from mmpretrain.config import ModelConfig, _build, config_from_dict
+from mmpretrain.config import Config, ConfigError, ModelConfig, _build, config_from_dict, load_config
 from mmpretrain.encoders import MODALITIES
 from mmpretrain.model import MediaTower, MultimodalModel
 from mmpretrain.tokenizer import Tokenizer
@@ -49,6 +51,9 @@ class Pretrained(nn.Module):
     @torch.no_grad()
     def encode(self, modality: str, inputs, **kwargs) -> torch.Tensor:
         """Raw inputs of `modality` (see its spec's `preprocess`) -> (B, E)."""
+        if modality not in self.model.modalities:  # before decoding: the inputs are not what is wrong
+            raise ValueError(f"encode_{modality}: this model has no {modality} tower (its towers: "
+                             f"{', '.join(['text', *self.model.modalities])})")
         x = MODALITIES[modality].preprocess(inputs, getattr(self.cfg, modality), **kwargs)
         return self.model.encode_media(modality, x.to(self.device))[1]
 
@@ -78,8 +83,8 @@ class Pretrained(nn.Module):
         a holds images, b texts; either order names the same temperature). probs: each row's
         softmax over b (zero-shot classification: a the images, b one prompt per class)."""
         if self.logit_scale is None:
-            raise RuntimeError("similarity: this model has no learned temperatures (load_pretrained of a "
-                               "run's export/ has them); use a @ b.T for uncalibrated cosine similarity")
+            raise RuntimeError("similarity: this model has no learned temperatures (load_pretrained gives "
+                               "them); use a @ b.T for uncalibrated cosine similarity")
         x, _, y = pair.partition("-")
         scale = self.logit_scale.get(f"{x}-{y}", self.logit_scale.get(f"{y}-{x}"))
         if scale is None:
@@ -92,19 +97,91 @@ class Pretrained(nn.Module):
         return logits.softmax(dim=-1) if probs else logits
 
 
+class ModelNotFound(ConfigError, FileNotFoundError):
+    """A path that names no model: one line from a CLI or a config key, a FileNotFoundError in Python."""
+
+
+EXPECTED = "expected a run folder (runs/<name>), its export/ or one of its checkpoints/step_* folders"
+
+
+@dataclass(frozen=True)
+class ModelPath:
+    """Where a model is: `folder`, the export/ or the checkpoint its weights are read from; `run`,
+    the run folder (the CLIs write their results to its eval/)."""
+
+    folder: Path
+    run: Path
+    checkpoint: bool
+
+    @property
+    def config(self) -> Path:
+        return (self.run if self.checkpoint else self.folder) / "config.yaml"
+
+    @property
+    def suffix(self) -> str:
+        """"-step_00000400" for a checkpoint: its results' names differ from the run's own."""
+        return f"-{self.folder.name}" if self.checkpoint else ""
+
+
+def find_model(path: str | Path, what: str = "load_pretrained") -> ModelPath:
+    """The one way to name a model, for `load_pretrained` and every CLI: a run folder (its export/,
+    or its newest checkpoint before there is one), an export/ folder or a checkpoint folder.
+    `what`: the argument or key that errors name."""
+    from mmpretrain.checkpoint import is_checkpoint, latest_checkpoint
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ModelNotFound(f"{what} {path}: no such folder; {EXPECTED}")
+    if (path / "export" / "model.safetensors").is_file():
+        path = path / "export"
+    if (path / "model.safetensors").is_file():
+        return ModelPath(path, path.parent, checkpoint=False)
+    checkpoint = path if is_checkpoint(path) else latest_checkpoint(path)
+    if checkpoint is None:
+        raise ModelNotFound(f"{what} {path}: holds no export (model.safetensors) and no complete checkpoint; "
+                            f"{EXPECTED}")
+    run = checkpoint.parent.parent
+    if not (run / "config.yaml").is_file():
+        raise ModelNotFound(f"{what} {checkpoint}: its run folder {run} has no config.yaml")
+    return ModelPath(checkpoint, run, checkpoint=True)
+
+
+def add_model_argument(parser, **kwargs) -> None:
+    """`--model` (or its alias `--run`): a CLI's model, as `find_model` reads it."""
+    parser.add_argument("--model", "--run", dest="model", metavar="FOLDER",
+                        help="a run folder, its export/ folder or a checkpoint folder (--run: the same)", **kwargs)
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """`load_pretrained("runs/demo/export")` -> a `Pretrained` with encode_text / encode_<modality>
-    and similarity."""
-    path = Path(path)
-    for name in ("model.safetensors", "objectives.safetensors"):
-        if not (path / name).exists():
-            raise FileNotFoundError(f"{path}: no {name} here (expected a run's export/ folder)")
-    tree = yaml.safe_load((path / "config.yaml").read_text())
-    _tokenizer_in(tree.get("model", {}), path)
-    cfg = config_from_dict(tree)
+    """`load_pretrained("runs/demo")` (or its export/, or a checkpoint folder: `find_model`) -> a
+    `Pretrained` with encode_text / encode_<modality> and similarity."""
+    return open_model(path, device)[0]
+
+
+def open_model(path: str | Path, device: str | torch.device = "cpu",
+               what: str = "load_pretrained") -> tuple[Pretrained, Config, ModelPath]:
+    """`load_pretrained`, with the run's whole config and where the model was found."""
+    where = find_model(path, what)
+    if where.checkpoint:
+        from mmpretrain.checkpoint import read_tensors  # torch.distributed.checkpoint: only for a checkpoint
+
+        cfg, task = load_config(where.config), read_tensors(where.folder, prefix="task.")
+        weights, objectives = _under(task, "model."), _under(task, "objectives.")
+    else:
+        if not (where.folder / "objectives.safetensors").exists():
+            raise ModelNotFound(f"{what} {where.folder}: no objectives.safetensors here (an export/ folder has it)")
+        tree = yaml.safe_load(where.config.read_text())
+        _tokenizer_in(tree.get("model", {}), where.folder)
+        cfg = config_from_dict(tree)
+        weights = load_file(where.folder / "model.safetensors")
+        objectives = load_file(where.folder / "objectives.safetensors")
     model = MultimodalModel(cfg.model, Tokenizer(cfg.model.text).vocab_size)
-    model.load_state_dict(load_file(path / "model.safetensors"))
-    return Pretrained(model, cfg.model, load_file(path / "objectives.safetensors")).to(device)
+    model.load_state_dict(weights)
+    return Pretrained(model, cfg.model, objectives).to(device), cfg, where
+
+
+def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -498,7 +498,8 @@ def run(cfg: Config) -> dict:
             plot_curves(run_dir)
             for s in trainer.eval_sets:
                 if s.kind == "retrieval":
-                    print(f"\nheld-out zero-shot retrieval, {s.name} ({len(s.urls)} eval shard(s)):")
+                    kind = "held-out zero-shot" if s.zero_shot else "held-out"
+                    print(f"\n{kind} retrieval, {s.name} ({len(s.urls)} eval shard(s)):")
                     print(format_table(results[s.name]))
             if any(s.kind != "retrieval" for s in trainer.eval_sets):
                 print("\nclassification (zero-shot: prompts of the class names; linear probe: a head on frozen "

@@ -137,7 +137,7 @@ def test_bad_input_is_one_line_and_exit_2(noisy, tmp_path, capsys):
     for argv, says in [(["dedup", shards, "--max-hamming", "40"], "--max-hamming 40"),
                        (["dedup", shards, "--keep", str(tmp_path / "none.txt")], "uid list"),
                        (["dedup", str(tmp_path / "x-{0..3}.tar")], "not found"),
-                       (["score", shards, "--model", str(tmp_path), "--top-fraction", "0.5"], "not an mmpretrain export"),
+                       (["score", shards, "--model", str(tmp_path), "--top-fraction", "0.5"], "holds no export"),
                        (["score", shards, "--top-fraction", "0.5"], "give one scorer"),
                        (["reshard", shards, "--pattern", "x.tar"], "%d field")]:
         assert curate([*argv, "--out", str(tmp_path / "o")]) == 2

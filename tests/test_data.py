@@ -591,8 +591,10 @@ def test_data_check_reads_only_until_one_global_batch(tiny_cfg, tmp_path, monkey
     cfg.data.eval_sources = [str(tmp_path / "sw-000003.tar")]
     with pytest.raises(ModelBuilt):
         trainer_until_model(cfg, monkeypatch)
-    # 10 + 10 samples >= 12: the third training shard is never opened; then the eval shard
-    assert [Path(n).name for n in opened if n] == ["sw-000000.tar", "sw-000001.tar", "sw-000003.tar"]
+    # 10 + 10 samples >= 12: the third training shard is never opened; then the eval shard (the
+    # media check opens each first shard again, for its first sample's member names)
+    assert list(dict.fromkeys(Path(n).name for n in opened if n)) == ["sw-000000.tar", "sw-000001.tar",
+                                                                     "sw-000003.tar"]
 
 
 def test_own_data_evaluated_on_the_demo_corpus_says_so_before_training(tiny_cfg, tmp_path, monkeypatch,
@@ -627,6 +629,39 @@ def test_shard_paths_that_are_globs_folders_or_home_relative(tiny_cfg, tmp_path,
     cfg = own_data_cfg(tiny_cfg, "~/sw-{000000..000001}.tar")
     assert resolve_sources(cfg.data, "train") == [str(tmp_path / f"sw-00000{i}.tar") for i in range(2)]
     with pytest.raises(ModelBuilt):
+        trainer_until_model(cfg, monkeypatch)
+
+
+def test_a_glob_or_a_folder_is_answered_with_the_brace_pattern_of_its_files(tiny_cfg, tmp_path, monkeypatch):
+    write_shardwriter(tmp_path, [sample_dict(i) for i in range(4)], maxcount=1)  # sw-000000 ... sw-000003
+    pattern = repr(str(tmp_path / "sw-{000000..000003}.tar"))
+    for given in (str(tmp_path / "sw-*.tar"), str(tmp_path)):
+        with pytest.raises(ConfigError, match=re.escape(f"e.g. {pattern}")):
+            trainer_until_model(own_data_cfg(tiny_cfg, given), monkeypatch)
+    (tmp_path / "sw-000002.tar").unlink()
+    with pytest.raises(ConfigError, match=re.escape(repr(str(tmp_path / "sw-{{000000..000001},000003}.tar")))):
+        trainer_until_model(own_data_cfg(tiny_cfg, str(tmp_path / "sw-*.tar")), monkeypatch)
+
+
+def test_data_without_the_models_media_says_what_it_holds_before_any_sample_is_skipped(tiny_cfg, tmp_path,
+                                                                                       monkeypatch, caplog):
+    images = [{k: v for k, v in sample_dict(i).items() if k != "flac"} for i in range(16)]  # png, txt, json
+    (tmp_path / "img").mkdir()
+    image_only = write_shardwriter(tmp_path / "img", images)
+    both = write_shardwriter(tmp_path, [sample_dict(i) for i in range(16)])
+    cases = [(image_only, image_only, "video", r"data.sources: the data has no video \(found: image, text in its "
+                                               r"first 16 sample\(s\)\); .*\(model.modalities=\[image\]\)"),
+             (both, image_only, "audio", r"data.eval_sources: the data has no audio \(found: image, text")]
+    for train_pattern, eval_pattern, modality, says in cases:
+        cfg = own_data_cfg(tiny_cfg, train_pattern, overrides=[f"model.modalities=[{modality}]"])
+        cfg.data.eval_sources = [eval_pattern]
+        caplog.clear()
+        with caplog.at_level("INFO"), pytest.raises(ConfigError, match=says):
+            trainer_until_model(cfg, monkeypatch)
+        assert not [r for r in caplog.records if "skipping" in r.getMessage()]
+    cfg = own_data_cfg(tiny_cfg, both, overrides=["model.modalities=[audio]"])
+    cfg.data.eval_sources = [both]
+    with pytest.raises(ModelBuilt):  # data with some of the model's media passes
         trainer_until_model(cfg, monkeypatch)
 
 

@@ -65,6 +65,23 @@ def test_eval_sets_config_errors_name_the_set(tiny_cfg, tmp_path):
         run_sets(tiny_cfg(_sets_yaml({"name": "image-shape", "kind": "retrieval", "path": "demo"})))
 
 
+def test_retrieval_is_zero_shot_only_on_a_corpus_that_says_so(tiny_cfg, tmp_path):
+    """The built-in corpora's eval splits hold combinations never trained on; own shards are held out."""
+    import webdataset as wds
+
+    from conftest import sample_dict
+
+    with wds.ShardWriter(str(tmp_path / "own-%06d.tar"), maxcount=10, verbose=0) as sink:
+        sink.write(sample_dict(0))
+    own = str(tmp_path / "own-000000.tar")
+    cfg = tiny_cfg(_sets_yaml({"name": "relations", "kind": "retrieval", "path": "demo-relations"},
+                              {"name": "own", "kind": "retrieval", "path": own}))
+    assert {s.name: s.zero_shot for s in run_sets(cfg) if s.kind == "retrieval"} == {
+        "retrieval": True, "relations": True, "own": False}
+    assert not run_sets(tiny_cfg(f"data.eval_sources=[{own}]"))[0].zero_shot
+    assert not run_sets(tiny_cfg(f"data.eval_sources=[demo, {own}]"))[0].zero_shot
+
+
 def test_ranks_embed_disjoint_parts_whose_union_is_the_one_rank_result(tiny_cfg):
     """Evaluator(rank r of 2) embeds every other sample; gathered, the parts give the metrics one
     rank computes alone: the split covers the set once, nothing repeated (the gather is handed in)."""

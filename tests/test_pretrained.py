@@ -95,6 +95,27 @@ def test_encode_image_takes_paths_bytes_pil_arrays_and_tensors_one_or_many(tmp_p
         model.encode_image(tmp_path / "bad.png")
 
 
+def test_encode_image_makes_grey_rgba_and_palette_rgb_and_a_missing_tower_is_named():
+    model = untrained()  # image and audio towers
+    a = picture(0)
+    grey, rgba = np.asarray(a.convert("L")), np.asarray(a.convert("RGBA"))  # (H, W); (H, W, 4), opaque
+    expected = model.encode_image(a.convert("L").convert("RGB"))
+    for one in (grey, torch.tensor(grey), grey[..., None], torch.tensor(grey)[None]):  # (H, W, 1), (1, H, W)
+        torch.testing.assert_close(model.encode_image(one), expected)
+    for one in (rgba, torch.tensor(rgba).permute(2, 0, 1), [a.convert("RGBA")]):  # the alpha dropped
+        torch.testing.assert_close(model.encode_image(one), model.encode_image(a))
+    torch.testing.assert_close(model.encode_image([grey, grey]), expected[[0, 0]])
+    palette = a.convert("P")
+    torch.testing.assert_close(model.encode_image(palette), model.encode_image(palette.convert("RGB")))
+    torch.testing.assert_close(model.encode_image(np.asarray(a)[:4]), model.encode_image(a.crop((0, 0, 40, 4))))
+    with pytest.raises(ValueError, match=r"channel axis.*\(4, 20, 4\)"):
+        model.encode_image(np.zeros((4, 20, 4), np.uint8))  # RGBA either way: refused, not guessed
+
+    with pytest.raises(ValueError, match=r"^encode_video: this model has no video tower \(its towers: text, image, "
+                                         r"audio\)$"):
+        model.encode_video(np.zeros((4, 3, 16, 16), np.uint8))  # refused before decoding, whatever the input
+
+
 def test_encode_audio_takes_clips_batches_channels_and_files_never_guessing_the_rate(tmp_path):
     model = untrained()
     sr = model.cfg.audio.sample_rate
@@ -202,3 +223,27 @@ def test_similarity_from_a_trained_run_and_without_temperatures(tiny_cfg, tmp_pa
     (export / "objectives.safetensors").unlink()  # an export without them is incomplete
     with pytest.raises(FileNotFoundError, match="no objectives.safetensors here"):
         mmpretrain.load_pretrained(export)
+
+
+def test_a_run_its_export_and_a_checkpoint_name_one_model_in_python_and_every_cli(tiny_cfg, tmp_path, capsys):
+    from mmpretrain.eval import classify, linear_probe, retrieval
+
+    cfg = tiny_cfg("train.steps=1", "run.name=named")
+    train.run(cfg)
+    folders = [cfg.run_dir, cfg.run_dir / "export", latest_checkpoint(cfg.run_dir)]
+    models = [mmpretrain.load_pretrained(folder) for folder in folders]
+    img, txt = [m.encode_image([picture(0)]) for m in models], [m.encode_text(["a red circle"]) for m in models]
+    for i in (1, 2):
+        torch.testing.assert_close(img[i], img[0])
+        torch.testing.assert_close(txt[i], txt[0])
+        assert models[i].logit_scale == models[0].logit_scale  # a checkpoint's temperatures too
+    with pytest.raises(FileNotFoundError, match=r"^load_pretrained .*nowhere: no such folder; expected a run folder"):
+        mmpretrain.load_pretrained(tmp_path / "nowhere")
+
+    capsys.readouterr()
+    dataset = ["--dataset", str(tmp_path)]
+    for main, more in ((retrieval.main, []), (classify.main, dataset), (linear_probe.main, dataset)):
+        for flag in ("--model", "--run"):  # one flag, --run its alias; tmp_path holds no model
+            assert main([flag, str(tmp_path), *more]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: --model {tmp_path}: holds no export") and err.count("\n") == 1, err

@@ -45,6 +45,22 @@ def test_absent_modality_is_left_out_not_nan():
     assert set(retrieval_metrics(emb, present)) == {"text->image", "image->text"}
 
 
+def test_captions_shared_between_items_are_counted_and_warned_about(caplog):
+    from mmpretrain.eval.retrieval import warn_shared_captions
+
+    caplog.set_level("WARNING")
+    captions = ["a red circle", "a red circle", "a blue ring", "a red circle", "a green star"]
+    assert warn_shared_captions(captions, torch.tensor([0, 1, 2, 3, 4]), "eval set own") == 3
+    [record] = caplog.records
+    assert record.getMessage().startswith("eval set own: 3 of 5 captions (60%) are word for word another item's "
+                                          "caption too (1 text(s) shared): R@1 is undefined")
+    caplog.clear()  # one item's captions alike, and one shared caption in over a hundred: nothing to say
+    assert warn_shared_captions(["a", "a", "b"], torch.tensor([0, 0, 1]), "x") == 0
+    many = [f"caption {i}" for i in range(199)] + ["caption 0"]
+    assert warn_shared_captions(many, torch.arange(200), "x") == 2
+    assert not caplog.records
+
+
 def test_cli_reads_run_export_and_checkpoint_folders_and_keeps_the_runs_result(tiny_cfg, tmp_path, capsys):
     import json
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import logging
 import os
 import subprocess
@@ -26,7 +27,11 @@ log = logging.getLogger(__name__)
 DEMO_CORPORA = ("demo", "demo-docs", "demo-video", "demo-relations", "demo-noisy")
 # the media every training sample of a built-in corpus holds, with its caption (the others' vary)
 FULLY_PAIRED = {"demo": ("image", "audio")}
+# those whose eval split holds only combinations their train split never shows: retrieval on them is
+# zero-shot. Nothing else says so (an own held-out split is only held out): see `zero_shot`
+ZERO_SHOT_CORPORA = ("demo", "demo-video", "demo-relations", "demo-noisy")
 URL_TIMEOUT = 10  # seconds an http(s) shard may take to answer the check
+MEDIA_SCAN = 1000  # samples per source whose member names are read, at most, for one the model reads
 
 
 def is_local(url: str) -> bool:
@@ -57,17 +62,42 @@ def _missing(missing: list[tuple[str, str]], total: int) -> str:
     folder, or nothing there."""
     path, given = missing[0]
 
-    def example(folder: str) -> str:
-        return f"name shards by a brace pattern, e.g. {os.path.join(folder, 'train-{000000..000127}.tar')!r}"
+    def example(folder: str, files: list[str]) -> str:
+        pattern = brace_pattern(files) if files else os.path.join(folder, "train-{000000..000127}.tar")
+        return f"name shards by a brace pattern, e.g. {pattern!r}"
 
     if glob.has_magic(path):
-        matches, folder = len(glob.glob(path)), os.path.dirname(path)
-        return f"{path!r} is a glob ({matches} file(s) match it), not a shard: {example(folder)}"
+        matches = glob.glob(path)
+        return (f"{path!r} is a glob ({len(matches)} file(s) match it), not a shard: "
+                f"{example(os.path.dirname(path), matches)}")
     if Path(path).is_dir():
-        tars = len(glob.glob(os.path.join(glob.escape(path), "*.tar")))
-        return f"{path!r} is a folder (with {tars} .tar file(s)), not a shard: {example(path)}"
+        tars = glob.glob(os.path.join(glob.escape(path), "*.tar"))
+        return f"{path!r} is a folder (with {len(tars)} .tar file(s)), not a shard: {example(path, tars)}"
     named = f"{path!r} (from {given!r})" if path != given else repr(path)
     return f"{len(missing)} of {total} shard(s) not found, e.g. {named}"
+
+
+def brace_pattern(paths: list[str]) -> str:
+    """A brace pattern that expands to exactly `paths`: their common start and end around the part
+    that differs, as ranges where that part is numbers of one width ('train-{000000..000003}.tar',
+    'train-{{000000..000003},000005}.tar'), else as a list ('{a,b}.tar')."""
+    paths = sorted(paths)
+    if len(paths) == 1:
+        return paths[0]
+    start = os.path.commonprefix(paths).rstrip("0123456789")  # a number's digits stay together
+    end = os.path.commonprefix([p[len(start):][::-1] for p in paths])[::-1].lstrip("0123456789")
+    parts = [p[len(start):len(p) - len(end)] for p in paths]
+    if all(x.isdigit() and len(x) == len(parts[0]) for x in parts):
+        runs = [[parts[0]]]
+        for prev, x in zip(parts, parts[1:]):
+            if int(x) == int(prev) + 1:
+                runs[-1].append(x)
+            else:
+                runs.append([x])
+        parts = [f"{{{r[0]}..{r[-1]}}}" if len(r) > 1 else r[0] for r in runs]
+        if len(parts) == 1:
+            return f"{start}{parts[0]}{end}"
+    return f"{start}{{{','.join(parts)}}}{end}"
 
 
 @dataclass
@@ -138,6 +168,12 @@ def eval_urls(data: DataConfig, patterns: list[str], what: str = "data.eval_sour
     return expand([_pattern(data, p, "eval") for p in patterns], what)
 
 
+def zero_shot(patterns: list[str]) -> bool:
+    """Whether retrieval on these eval patterns is zero-shot: all of them built-in corpora whose
+    eval split is (the title says "held-out zero-shot" then, else "held-out")."""
+    return bool(patterns) and all(p in ZERO_SHOT_CORPORA for p in patterns)
+
+
 def demo_classification_sets(data: DataConfig, modalities: list[str]) -> dict[str, Path]:
     """The zero-shot classification sets of `modalities` that the demo corpora among data.eval_sources
     write beside their shards (classify/<modality>-<attribute>/, CLIP_benchmark's layout): name -> folder."""
@@ -163,11 +199,12 @@ class _Unreadable(Exception):
 def check_data(cfg: Config, sources: list[Source], eval_urls: list[str], ranks: int = 1,
                announce: bool = True) -> None:
     """Before a model is built: every training source and the eval shards open and hold a complete
-    sample, and the training data hold one global batch (train.batch_size x `ranks` data-parallel
-    ranks). Local shards are read in order, headers only, until that many samples are found, so a
-    large corpus costs its first shard; a URL or `pipe:` source is opened once, within seconds,
-    and read to its first sample (counting it would download it). `announce`: say, in one log
-    line, that own training data are evaluated on the demo corpus."""
+    sample and media the model reads (`check_media`), and the training data hold one global batch
+    (train.batch_size x `ranks` data-parallel ranks). Local shards are read in order, headers
+    only, until that many samples are found, so a large corpus costs its first shard; a URL or
+    `pipe:` source is opened once, within seconds, and read to its first sample (counting it
+    would download it). `announce`: say, in one log line, that own training data are evaluated
+    on the demo corpus."""
     need, found, counted = cfg.train.batch_size * ranks, 0, True
     for source in sources:
         n = _samples(source.urls, "data.sources", max(1, need - found))
@@ -175,6 +212,8 @@ def check_data(cfg: Config, sources: list[Source], eval_urls: list[str], ranks: 
             n = min(n, len(source.keep))
         counted, found = counted and n is not None, found + (n or 0)
     _samples(eval_urls, "data.eval_sources", 1)
+    check_media(cfg, [s.urls for s in sources], "data.sources")
+    check_media(cfg, [eval_urls], "data.eval_sources")
     # resampled streams repeat shards to fill a batch; token-budget batches may hold fewer samples
     if counted and found < need and not cfg.data.resampled and not cfg.data.max_tokens:
         shards = sum(len(s.urls) for s in sources)
@@ -186,6 +225,59 @@ def check_data(cfg: Config, sources: list[Source], eval_urls: list[str], ranks: 
     if announce and own and any(p in DEMO_CORPORA for p in cfg.data.eval_sources):
         log.warning("data.eval_sources is the built-in demo corpus: retrieval is measured on it, not on your "
                     "data (set data.eval_sources to held-out shards of your own)")
+
+
+def check_media(cfg: Config, url_lists: list[list[str]], what: str) -> None:
+    """Some sample of the shards (each list: one source's) holds media of the model's modalities, or
+    one error says what the data holds instead, not every sample skipped as `no_media`. Member
+    names only, of each source's first local samples until one has such media (at most
+    MEDIA_SCAN); sources of documents alone, or not local, are not judged."""
+    from mmpretrain.data.samples import DOC_KEY
+    from mmpretrain.encoders import MODALITIES
+
+    kinds = {ext: m for m, spec in MODALITIES.items() for ext in spec.extensions}
+    captions = {k.partition(":")[0] for k in cfg.data.caption_keys}
+    found, n = set(), 0
+    for urls in url_lists:
+        local = [u for u in urls if is_local(u)]
+        if not local:
+            return
+        for members in itertools.islice(_sample_members(local), MEDIA_SCAN):
+            media = {kinds[e] for e in members if e in kinds}
+            # a modality's `extras` may derive another's media from its members (a video's audio track)
+            if media & set(cfg.model.modalities) or any(MODALITIES[m].extras for m in media):
+                return
+            n += DOC_KEY not in members
+            found |= media | ({"text"} if members & captions else set())
+    if n:
+        media = [m for m in MODALITIES if m in found]
+        holds = ", ".join(media + ["text"] * ("text" in found)) or "no media, no captions"
+        hint = f" (model.modalities=[{','.join(media)}])" if media else ""
+        wanted = " or ".join(cfg.model.modalities)
+        raise ConfigError(f"{what}: the data has no {wanted} (found: {holds} in its first {n} sample(s)); "
+                          f"set model.modalities to what it holds{hint}, or give shards with {wanted}")
+
+
+def _sample_members(urls: list[str]):
+    """Each sample's member extensions, in order over local shards (headers only; a shard that
+    cannot be read is passed over: `_samples` reports those)."""
+    for url in urls:
+        try:
+            with tarfile.open(url) as tar:
+                key, members = None, set()
+                for member in tar:
+                    k, ext = base_plus_ext(member.name) if member.isreg() else (None, None)
+                    if k is None:
+                        continue
+                    if k != key and key is not None:
+                        yield members
+                        members = set()
+                    key = k
+                    members.add(ext)
+                if key is not None:
+                    yield members
+        except (tarfile.TarError, OSError):
+            continue
 
 
 def _samples(urls: list[str], what: str, want: int) -> int | None:

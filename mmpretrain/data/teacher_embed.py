@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmpretrain.data.teacher_embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shards", nargs="+", help="shard patterns (brace ranges like train-{000000..000009}.tar)")
-    p.add_argument("--teacher", required=True, help="an mmpretrain export folder (a run's export/)")
+    p.add_argument("--teacher", required=True, help="an mmpretrain run, export or checkpoint folder")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", help="new shard name pattern with a %%d field, e.g. out/train-%%06d.tar")
     where.add_argument("--beside", action="store_true",

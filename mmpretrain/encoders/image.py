@@ -159,14 +159,16 @@ def decode(data: bytes, cfg: ImageEncoderConfig, rng: random.Random | None) -> t
     return ImagePreprocess(cfg, train=rng is not None)(open_image(data, cfg), rng)
 
 
-ACCEPTED = ("a path, bytes, a PIL image, uint8 pixels (H, W, 3) or (3, H, W) (NumPy or torch), a float "
-            "tensor already preprocessed (3, S, S), a (B, ...) batch of these or a list")
+ACCEPTED = ("a path, bytes, a PIL image, uint8 pixels (H, W), (H, W, C) or (C, H, W) with C 1, 3 or 4 (NumPy "
+            "or torch), a float tensor already preprocessed (3, S, S), a (B, ...) batch of these or a list")
+CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: made RGB as PIL converts them (open_clip's `_convert_to_rgb`)
 
 
 def preprocess(images, cfg: ImageEncoderConfig) -> torch.Tensor:
     """Downstream inputs -> (B, 3, S, S): one image, a list, or a (B, ...) batch. Paths, bytes, PIL
-    images and uint8 pixels get the eval transform (pixels through PIL, as a decoded file);
-    float tensors are taken as preprocessed and must be (3, S, S)."""
+    images and uint8 pixels get the eval transform (pixels through PIL, as a decoded file), grey,
+    RGBA and palette images converted to RGB; float tensors are taken as preprocessed and must be
+    (3, S, S)."""
     array = isinstance(images, (torch.Tensor, np.ndarray))
     items = list(images) if isinstance(images, (list, tuple)) or (array and images.ndim == 4) else [images]
     if not items:
@@ -190,9 +192,12 @@ def _one_image(x, cfg: ImageEncoderConfig, tf: ImagePreprocess) -> torch.Tensor:
                          f"each; got {tuple(x.shape)}: pass raw pixels as uint8, a PIL image or a path")
     if x.is_floating_point():
         return x.float()
+    if x.ndim == 2:  # grey (H, W)
+        x = x[None]
     if x.ndim != 3:
-        raise ValueError(f"image inputs: one image is (H, W, 3) or (3, H, W); got {tuple(x.shape)}")
-    return tf(Image.fromarray(channels_first(x, "image").permute(1, 2, 0).numpy()))
+        raise ValueError(f"image inputs: one image is (H, W), (H, W, C) or (C, H, W); got {tuple(x.shape)}")
+    pixels = channels_first(x, "image", CHANNELS).permute(1, 2, 0).numpy()
+    return tf(Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).convert("RGB"))
 
 
 def media_shape(cfg: ImageEncoderConfig) -> tuple[int, ...]:

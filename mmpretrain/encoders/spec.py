@@ -117,17 +117,22 @@ def as_tensor(x, what: str, accepted: str) -> torch.Tensor:
     raise TypeError(f"{what} inputs: expected {accepted}; got {type(x).__name__}")
 
 
-def channels_first(x: torch.Tensor, what: str) -> torch.Tensor:
-    """uint8 pixels (..., H, W, 3) (PIL, NumPy, OpenCV) or (..., 3, H, W) (torchvision) ->
-    (..., 3, H, W); a shape with 3 in both places, or in neither, is refused, never guessed."""
+def channels_first(x: torch.Tensor, what: str, channels: tuple[int, ...] = (3,)) -> torch.Tensor:
+    """uint8 pixels (..., H, W, C) (PIL, NumPy, OpenCV) or (..., C, H, W) (torchvision), C one of
+    `channels` -> (..., C, H, W). A 3 in one place alone decides (an RGB image 4 pixels high stays
+    RGB); a shape with such a C in both places, or in neither, is refused, never guessed."""
     if x.dtype != torch.uint8:
         raise ValueError(f"{what} inputs: pixels are uint8 (float tensors: already preprocessed); got "
                          f"{str(x.dtype).removeprefix('torch.')}")
-    last, first = x.shape[-1] == 3, x.shape[-3] == 3
-    if last == first:
-        raise ValueError(f"{what} inputs: cannot tell the channel axis of {tuple(x.shape)}: expected 3 "
-                         f"channels either last (..., H, W, 3) or before height and width (..., 3, H, W)")
-    return x.movedim(-1, -3) if last else x
+    for counts in ((3,), channels):
+        last, first = x.shape[-1] in counts, x.shape[-3] in counts
+        if last != first:
+            return x.movedim(-1, -3) if last else x
+        if last:  # in both places
+            break
+    c = " or ".join(map(str, channels))
+    raise ValueError(f"{what} inputs: cannot tell the channel axis of {tuple(x.shape)}: expected {c} "
+                     f"channels either last (..., H, W, C) or before height and width (..., C, H, W)")
 
 
 # ---------------------------------------------------------------------------- masked modelling

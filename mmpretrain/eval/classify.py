@@ -17,8 +17,8 @@ with fewer than 5 classes) and mean_per_class_recall (sklearn's balanced_accurac
 mean recall over the classes present), with n, each class's recall and the confusion matrix
 (rows: true class, columns: predicted) in the JSON and drawn in a PNG beside it.
 
-`--model` is a run folder, its export/ or a checkpoint folder; the JSON goes to the run's
-eval/classify-<dataset>-<split>.json unless --out says otherwise.
+`--model` (or `--run`) is a run folder, its export/ or a checkpoint folder; the JSON goes to the
+run's eval/classify-<dataset>-<split>.json unless --out says otherwise.
 """
 
 from __future__ import annotations
@@ -252,11 +252,11 @@ def format_result(r: dict) -> str:
 def cli(kind: str, doc: str, run, argv: list[str] | None) -> int:
     """The shared CLI of classify and linear_probe: run(pretrained, dataset, split, batch_size, eval_dir)
     -> result; writes eval/<kind>-<dataset>-<split>.json (or --out) and its confusion-matrix PNG."""
-    from mmpretrain.eval.retrieval import load_model
+    from mmpretrain.pretrained import add_model_argument, open_model
 
     p = argparse.ArgumentParser(prog=f"python -m mmpretrain.eval.{kind}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a run folder, its export/ folder or a checkpoint folder")
+    add_model_argument(p, required=True)
     p.add_argument("--dataset", required=True, help="a folder in CLIP_benchmark's layout")
     p.add_argument("--split", default="test")
     p.add_argument("--out", default=None, help=f"JSON output (default: <run>/eval/{kind}-<dataset>-<split>.json)")
@@ -267,7 +267,8 @@ def cli(kind: str, doc: str, run, argv: list[str] | None) -> int:
     try:
         if not dataset.is_dir():
             raise ConfigError(f"--dataset {dataset}: no such folder")
-        pretrained, _, eval_dir, suffix = load_model(Path(args.model), args.device, "--model")
+        pretrained, _, where = open_model(args.model, args.device, "--model")
+        eval_dir, suffix = where.run / "eval", where.suffix
         result = run(pretrained, dataset, args.split, args.batch_size, eval_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

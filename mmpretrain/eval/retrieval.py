@@ -5,10 +5,10 @@ query for media retrieval (found when its own item is in the top k); for text
 retrieval each item is a query, found when *any* of its captions is in the
 top k. Media-to-media queries are found when the same item is in the top k.
 
-    python -m mmpretrain.eval.retrieval --run runs/demo --shards 'eval-{000..003}.tar'
+    python -m mmpretrain.eval.retrieval --model runs/demo --shards 'eval-{000..003}.tar'
 
-`--run` is a run folder (its export/, or its newest checkpoint before there is one),
-an export/ folder or a checkpoint folder (runs/demo/checkpoints/step_00000400). The
+`--model` (or `--run`) is a run folder (its export/, or its newest checkpoint before there is
+one), an export/ folder or a checkpoint folder (runs/demo/checkpoints/step_00000400). The
 table is written beside the training run's own eval/retrieval.json, never over it,
 named after the shards (and the checkpoint): eval/retrieval-eval-000..003.json.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 KS = (1, 5, 10)
+SHARED_CAPTIONS = 0.01  # the share of captions that are also another item's above which a warning says so
+log = logging.getLogger(__name__)
 
 
 def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks=KS) -> dict[str, float]:
@@ -65,6 +68,22 @@ def retrieval_metrics(emb: dict[str, torch.Tensor], present: dict[str, torch.Ten
     return out
 
 
+def warn_shared_captions(captions: list[str], caption_item: torch.Tensor, what: str) -> int:
+    """Say so when many captions are word for word another item's caption too: those items tie for
+    the caption (text->media) and their captions tie (media->text), so R@1 counts how the set is
+    ordered, not what the model learned. -> how many such captions."""
+    items = collections.defaultdict(set)
+    for text, item in zip(captions, caption_item.tolist()):
+        items[text].add(item)
+    shared = [text for text in captions if len(items[text]) > 1]
+    if len(shared) > SHARED_CAPTIONS * len(captions):
+        log.warning("%s: %d of %d captions (%.0f%%) are word for word another item's caption too (%d text(s) "
+                    "shared): R@1 is undefined for them (a tie, broken by the order of the set); make the eval "
+                    "captions distinct", what, len(shared), len(captions), 100 * len(shared) / len(captions),
+                    len(set(shared)))
+    return len(shared)
+
+
 def static_frames(video: torch.Tensor) -> torch.Tensor:
     """(B, T, ...) clips -> each clip's first frame repeated T times: the control that shows
     whether a video model uses motion (its retrieval should drop) or single frames."""
@@ -72,12 +91,14 @@ def static_frames(video: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_batches(model, tokenizer, batches, device, static: bool = False) -> tuple[dict, dict, torch.Tensor, list]:
+def embed_batches(model, tokenizer, batches, device, static: bool = False) -> tuple[dict, dict, torch.Tensor, list,
+                                                                                  list]:
     """Run the model's encoders over eval batches -> item embeddings (text: one row per
-    caption), presence masks, the item of each caption, keys. `static`: video as static_frames."""
+    caption), presence masks, the item of each caption, keys, the captions. `static`: video as
+    static_frames."""
     was_training = model.training
     model.eval()
-    emb, present, caption_item, keys = {}, {}, [], []
+    emb, present, caption_item, keys, texts = {}, {}, [], [], []
     for batch in batches:
         if not batch.keys:  # only interleaved documents: nothing to retrieve
             continue
@@ -87,6 +108,7 @@ def embed_batches(model, tokenizer, batches, device, static: bool = False) -> tu
         captions = [c for caps in batch.captions for c in caps]
         caption_item += [len(keys) + i for i, caps in enumerate(batch.captions) for _ in caps]
         keys += batch.keys
+        texts += captions
         tokens, lengths = tokenizer(captions)
         parts = {"text": model.encode_text(tokens.to(device), lengths.to(device))}
         for m in model.modalities:
@@ -101,14 +123,16 @@ def embed_batches(model, tokenizer, batches, device, static: bool = False) -> tu
     model.train(was_training)
     emb = {m: torch.cat(v) for m, v in emb.items()}
     present = {m: torch.cat(v) for m, v in present.items()}
-    return emb, present, torch.tensor(caption_item, dtype=torch.long), keys
+    return emb, present, torch.tensor(caption_item, dtype=torch.long), keys, texts
 
 
-def evaluate(model, cfg, tokenizer, urls: list[str], device, static: bool = False) -> dict[str, dict]:
+def evaluate(model, cfg, tokenizer, urls: list[str], device, static: bool = False,
+             what: str = "retrieval") -> dict[str, dict]:
     from mmpretrain.data import eval_batches
 
-    emb, present, caption_item, _ = embed_batches(model, tokenizer, eval_batches(urls, cfg, tokenizer), device,
-                                                  static)
+    emb, present, caption_item, _, captions = embed_batches(model, tokenizer, eval_batches(urls, cfg, tokenizer),
+                                                            device, static)
+    warn_shared_captions(captions, caption_item, what)
     return retrieval_metrics(emb, present, caption_item)
 
 
@@ -135,35 +159,6 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def load_model(path: Path, device, flag: str = "--run"):
-    """A run folder, an export/ folder or a checkpoint folder -> (Pretrained, its config, the run's
-    eval/ folder, "-step_XXXXXXXX" for a checkpoint else ""). `flag`: the option errors name."""
-    from mmpretrain.checkpoint import is_checkpoint, latest_checkpoint, read_tensors
-    from mmpretrain.config import ConfigError, load_config
-    from mmpretrain.model import MultimodalModel
-    from mmpretrain.pretrained import Pretrained, load_pretrained
-    from mmpretrain.tokenizer import Tokenizer
-
-    expected = "expected a run folder (runs/<name>), its export/ or one of its checkpoints/step_* folders"
-    if not path.is_dir():
-        raise ConfigError(f"{flag} {path}: no such folder; {expected}")
-    if (path / "export" / "model.safetensors").is_file():
-        path = path / "export"
-    if (path / "model.safetensors").is_file():
-        return load_pretrained(path, device), load_config(path / "config.yaml"), path.parent / "eval", ""
-    checkpoint = path if is_checkpoint(path) else latest_checkpoint(path)
-    if checkpoint is None:
-        raise ConfigError(f"{flag} {path}: holds no export (model.safetensors) and no complete checkpoint; "
-                          f"{expected}")
-    run = checkpoint.parent.parent
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{flag} {checkpoint}: its run folder {run} has no config.yaml")
-    cfg = load_config(run / "config.yaml")
-    model = MultimodalModel(cfg.model, Tokenizer(cfg.model.text).vocab_size)
-    model.load_state_dict(read_tensors(checkpoint, prefix="task.model."))
-    return Pretrained(model, cfg.model).to(device), cfg, run / "eval", f"-{checkpoint.name}"
-
-
 def default_out(eval_dir: Path, patterns: list[str], suffix: str = "") -> Path:
     """eval/retrieval-<shards><suffix>.json, named after the shard patterns' last two path parts
     ('/data/coco/test-{000..003}.tar' -> retrieval-coco-test-000..003.json): beside the training
@@ -178,11 +173,12 @@ def default_out(eval_dir: Path, patterns: list[str], suffix: str = "") -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from mmpretrain.config import ConfigError
-    from mmpretrain.data.sources import expand, resolve_sources
+    from mmpretrain.data.sources import check_media, expand, resolve_sources
+    from mmpretrain.pretrained import add_model_argument, open_model
 
     p = argparse.ArgumentParser(prog="python -m mmpretrain.eval.retrieval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a run folder, its export/ folder or a checkpoint folder")
+    add_model_argument(p, required=True)
     p.add_argument("--shards", default=None,
                    help="shard pattern (brace expansion); default: the run's data.eval_sources")
     p.add_argument("--out", default=None, help="JSON output (default: <run>/eval/retrieval-<shards>.json)")
@@ -193,17 +189,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     try:
-        pretrained, cfg, eval_dir, suffix = load_model(Path(args.run), args.device)
+        pretrained, cfg, where = open_model(args.model, args.device, "--model")
         urls = expand([args.shards], "--shards") if args.shards else resolve_sources(cfg.data, "eval")
-        probe_eval(urls, cfg, pretrained.tokenizer, "--shards" if args.shards else "data.eval_sources")
+        what = "--shards" if args.shards else "data.eval_sources"
+        check_media(cfg, [urls], what)
+        probe_eval(urls, cfg, pretrained.tokenizer, what)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = evaluate(pretrained.model, cfg, pretrained.tokenizer, urls, args.device, args.static_frames)
+    results = evaluate(pretrained.model, cfg, pretrained.tokenizer, urls, args.device, args.static_frames, what)
     print(format_table(results))
     patterns = [args.shards] if args.shards else cfg.data.eval_sources
-    suffix += "-static" * args.static_frames
-    out = Path(args.out) if args.out else default_out(eval_dir, patterns, suffix)
+    suffix = where.suffix + "-static" * args.static_frames
+    out = Path(args.out) if args.out else default_out(where.run / "eval", patterns, suffix)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")

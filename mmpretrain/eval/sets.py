@@ -35,6 +35,7 @@ class EvalSet:
     folder: Path | None = None  # classification, linear_probe: CLIP_benchmark's layout
     modality: str = ""
     split: str = "test"
+    zero_shot: bool = False  # retrieval: its corpus says it is (sources.zero_shot), not only held out
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -42,11 +43,12 @@ class EvalSet:
 
 def run_sets(cfg: Config) -> list[EvalSet]:
     """The run's sets, resolved and checked (shards found, dataset folders in the layout)."""
-    from mmpretrain.data.sources import demo_classification_sets, eval_urls
+    from mmpretrain.data.sources import demo_classification_sets, eval_urls, zero_shot
     from mmpretrain.eval.classify import read_classnames, read_templates, split_shards
 
     every = cfg.train.eval_every
-    sets = [EvalSet("retrieval", "retrieval", every, urls=eval_urls(cfg.data, cfg.data.eval_sources))]
+    sets = [EvalSet("retrieval", "retrieval", every, urls=eval_urls(cfg.data, cfg.data.eval_sources),
+                    zero_shot=zero_shot(cfg.data.eval_sources))]
     for name, folder in demo_classification_sets(cfg.data, cfg.model.modalities).items():
         sets.append(EvalSet(name, "classification", every, folder=folder))
         if (folder / "train").is_dir():  # at the end only: it embeds the train/ split too
@@ -55,7 +57,7 @@ def run_sets(cfg: Config) -> list[EvalSet]:
         where = f"eval.sets[{i}] ({s.name})"
         one = EvalSet(s.name, s.kind, s.every or every, modality=s.modality, split=s.split)
         if s.kind == "retrieval":
-            one.urls = eval_urls(cfg.data, [s.path], f"{where}.path")
+            one.urls, one.zero_shot = eval_urls(cfg.data, [s.path], f"{where}.path"), zero_shot([s.path])
         else:
             one.folder = Path(s.path).expanduser()
             if not one.folder.is_dir():
@@ -92,6 +94,7 @@ class Evaluator:
         was_training = model.training
         self.pretrained = Pretrained(model, cfg.model)  # a view of the model in training, not a copy
         model.train(was_training)
+        self._warned: set[str] = set()  # retrieval sets whose shared captions were checked
 
     def evaluate(self, sets: list[EvalSet]) -> dict[str, dict]:
         was_training = self.model.training
@@ -105,11 +108,14 @@ class Evaluator:
 
     def retrieval(self, s: EvalSet) -> dict:
         from mmpretrain.data import eval_batches
-        from mmpretrain.eval.retrieval import embed_batches, retrieval_metrics
+        from mmpretrain.eval.retrieval import embed_batches, retrieval_metrics, warn_shared_captions
 
         batches = eval_batches(s.urls, self.cfg, self.tokenizer, rank=self.rank, world=self.world)
-        emb, present, caption_item, keys = _merge(self.gather(embed_batches(self.model, self.tokenizer, batches,
-                                                                            self.device)))
+        emb, present, caption_item, _, captions = _merge(self.gather(embed_batches(self.model, self.tokenizer,
+                                                                                   batches, self.device)))
+        if self.rank == 0 and s.name not in self._warned:  # the set's captions are the same at every evaluation
+            self._warned.add(s.name)
+            warn_shared_captions(captions, caption_item, f"eval set {s.name}")
         results = retrieval_metrics(emb, present, caption_item)
         return {k: v for k, v in results.items() if not s.modality or s.modality in k.split("->")}
 
@@ -150,18 +156,19 @@ class Evaluator:
         return {**probe_features(x, y, x_test, y_test, read_classnames(s.folder)), "modality": modality}
 
 
-def _merge(parts: list[tuple]) -> tuple[dict, dict, torch.Tensor, list]:
+def _merge(parts: list[tuple]) -> tuple[dict, dict, torch.Tensor, list, list]:
     """embed_batches' outputs of the ranks' parts -> one set's (items renumbered in rank order)."""
-    emb, present, caption_item, keys = {}, {}, [], []
-    for e, p, c, k in parts:
+    emb, present, caption_item, keys, captions = {}, {}, [], [], []
+    for e, p, c, k, t in parts:
         for m, v in e.items():
             emb.setdefault(m, []).append(v)
         for m, v in p.items():
             present.setdefault(m, []).append(v)
         caption_item.append(c + len(keys))
         keys += k
+        captions += t
     return ({m: torch.cat(v) for m, v in emb.items()}, {m: torch.cat(v) for m, v in present.items()},
-            torch.cat(caption_item), keys)
+            torch.cat(caption_item), keys, captions)
 
 
 def format_classification(results: dict[str, dict], sets: list[EvalSet]) -> str:

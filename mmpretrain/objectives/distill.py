@@ -43,13 +43,9 @@ class Teacher:
 
     def __init__(self, folder: str, cfg, device: torch.device):
         from mmpretrain.packing import RowLayout
-        from mmpretrain.pretrained import load_pretrained
+        from mmpretrain.pretrained import open_model
 
-        path = Path(folder).expanduser()
-        if not (path / "model.safetensors").exists():
-            raise ConfigError(f"objectives.distill.teacher: {folder!r} is not an export folder (no "
-                              f"model.safetensors): point it at a run's export/")
-        pretrained = load_pretrained(path, device)
+        pretrained = open_model(folder, device, "objectives.distill.teacher")[0]
         theirs = pretrained.cfg
         if theirs.text != cfg.model.text:
             raise ConfigError("objectives.distill.teacher: its model.text (tokenizer, context_length) differs "

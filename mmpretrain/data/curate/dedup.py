@@ -9,7 +9,7 @@ to its cluster's centroid), each its own reason:
   near_duplicate       an image (a video: its middle frame) whose perceptual hash (imagehash's pHash,
                        64 bits) is within --max-hamming bits of an earlier kept one: re-encoded,
                        slightly cropped or recoloured copies
-  semantic_duplicate   with --semantic EXPORT: SemDeDup (Abbas et al. 2023): the media embeddings of
+  semantic_duplicate   with --semantic MODEL: SemDeDup (Abbas et al. 2023): the media embeddings of
                        an mmpretrain export clustered by k-means (scikit-learn), and within each
                        cluster a sample whose cosine similarity to a kept one closer to the centroid
                        is above --threshold removed; per modality, so audio is deduplicated by its
@@ -41,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-near", action="store_true", help="skip the perceptual-hash pass")
     p.add_argument("--max-hamming", type=int, default=2,
                    help="near duplicates: pHash bits that may differ (of 64; default 2)")
-    p.add_argument("--semantic", default=None, metavar="EXPORT",
-                   help="an mmpretrain export folder: also remove semantic duplicates by its embeddings")
+    p.add_argument("--semantic", default=None, metavar="MODEL",
+                   help="an mmpretrain run, export or checkpoint folder: also remove semantic duplicates by its "
+                        "embeddings")
     p.add_argument("--threshold", type=float, default=0.95,
                    help="semantic duplicates: cosine similarity above which two samples are one (default 0.95)")
     p.add_argument("--clusters", type=int, default=0,
@@ -57,12 +58,11 @@ def check(a: argparse.Namespace) -> None:
     if a.clusters < 0:
         raise ConfigError(f"--clusters {a.clusters}: expected a positive count (0: automatic)")
     if a.no_exact and a.no_near and not a.semantic:
-        raise ConfigError("nothing to do: --no-exact and --no-near without --semantic EXPORT")
+        raise ConfigError("nothing to do: --no-exact and --no-near without --semantic MODEL")
     if a.semantic:
-        from pathlib import Path
+        from mmpretrain.pretrained import find_model
 
-        if not (Path(a.semantic) / "model.safetensors").is_file():
-            raise ConfigError(f"--semantic {a.semantic!r}: not an mmpretrain export folder (a run's export/)")
+        find_model(a.semantic, "--semantic")
 
 
 def normalise(caption: str) -> str:

@@ -26,7 +26,9 @@ from mmpretrain.data.curate.core import Outcome, flatten, map_shards, read_shard
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, metavar="EXPORT", help="an mmpretrain export folder (a run's export/)")
+    from mmpretrain.pretrained import add_model_argument
+
+    add_model_argument(p, default=None)
     p.add_argument("--open-clip-model", default=None, metavar="NAME",
                    help="an open_clip model name or model config .json (with --open-clip-checkpoint)")
     p.add_argument("--open-clip-checkpoint", default=None, metavar="FILE", help="its local checkpoint file")
@@ -37,9 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check(a: argparse.Namespace) -> None:
     if (a.model is None) == (a.open_clip_model is None):
-        raise ConfigError("give one scorer: --model EXPORT or --open-clip-model NAME --open-clip-checkpoint FILE")
-    if a.model and not (Path(a.model) / "model.safetensors").is_file():
-        raise ConfigError(f"--model {a.model!r}: not an mmpretrain export folder (a run's export/)")
+        raise ConfigError("give one scorer: --model FOLDER or --open-clip-model NAME --open-clip-checkpoint FILE")
+    if a.model:
+        from mmpretrain.pretrained import find_model
+
+        find_model(a.model, "--model")
     if a.open_clip_model and not (a.open_clip_checkpoint and Path(a.open_clip_checkpoint).is_file()):
         raise ConfigError(f"--open-clip-checkpoint {a.open_clip_checkpoint!r}: not a file (nothing is downloaded)")
     if (a.threshold is None) == (a.top_fraction is None):
