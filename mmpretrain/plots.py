@@ -90,7 +90,7 @@ def curves_figure(run_dir: Path):
     for n, which in sorted(chances.items()):
         ax_r1.axhline(1 / n, color="gray", ls=":", lw=1,
                       label=f"chance (1/{n})" + (f": {', '.join(sorted(which))}" if len(chances) > 1 else ""))
-    ax_r1.set(xlabel="step", ylabel="R@1", title="held-out zero-shot retrieval", ylim=(0, 1))
+    ax_r1.set(xlabel="step", ylabel="R@1", title="held-out retrieval", ylim=(0, 1))
     if retrieval:
         ax_r1.legend(fontsize=8)
     if classified:
