@@ -237,7 +237,7 @@ def _job(url: str, caption_keys: list[str], keep: frozenset[str] | None,
     """One shard -> ([(key, its removal or None)] in order, the token count of every caption)."""
     tok = _tokenizer(f.tokenizer)
     rows, lengths, scored = [], [], []
-    for s in core.read_shard(url, caption_keys, keep):
+    for s in core.read_shard(url, caption_keys, keep, media=False):  # captions alone: nothing decoded
         if s.bad is not None:
             rows.append([s.key, core.removal(s, *s.bad)])
             continue
