@@ -316,7 +316,7 @@ def shards_main(a: argparse.Namespace, source: Path) -> int:
 
 def classes_main(a: argparse.Namespace, tree: Path) -> int:
     """An ImageFolder tree -> CLIP_benchmark's layout in a.out (eval.classify.write_dataset)."""
-    from mmpretrain.eval.classify import CLASSNAMES, write_dataset
+    from mmpretrain.eval.classify import CLASSNAMES, read_classnames, write_dataset
 
     if not tree.is_dir():
         raise ValueError(f"{tree}: not a folder (--classes reads an ImageFolder tree: <class>/<file>)")
@@ -336,13 +336,15 @@ def classes_main(a: argparse.Namespace, tree: Path) -> int:
     if len(modalities := sorted({media[ext] for ext, _ in rows})) > 1:
         raise ValueError(f"{tree}: files of {' and '.join(modalities)}: a classification set is of one modality")
     classnames = [name.replace("_", " ") for name in folders]
-    existing = Path(a.out) / CLASSNAMES
-    if existing.is_file() and existing.read_text().split("\n")[:-1] != classnames:
-        raise ValueError(f"{existing}: other classes than {tree}'s folders (another set: choose another --out)")
+    if (Path(a.out) / CLASSNAMES).is_file() and read_classnames(Path(a.out)) != classnames:  # a split written before
+        raise ValueError(f"{a.out}: holds other classes than {tree}'s folders (another set: choose another --out)")
     splits = collections.defaultdict(list)
     for ext, s in rows:
         split = ("test" if held_out(s["__key__"], a.eval_fraction) else "train") if a.eval_fraction else a.split
         splits[split].append((ext, s[ext], s["label"]))
+    if a.eval_fraction and len(splits) < 2:
+        raise ValueError(f"--eval-fraction {a.eval_fraction} put all {len(rows)} sample(s) in {next(iter(splits))}/ "
+                         f"(it chooses by a hash of each file's path): give another fraction")
     write_dataset(Path(a.out), classnames, a.template or TEMPLATES[modalities[0]], dict(splits))
     counts = ", ".join(f"{split} {len(v)}" for split, v in sorted(splits.items()))
     print(f"wrote {len(rows)} sample(s) of {len(classnames)} classes ({counts}): {a.out}")
