@@ -185,7 +185,7 @@ def checked(items, skip_bad: bool, skipped: collections.Counter, captions: bool 
             yield sample
         elif skip_bad:
             skipped[bad.reason] += 1
-        elif bad.reason == "missing_text" and isinstance(where, Path):
+        elif bad.reason == "missing_text" and isinstance(where, Path):  # a folder's file: name its sidecars
             raise ValueError(f"{where}: no usable caption ({bad.reason}); expected {where.stem}.txt or .caption "
                              f"(one caption per line) or a .json with a 'caption' or 'text' field")
         else:
