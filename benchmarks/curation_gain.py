@@ -6,7 +6,8 @@ The noisy corpus (`demo-noisy`: the demo's training concepts with planted exact 
 duplicates, 30% mismatched captions and 20% off-target captions; truth.json says which) is
 curated by one plan, `python -m mmpretrain.data.curate run`:
 
-    dedup                     exact and perceptual-hash duplicates
+    dedup  --max-hamming 2    exact and perceptual-hash duplicates (2 bits: this corpus' distinct
+                              samples are one concept drawn again, look-alikes the default 6 merges)
     dsir   --target target.txt --fraction 0.8    importance resampling toward the demo's caption style
     score  --model <raw seed 0's export> --top-fraction 0.7    the pair-quality filter
 
@@ -87,7 +88,7 @@ def main() -> int:
     rows["raw"].append(train(out, f"raw-{first}", first, a.steps, "demo-noisy"))
     plan = out / "plan.yaml"
     plan.write_text(json.dumps({"shards": corpus["train"], "out": str(out / "curated"), "workers": 2, "steps": [
-        {"dedup": {}}, {"dsir": {"target": corpus["target"], "fraction": 0.8}},
+        {"dedup": {"max_hamming": 2}}, {"dsir": {"target": corpus["target"], "fraction": 0.8}},
         {"score": {"model": str(out / f"raw-{first}" / "export"), "top_fraction": 0.7}}]}))
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "mmpretrain.data.curate", "run", str(plan)], check=True, cwd=ROOT)

@@ -9,6 +9,15 @@ from dataclasses import dataclass, field
 import torch
 
 
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is the short tag the pipeline counts it under. Here,
+    not beside the decoders that raise it, so that reading captions alone loads no decoder."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
 @dataclass
 class Batch:
     keys: list[str]

@@ -12,7 +12,7 @@ import webdataset as wds
 from mmpretrain.data.curate import main
 from mmpretrain.data.demo import COLOURS, PLACES, SHAPES
 
-from conftest import png_bytes
+from conftest import png_bytes, run
 
 PNG = png_bytes()
 CONCEPTS = list(itertools.product(COLOURS, SHAPES, PLACES))
@@ -166,3 +166,26 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, says):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:") and says in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_caption_filters_read_captions_only_and_load_no_decoder(tmp_path, monkeypatch):
+    import sys
+    import tarfile
+
+    shards = write_shards(tmp_path / "raw", "raw", CLEAN[:3] + ["red", None])
+    extracted = []
+    extractfile = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, m: extracted.append(getattr(m, "name", m)) or extractfile(self, m))
+    keep, removed, _ = curate("filter", shards, "--out", str(tmp_path / "out"), "--min-tokens", "3")
+    assert keep == ["raw0000", "raw0001", "raw0002"]
+    assert {k: r["reason"] for k, r in removed.items()} == {"raw0003": "too_short", "raw0004": "missing_text"}
+    assert sorted(extracted) == [f"raw{i:04d}.txt" for i in range(4)]  # no .png read
+    # a fresh process filtering loads none of the media decoders' libraries
+    code = (f"import sys, json\nfrom mmpretrain.data.curate import main\nassert main(['filter', {shards!r}, "
+            f"'--out', {str(tmp_path / 'out2')!r}, '--workers', '1', '--min-tokens', '3']) == 0\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    proc = run([sys.executable, "-c", code], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = set(json.loads(proc.stdout.splitlines()[-1]))
+    assert not loaded & {"mmpretrain.encoders", "timm", "torchvision", "torchaudio", "av", "soundfile", "PIL.Image"}

@@ -67,7 +67,7 @@ def test_make_shards_from_a_folder_and_from_a_manifest(tmp_path):
     proc = run([sys.executable, "-m", "mmpretrain.data.make_shards", str(src), "--out",
                 str(tmp_path / "out" / "f-%04d.tar"), "--max-count", "1"], timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert f"wrote 2 shard(s): {tmp_path / 'out' / 'f-{0000..0001}.tar'}" in proc.stdout
+    assert f"wrote 2 sample(s) in 2 shard(s): {tmp_path / 'out' / 'f-{0000..0001}.tar'}" in proc.stdout
     got = {s["__key__"]: s for u in ("f-0000.tar", "f-0001.tar")
            for s in wds.WebDataset(str(tmp_path / "out" / u), shardshuffle=False)}
     assert set(got) == {"dog", "sub_rain"} and got["dog"]["txt"] == b"a dog"
@@ -84,7 +84,8 @@ def test_make_shards_from_a_folder_and_from_a_manifest(tmp_path):
     manifest = tmp_path / "m" / "rows.jsonl"
     manifest.write_text(json.dumps({"path": "a.png", "caption": "both", "audio": "a.flac"}) + "\n" +
                         json.dumps({"path": "a.flac", "caption": "sound only"}) + "\n")
-    written = make_shards.write_shards(make_shards.samples_from_manifest(manifest), str(tmp_path / "mm-%02d.tar"),
+    written = make_shards.write_shards((s for _, s in make_shards.samples_from_manifest(manifest)),
+                                       str(tmp_path / "mm-%02d.tar"),
                                        max_count=10, max_size_mb=100, progress=False)
     rows = list(wds.WebDataset(written[0], shardshuffle=False))
     assert [sorted(k for k in r if not k.startswith("__")) for r in rows] == [["flac", "png", "txt"], ["flac", "txt"]]
@@ -150,6 +151,80 @@ def test_make_shards_refuses_empty_and_uncaptioned_inputs_and_leaves_no_partial_
     lines.write_text(json.dumps({"path": "a.png", "caption": "a picture"}) + "\n{not json\n")
     code, err, files = make(lines, "o6")
     assert code == 2 and "line 2" in err and files == []
+
+
+def test_make_shards_checks_decoding_skips_bad_files_by_reason_and_holds_out_by_key(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        smooth_image(i, size=16).save(src / f"p{i:02d}.png")
+        (src / f"p{i:02d}.txt").write_text(f"picture {i}")
+    (src / "broken.png").write_bytes(b"not a png at all")
+    (src / "broken.txt").write_text("a broken picture")
+    (src / "cut.png").write_bytes(encoded(smooth_image(98))[:60])  # truncated: its header reads, its pixels do not
+    (src / "cut.txt").write_text("a cut picture")
+
+    def make(name, *flags) -> tuple[int, list[str], list[str]]:
+        code = make_shards.main([str(src), "--out", str(tmp_path / name / "train-%03d.tar"), "--max-count", "8",
+                                 *flags])
+        out, err = capsys.readouterr()
+        return code, out.strip().splitlines(), err.strip().splitlines()
+
+    code, out, err = make("strict")
+    assert code == 2 and len(err) == 1 and "broken.png" in err[0] and "bad_image" in err[0]  # found at pack time
+    assert "--skip-bad" in err[0] and not list((tmp_path / "strict").glob("*.tar*"))
+    smooth_image(99).save(src / "nocap.png")
+
+    def keys(pattern) -> list[str]:
+        import braceexpand
+
+        return [s["__key__"] for u in braceexpand.braceexpand(pattern) for s in wds.WebDataset(u, shardshuffle=False)]
+
+    code, out, err = make("a", "--skip-bad", "--eval-fraction", "0.25")
+    assert code == 0 and err == []
+    assert out[0] == "skipped 3 sample(s) (--skip-bad): bad_image 2, missing_text 1"
+    held, wrote = out[1].split(": ")[-1], out[2].split(": ")[-1]
+    n = 40 - len(keys(held))
+    assert out[2].startswith(f"wrote {n} sample(s) in ") and wrote.endswith(f"train-{{000..{(n - 1) // 8:03d}}}.tar")
+    assert out[1].startswith(f"held out {len(keys(held))} sample(s) in ") and "/eval-{000..00" in held
+    train, test = keys(wrote), keys(held)
+    assert sorted(train + test) == [f"p{i:02d}" for i in range(40)] and 4 <= len(test) <= 18
+    # the split is the keys' hash: the same on a rerun, and a larger fraction only adds to it
+    assert make("b", "--skip-bad", "--eval-fraction", "0.25")[1][1:] == [
+        line.replace(f"{tmp_path}/a/", f"{tmp_path}/b/") for line in out[1:]]
+    code, out, _ = make("c", "--skip-bad", "--eval-fraction", "0.5", "--eval-out", str(tmp_path / "c" / "ho-%d.tar"))
+    assert code == 0 and set(test) < set(keys(out[1].split(": ")[-1])) and "/ho-{0.." in out[1]
+
+
+def test_make_shards_writes_a_classification_set_from_an_image_folder_tree(tmp_path, capsys):
+    from mmpretrain.eval.classify import read_classnames, read_samples, read_templates, split_shards
+
+    tree = tmp_path / "pets"
+    for c, name in enumerate(("tabby_cat", "dog")):
+        (tree / name / "sub").mkdir(parents=True)
+        for i in range(6):
+            smooth_image(10 * c + i, size=16).save(tree / name / ("sub" if i == 5 else "") / f"{i}.png")
+    (tree / "dog" / "bad.png").write_bytes(b"not a png")
+    (tree / "readme.txt").write_text("not a class")
+    out = tmp_path / "sets" / "pets"
+    assert make_shards.main([str(tree), "--classes", "--out", str(out)]) == 2
+    assert "bad.png" in capsys.readouterr().err
+    assert make_shards.main([str(tree), "--classes", "--out", str(out), "--skip-bad", "--eval-fraction", "0.5",
+                             "--template", "a photo of a {c}.", "--template", "a {c}"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "skipped 1 sample(s) (--skip-bad): bad_image 1" and lines[-1].startswith("wrote 12 sample(s) of 2")
+    assert read_classnames(out) == ["dog", "tabby cat"]  # ImageFolder's order: the sorted folder names
+    assert read_templates(out) == ["a photo of a {c}.", "a {c}"]
+    labels = {}
+    for split in ("train", "test"):
+        for _, sample in read_samples(split_shards(out, split)):
+            labels[sample["png"]] = int(sample["cls"])
+    assert len(labels) == 12
+    for c, name in enumerate(("dog", "tabby_cat")):
+        for path in (tree / name).rglob("[0-9].png"):
+            assert labels[path.read_bytes()] == c
+    assert make_shards.main([str(tree / "dog"), "--classes", "--out", str(out)]) == 2  # other classes: refused
+    assert "other classes" in capsys.readouterr().err
 
 
 def bad_shards(tmp_path) -> list[str]:

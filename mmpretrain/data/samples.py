@@ -14,8 +14,8 @@ import logging
 import random
 import re
 
+from mmpretrain.batch import BadSample
 from mmpretrain.config import Config
-from mmpretrain.encoders import MODALITIES, BadSample
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,9 @@ class SampleParser:
     model's modalities, or {"__key__", "document"}; text is tokenized once, here."""
 
     def __init__(self, cfg: Config, train: bool, tokenizer):
+        # here, not at the top: the captions' readers (curate filter) load no decoder library
+        from mmpretrain.encoders import MODALITIES
+
         self.cfg, self.train, self.tokenizer = cfg, train, tokenizer
         self.caption_keys = cfg.data.caption_keys
         # registry order, which fixes the order in which media draw from the sample's RNG
@@ -187,6 +190,8 @@ class SampleParser:
     def document(self, raw: dict, rng: random.Random) -> list[tuple[str, object]]:
         """`doc.json` {"interleaved": [{"text": str} | {<modality>: member}, ...]}
         -> [("text", str) | (modality, tensor), ...]; media of other modalities are dropped."""
+        from mmpretrain.encoders import MODALITIES
+
         try:
             segments = json.loads(raw[DOC_KEY])["interleaved"]
         except (ValueError, KeyError, TypeError) as e:

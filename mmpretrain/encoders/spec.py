@@ -22,15 +22,8 @@ import torch.nn as nn
 from timm.layers import PatchDropout
 from timm.layers.patch_dropout import patch_dropout_forward
 
+from mmpretrain.batch import BadSample  # noqa: F401 (the decoders raise it; imported from here too)
 from mmpretrain.config import ConfigError
-
-
-class BadSample(Exception):
-    """A sample that cannot be used; `reason` is the short tag the pipeline counts it under."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,12 @@ class Sample:
         return DOC_KEY in self.members
 
 
-def read_shard(url: str, caption_keys: list[str], keep: frozenset[str] | None = None) -> Iterator[Sample]:
+def read_shard(url: str, caption_keys: list[str], keep: frozenset[str] | None = None,
+               media: bool = True) -> Iterator[Sample]:
     """The samples of one shard in order (those in `keep` only, when given). A sample training
-    would skip for its text keeps the reason in `bad`; an unreadable tar raises ConfigError."""
+    would skip for its text keeps the reason in `bad`; an unreadable tar raises ConfigError.
+    media=False: only the caption members (data.caption_keys') are read; the others are in
+    `members` by name, with None for bytes (a step that reads captions alone)."""
     import webdataset as wds
 
     from mmpretrain.data.samples import DOC_KEY, BadSample, describe, find_captions
@@ -54,7 +57,12 @@ def read_shard(url: str, caption_keys: list[str], keep: frozenset[str] | None = 
     def fail(e: BaseException) -> bool:
         raise ConfigError(f"{url}: cannot be read as a tar shard ({describe(e)})")
 
-    for raw in wds.tarfile_to_samples(handler=fail)(iter([{"url": url}])):
+    if media:
+        raws = wds.tarfile_to_samples(handler=fail)(iter([{"url": url}]))
+    else:
+        wanted = {k.partition(":")[0] for k in caption_keys}  # "json:caption" is read from .json
+        raws = wds.tariterators.group_by_keys(_named_members(url, wanted, fail), handler=fail)
+    for raw in raws:
         key = raw["__key__"]
         if keep is not None and key not in keep:
             continue
@@ -66,6 +74,30 @@ def read_shard(url: str, caption_keys: list[str], keep: frozenset[str] | None = 
             yield Sample(key, url, find_captions(raw, caption_keys), members)
         except BadSample as e:
             yield Sample(key, url, [], members, (e.reason, e.detail))
+
+
+def _named_members(url: str, wanted: set[str], fail: Callable) -> Iterator[dict]:
+    """A tar's members as webdataset's group_by_keys takes them ({"fname", "data", "__url__"}),
+    with the bytes of those whose extension is in `wanted` only (None for the others, which are
+    never read: tarfile seeks past them in a local shard; a member cut short fails all the same)."""
+    import re
+    import tarfile
+
+    import webdataset as wds
+    from webdataset.tariterators import base_plus_ext
+
+    try:
+        with wds.gopen(url) as stream:
+            seekable = getattr(stream, "seekable", lambda: False)()
+            with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*") as tar:
+                for m in tar:
+                    if not m.isreg() or re.match(r"__[^/]*__($|/)", m.name):  # webdataset's skip_meta
+                        continue
+                    ext = (base_plus_ext(m.name)[1] or "").lower()
+                    data = tar.extractfile(m).read() if ext in wanted else None
+                    yield {"fname": m.name, "data": data, "__url__": url}
+    except Exception as e:  # noqa: BLE001 (tarfile, the stream and the OS raise many types)
+        fail(e)
 
 
 def parsed_samples(url: str, caption_keys: list[str], keep: frozenset[str] | None, parser):

@@ -26,6 +26,9 @@ any of them. Each filter is a removal reason:
                          list of captions and returns one float each (a toxicity score, say); a
                          sample scoring above T (its highest-scoring caption) is removed
 
+The step reads captions alone: media members are skipped unread and no media decoder is loaded,
+so a worker starts with the tokenizer alone (about half the start-up of one importing the decoders).
+
 At least one filter is needed: the default boilerplate list counts, so --no-default-boilerplate
 alone is an error. The report has the removals per filter and a summary of the captions' token
 lengths.
@@ -237,7 +240,7 @@ def _job(url: str, caption_keys: list[str], keep: frozenset[str] | None,
     """One shard -> ([(key, its removal or None)] in order, the token count of every caption)."""
     tok = _tokenizer(f.tokenizer)
     rows, lengths, scored = [], [], []
-    for s in core.read_shard(url, caption_keys, keep):
+    for s in core.read_shard(url, caption_keys, keep, media=False):  # captions alone: nothing decoded
         if s.bad is not None:
             rows.append([s.key, core.removal(s, *s.bad)])
             continue
