@@ -17,6 +17,7 @@ import string
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -298,7 +299,9 @@ class TrainConfig:
     grad_accum: int = _check(1, default=1)
     lr: float = _check(0.0, default=1e-3)
     min_lr_ratio: float = _check(0.0, 1.0, default=0.1)
-    warmup_steps: int = _check(0, default=50)
+    # the linear warm-up: a number of steps, or a share of train.steps (a float between 0 and 1:
+    # 0.375 is 150 of 400 steps, 22 of 60), which `validate` turns into steps
+    warmup_steps: float = _check(0.0, default=50)
     weight_decay: float = _check(0.0, default=0.05)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # two values in [0, 1)
     grad_clip: float = _check(0.0, default=1.0)  # 0 disables clipping
@@ -684,9 +687,11 @@ def validate(cfg: Config) -> Config:
                                                          f"nothing would train")
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
              f"train.betas: {t.betas}; expected two values in [0, 1)")
+    t.warmup_steps = _warmup_steps(t)
     _require(t.warmup_steps < t.steps,
              f"train.warmup_steps: {t.warmup_steps} is not below train.steps={t.steps}: the run would end in "
-             f"its warm-up, before the learning rate decays; expected a value below {t.steps} (0: no warm-up)")
+             f"its warm-up, before the learning rate decays; expected a value below {t.steps} (0: no warm-up) "
+             f"or a share of the run (0.375: {int(0.375 * t.steps)} of {t.steps} steps)")
     _validate_tokenizer(m.text)
     one_pair = 2 * m.text.context_length + len(m.modalities) * m.fusion.num_latents
     _require(not cfg.data.max_tokens or cfg.data.max_tokens >= one_pair,
@@ -710,6 +715,17 @@ def validate(cfg: Config) -> Config:
              bool(cfg.data.caption_keys), f"data.caption_keys: {cfg.data.caption_keys}; expected extensions "
                                           f"('txt') or JSON fields ('json:caption')")
     return cfg
+
+
+def _warmup_steps(t: TrainConfig) -> int:
+    """train.warmup_steps in steps: a share of train.steps (between 0 and 1) rounded down, or a
+    whole number of steps."""
+    w = t.warmup_steps
+    if 0 < w < 1:
+        return int(Fraction(str(w)) * t.steps)  # the share as written: 0.29 of 100 is 29, not 28.999...
+    _require(w == int(w), f"train.warmup_steps: {w}; expected a number of steps (an integer) or a share of "
+                          f"train.steps between 0 and 1 (0.375: 150 of 400 steps)")
+    return int(w)
 
 
 def model_parts(model_cfg: ModelConfig) -> list[str]:

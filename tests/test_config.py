@@ -25,6 +25,27 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
     assert load_config(resolved) == cfg
 
 
+# each shipped config's warm-up in steps at its own train.steps, as it was when they were counts
+SHIPPED_WARMUP = {"text_image_audio": 150, "text_video": 150, "text_image_audio_video": 30, "long_context": 5,
+                  "tiny": 0, "recipes/lit": 50, "recipes/frozen_decoder": 30}
+
+
+def test_a_warm_up_share_scales_with_the_run_and_shipped_configs_run_any_length():
+    shipped = sorted(str(p.relative_to(ROOT / "configs").with_suffix("")) for p in (ROOT / "configs").glob("**/*.yaml"))
+    assert sorted(SHIPPED_WARMUP) == shipped
+    for name, steps in SHIPPED_WARMUP.items():
+        path = ROOT / "configs" / f"{name}.yaml"
+        assert load_config(path).train.warmup_steps == steps, name
+        for n in (2, 3, 60):  # `train.steps=N` alone
+            assert load_config(path, [f"train.steps={n}"]).train.warmup_steps < n
+    main_job = ROOT / "configs" / "text_image_audio.yaml"
+    assert load_config(main_job, ["train.steps=60"]).train.warmup_steps == 22  # 0.375 of 60, rounded down
+    assert load_config(None, ["train.steps=100", "train.warmup_steps=0.29"]).train.warmup_steps == 29
+    assert load_config(None, ["train.steps=100", "train.warmup_steps=7"]).train.warmup_steps == 7  # a count
+    with pytest.raises(ConfigError, match=r"train\.warmup_steps: 2\.5; expected a number of steps"):
+        load_config(None, ["train.warmup_steps=2.5"])
+
+
 def test_unknown_key_suggests_closest():
     with pytest.raises(ConfigError, match=r"train\.stpes: unknown key; did you mean 'steps'\?"):
         load_config(None, ["train.stpes=5"])
