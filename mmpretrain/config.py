@@ -628,8 +628,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             tree = {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {tree!r}")
-    tree = _merge(tree, parse_overrides(list(overrides)))
-    return validate(_build(Config, tree))
+    given = parse_overrides(list(overrides))
+    return validate(_build(Config, _merge(tree, given)), given)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -637,9 +637,10 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config) -> Config:
+def validate(cfg: Config, given: dict | None = None) -> Config:
     """Checks across fields: what the modules would assert later (geometry, divisibility), here,
-    with the key path, the value and what is allowed."""
+    with the key path, the value and what is allowed. `given`: the overrides (as a tree), which a
+    pretrained decoder's config.json must agree with (it replaces the config file's values)."""
     m = cfg.model
     moe = m.decoder.moe
     _require(not (moe.experts and m.decoder.pretrained),
@@ -651,7 +652,7 @@ def validate(cfg: Config) -> Config:
     if m.decoder.pretrained:  # the decoder's fields from the checkpoint's config.json
         from mmpretrain.hf import decoder_config
 
-        m.decoder = decoder_config(m.decoder)
+        m.decoder = decoder_config(m.decoder, (given or {}).get("model", {}).get("decoder", {}))
     _require(len(m.modalities) > 0, "model.modalities: [] has no media modality; expected at least one")
     dup = sorted({x for x in m.modalities if m.modalities.count(x) > 1})
     _require(not dup, f"model.modalities: {m.modalities} lists {dup} twice; each modality once")
