@@ -42,7 +42,7 @@ def _nonempty(default: str):
 class RunConfig:
     name: str = _nonempty("demo")
     dir: str = _nonempty("runs")
-    seed: int = 0
+    seed: int = _check(-2**63, 2**63 - 1, default=0)  # torch's generators take 64 bits (seed + rank)
 
 
 @dataclass

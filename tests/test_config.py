@@ -161,6 +161,7 @@ def test_a_model_too_large_for_this_machine_is_refused_with_the_estimate(tmp_pat
     err = capsys.readouterr().err
     _assert_one_clear_line(code, err, "model: 24,000,161,627,904 parameters")  # counted on the meta device
     assert re.search(r"need [\d,.]+ GB .* more than the [\d,.]+ GB of memory", err), err
+    assert "model.image.width=1000000 makes it this large (at its default, 128, the model has" in err
 
 
 def test_cli_print_config_and_error(capsys):
@@ -263,6 +264,9 @@ CROSS_FIELD = [
     (["trian.steps=5"], "trian"),
     (["run.name='abc"], "run.name"),
     (["train.steps={a: 1"], "train.steps"),
+    (["run.seed=99999999999999999999999"], "run.seed"),  # past the 64 bits torch's generators take
+    (["model.audio.n_mels=100000000"], "model.audio.n_mels"),  # a filterbank of 100 GB, not a parameter
+    (["model.audio.win_ms=800"], "model.audio.win_ms"),  # an FFT longer than twice the clip
 ]
 
 RUNTIME = [  # found past the schema: data, environment, checkpoint
