@@ -164,6 +164,16 @@ def test_a_model_too_large_for_this_machine_is_refused_with_the_estimate(tmp_pat
     assert "model.image.width=1000000 makes it this large (at its default, 128, the model has" in err
 
 
+def test_a_diverging_run_stops_with_one_line_naming_the_terms_and_the_learning_rate(tiny_cfg, tmp_path, capsys):
+    code = main([str(ROOT / "configs" / "tiny.yaml"), f"data.demo.cache_dir={tiny_cfg().data.demo.cache_dir}",
+                 f"run.dir={tmp_path}", "train.device=cpu", "data.num_workers=0", "train.lr=1.0e+300"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err[-2000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: non-finite loss at step 2 in ") and "next_token (nan)" in line, line
+    assert "the weights diverged: likely train.lr=1e+300 is too high" in line
+
+
 def test_cli_print_config_and_error(capsys):
     assert main([str(ROOT / "configs" / "tiny.yaml"), "train.steps=7", "--print-config"]) == 0
     assert "steps: 7" in capsys.readouterr().out
