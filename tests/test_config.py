@@ -289,6 +289,7 @@ RUNTIME = [  # found past the schema: data, environment, checkpoint
     (["model.attention.backend=varlen"], "model.attention.backend"),
     (["train.resume=latest"], "train.resume"),
     (["train.resume=/nowhere/step_00000001"], "train.resume"),
+    (["data.sources=[demo-docs]", "objectives.next_token_weight=0"], "nothing would train"),  # documents only
 ]
 
 
