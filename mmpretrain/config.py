@@ -300,8 +300,8 @@ class TrainConfig:
     lr: float = _check(0.0, default=1e-3)
     min_lr_ratio: float = _check(0.0, 1.0, default=0.1)
     # the linear warm-up: a number of steps, or a share of train.steps (a float between 0 and 1:
-    # 0.375 is 150 of 400 steps, 22 of 60), which `validate` turns into steps
-    warmup_steps: float = _check(0.0, default=50)
+    # 0.375 is 150 of 400 steps, 22 of 60), which `validate` turns into steps; 0.05: 50 of 1000
+    warmup_steps: float = _check(0.0, default=0.05)
     weight_decay: float = _check(0.0, default=0.05)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # two values in [0, 1)
     grad_clip: float = _check(0.0, default=1.0)  # 0 disables clipping

@@ -42,6 +42,7 @@ def test_a_warm_up_share_scales_with_the_run_and_shipped_configs_run_any_length(
     assert load_config(main_job, ["train.steps=60"]).train.warmup_steps == 22  # 0.375 of 60, rounded down
     assert load_config(None, ["train.steps=100", "train.warmup_steps=0.29"]).train.warmup_steps == 29
     assert load_config(None, ["train.steps=100", "train.warmup_steps=7"]).train.warmup_steps == 7  # a count
+    assert [load_config(None, [f"train.steps={n}"]).train.warmup_steps for n in (2, 30, 1000)] == [0, 1, 50]
     with pytest.raises(ConfigError, match=r"train\.warmup_steps: 2\.5; expected a number of steps"):
         load_config(None, ["train.warmup_steps=2.5"])
 
