@@ -96,7 +96,8 @@ def train_ours(out: Path, seed: int, steps: int, overrides: list[str]) -> tuple[
 
 
 def optimizer_flags(overrides: list[str]) -> list[str]:
-    """open_clip's optimizer flags from ours' config and overrides: both sides train alike."""
+    """open_clip's optimizer flags from ours' config and overrides (train.steps among them: the
+    warm-up is a share of the run): both sides train alike."""
     from mmpretrain.config import load_config
 
     t = load_config(CONFIG, overrides).train
@@ -113,7 +114,7 @@ def train_open_clip(out: Path, seed: int, steps: int, shards: str, overrides: li
     (cfg_dir / f"{OPENCLIP_MODEL}.json").write_text(json.dumps(OPENCLIP_CFG, indent=1))
     args = ["--model", OPENCLIP_MODEL, "--train-data", shards, "--dataset-type", "webdataset",
             "--train-num-samples", str(SAMPLES_PER_EPOCH), "--epochs", str(epochs), "--batch-size", "128",
-            *optimizer_flags(overrides), "--eps", "1e-8",
+            *optimizer_flags([f"train.steps={steps}", *overrides]), "--eps", "1e-8",
             "--aug-cfg", "scale=(0.85,1.0)", "ratio=(0.9,1.1)",
             "--image-mean", *map(str, MEAN_STD), "--image-std", *map(str, MEAN_STD), "--workers", "1", "--precision", "fp32",
             "--device", "cpu", "--seed", str(seed), "--logs", str(out), "--name", f"open_clip-{seed}",

@@ -139,6 +139,22 @@ def parameter_table(model: MultimodalModel) -> str:
     return ", ".join(cells)
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A loss turned NaN or infinite under train.nan_policy=stop; its message is the user's line."""
+
+
+def _nonfinite(bad: dict[str, float], step: int, cfg: TrainConfig, lr: float) -> str:
+    """Which terms went non-finite at which step, and the setting that likely made them."""
+    where = f"non-finite loss at step {step + 1} in {', '.join(f'{k} ({v})' for k, v in bad.items())}"
+    if step == 0:  # no update yet: the inputs or the initial weights, whatever the learning rate
+        cause = "before any update, so from the data or the model's initial weights, not train.lr"
+    else:
+        clip = "" if cfg.grad_clip else ", or clip gradients (train.grad_clip=1.0)"
+        cause = (f"the weights diverged: likely train.lr={cfg.lr:g} is too high (the rate was {lr:.3g} at this "
+                 f"step); lower it or lengthen train.warmup_steps{clip}")
+    return f"{where}: {cause}; train.nan_policy=skip skips such steps instead"
+
+
 def train_step(task: PretrainingTask, wrapped: nn.Module, optimizer, scheduler, autocast, batches,
                cfg: TrainConfig, step: int = 0) -> dict[str, float]:
     """One optimizer step of `build`'s objects over cfg.grad_accum micro-batches drawn from
@@ -153,10 +169,9 @@ def train_step(task: PretrainingTask, wrapped: nn.Module, optimizer, scheduler, 
         with autocast:
             loss, terms = wrapped(batch)
         if parallel.any_rank(~torch.isfinite(loss.detach())):  # every rank takes the same branch
-            bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+            bad = {k: float(v) for k, v in terms.items() if not torch.isfinite(v)} or {"total": float(loss)}
             if cfg.nan_policy == "stop":
-                raise FloatingPointError(f"non-finite loss at step {step + 1} in {', '.join(bad)}: "
-                                         f"{ {k: float(v) for k, v in terms.items()} }")
+                raise NonFiniteLoss(_nonfinite(bad, step, cfg, scheduler.get_last_lr()[0]))
             optimizer.zero_grad(set_to_none=True)
             moe.discard_counts(task.model.decoder)
             log.warning("step %d: non-finite loss in %s, skipped", step + 1, ", ".join(bad))

@@ -17,6 +17,7 @@ import string
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +42,7 @@ def _nonempty(default: str):
 class RunConfig:
     name: str = _nonempty("demo")
     dir: str = _nonempty("runs")
-    seed: int = 0
+    seed: int = _check(-2**63, 2**63 - 1, default=0)  # torch's generators take 64 bits (seed + rank)
 
 
 @dataclass
@@ -298,7 +299,9 @@ class TrainConfig:
     grad_accum: int = _check(1, default=1)
     lr: float = _check(0.0, default=1e-3)
     min_lr_ratio: float = _check(0.0, 1.0, default=0.1)
-    warmup_steps: int = _check(0, default=50)
+    # the linear warm-up: a number of steps, or a share of train.steps (a float between 0 and 1:
+    # 0.375 is 150 of 400 steps, 22 of 60), which `validate` turns into steps; 0.05: 50 of 1000
+    warmup_steps: float = _check(0.0, default=0.05)
     weight_decay: float = _check(0.0, default=0.05)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # two values in [0, 1)
     grad_clip: float = _check(0.0, default=1.0)  # 0 disables clipping
@@ -625,8 +628,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             tree = {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {tree!r}")
-    tree = _merge(tree, parse_overrides(list(overrides)))
-    return validate(_build(Config, tree))
+    given = parse_overrides(list(overrides))
+    return validate(_build(Config, _merge(tree, given)), given)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -634,9 +637,10 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config) -> Config:
+def validate(cfg: Config, given: dict | None = None) -> Config:
     """Checks across fields: what the modules would assert later (geometry, divisibility), here,
-    with the key path, the value and what is allowed."""
+    with the key path, the value and what is allowed. `given`: the overrides (as a tree), which a
+    pretrained decoder's config.json must agree with (it replaces the config file's values)."""
     m = cfg.model
     moe = m.decoder.moe
     _require(not (moe.experts and m.decoder.pretrained),
@@ -648,7 +652,7 @@ def validate(cfg: Config) -> Config:
     if m.decoder.pretrained:  # the decoder's fields from the checkpoint's config.json
         from mmpretrain.hf import decoder_config
 
-        m.decoder = decoder_config(m.decoder)
+        m.decoder = decoder_config(m.decoder, (given or {}).get("model", {}).get("decoder", {}))
     _require(len(m.modalities) > 0, "model.modalities: [] has no media modality; expected at least one")
     dup = sorted({x for x in m.modalities if m.modalities.count(x) > 1})
     _require(not dup, f"model.modalities: {m.modalities} lists {dup} twice; each modality once")
@@ -684,9 +688,11 @@ def validate(cfg: Config) -> Config:
                                                          f"nothing would train")
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
              f"train.betas: {t.betas}; expected two values in [0, 1)")
+    t.warmup_steps = _warmup_steps(t)
     _require(t.warmup_steps < t.steps,
              f"train.warmup_steps: {t.warmup_steps} is not below train.steps={t.steps}: the run would end in "
-             f"its warm-up, before the learning rate decays; expected a value below {t.steps} (0: no warm-up)")
+             f"its warm-up, before the learning rate decays; expected a value below {t.steps} (0: no warm-up) "
+             f"or a share of the run (0.375: {int(0.375 * t.steps)} of {t.steps} steps)")
     _validate_tokenizer(m.text)
     one_pair = 2 * m.text.context_length + len(m.modalities) * m.fusion.num_latents
     _require(not cfg.data.max_tokens or cfg.data.max_tokens >= one_pair,
@@ -710,6 +716,17 @@ def validate(cfg: Config) -> Config:
              bool(cfg.data.caption_keys), f"data.caption_keys: {cfg.data.caption_keys}; expected extensions "
                                           f"('txt') or JSON fields ('json:caption')")
     return cfg
+
+
+def _warmup_steps(t: TrainConfig) -> int:
+    """train.warmup_steps in steps: a share of train.steps (between 0 and 1) rounded down, or a
+    whole number of steps."""
+    w = t.warmup_steps
+    if 0 < w < 1:
+        return int(Fraction(str(w)) * t.steps)  # the share as written: 0.29 of 100 is 29, not 28.999...
+    _require(w == int(w), f"train.warmup_steps: {w}; expected a number of steps (an integer) or a share of "
+                          f"train.steps between 0 and 1 (0.375: 150 of 400 steps)")
+    return int(w)
 
 
 def model_parts(model_cfg: ModelConfig) -> list[str]:

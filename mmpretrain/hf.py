@@ -1,13 +1,15 @@
 """Hugging Face Llama-family checkpoints as the decoder (`model.decoder.pretrained=<folder>`).
 
 A local folder as `save_pretrained` writes it: `config.json` and `model.safetensors` (or shards
-named by `model.safetensors.index.json`); nothing is downloaded. Llama (SmolLM and TinyLlama are
+named by `model.safetensors.index.json`), or a Hugging Face repo id whose snapshot is in the local
+Hugging Face cache (`HF_HOME`); nothing is downloaded. Llama (SmolLM and TinyLlama are
 Llama), Mistral and Qwen2: the same block as ours (RMSNorm, rotary over half-split pairs, SwiGLU)
 with grouped-query attention, their own head size, rotary theta and Llama 3's rope scaling, tied
 or untied output head, and Qwen2's q/k/v biases. `decoder_config` takes the decoder's fields from
-`config.json` (a field the run sets to another value than the checkpoint's is an error naming
-both); `load_decoder` copies the weights one tensor at a time (bf16 shards are not expanded to
-a whole fp32 copy: each tensor is cast as it is copied), checking every name and shape.
+`config.json` (they replace the config file's; a field the command line sets to another value
+than the checkpoint's is an error naming both); `load_decoder` copies the weights one tensor at
+a time (bf16 shards are not expanded to a whole fp32 copy: each tensor is cast as it is copied),
+checking every name and shape.
 Mistral's and Qwen2's sliding window is not applied: it matters only past its length (4,096
 tokens and more), longer than this library's rows so far.
 """
@@ -27,10 +29,34 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 KEY = "model.decoder.pretrained"
 
 
-def read_config(folder: str | Path) -> dict:
-    path = Path(folder).expanduser() / "config.json"
+def checkpoint_folder(name: str | Path) -> Path:
+    """The folder `model.decoder.pretrained` names: a local folder, or a Hugging Face repo id
+    (org/name) whose snapshot huggingface_hub finds in the local cache (no network)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder
+    tried = [str(folder.absolute())]
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        pass  # not a repo id: a local path alone
+    else:
+        found = try_to_load_from_cache(str(name), "config.json")
+        if isinstance(found, str):
+            return Path(found).parent
+        tried.append(f"the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME)")
+    raise ConfigError(f"{KEY}: {str(name)!r} not found: tried {' and '.join(tried)}; expected a Hugging Face "
+                      f"checkpoint folder (config.json and *.safetensors, as save_pretrained writes them) or "
+                      f"the id of one in the local Hugging Face cache (nothing is downloaded)")
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
     if not path.is_file():
-        raise ConfigError(f"{KEY}: {folder!r} has no config.json: expected a Hugging Face checkpoint folder "
+        raise ConfigError(f"{KEY}: {str(folder)!r} has no config.json: expected a Hugging Face checkpoint folder "
                           f"(config.json and *.safetensors, as save_pretrained writes them)")
     hf = json.loads(path.read_text())
     kind = hf.get("model_type")
@@ -70,14 +96,16 @@ def checkpoint_fields(hf: dict) -> dict:
             "vocab_size": hf["vocab_size"], "rope_scaling": scaling}
 
 
-def decoder_config(cfg: DecoderConfig) -> DecoderConfig:
-    """The run's decoder section with the checkpoint's fields. A field the run gives a value
-    other than its default must agree with the checkpoint's (kv_heads=0 means `heads`)."""
-    theirs = checkpoint_fields(read_config(cfg.pretrained))
-    defaults = DecoderConfig()
-    same = {"kv_heads": lambda a, b: (a or cfg.heads) == b}
+def decoder_config(cfg: DecoderConfig, given: dict) -> DecoderConfig:
+    """The run's decoder section with the checkpoint's fields, which replace the config file's;
+    a field in `given` (the command line's model.decoder) must agree with the checkpoint's
+    (kv_heads=0 means `heads`). Its weight files are checked here, before any model is built."""
+    folder = checkpoint_folder(cfg.pretrained)
+    theirs = checkpoint_fields(read_config(folder))
+    _tensor_files(folder)
+    same = {"kv_heads": lambda a, b: (a or theirs["heads"]) == b}
     clash = [f"{k}={getattr(cfg, k)!r} (the checkpoint's: {v!r})" for k, v in theirs.items()
-             if getattr(cfg, k) != getattr(defaults, k) and not same.get(k, lambda a, b: a == b)(getattr(cfg, k), v)]
+             if k in given and not same.get(k, lambda a, b: a == b)(getattr(cfg, k), v)]
     if clash:
         raise ConfigError(f"model.decoder: {', '.join(clash)} disagree with {KEY}={cfg.pretrained!r}; leave them "
                           f"out (they come from its config.json) or give the checkpoint's values")
@@ -88,7 +116,12 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        files = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        missing = sorted({f.name for f in files.values() if not f.is_file()})
+        if missing:
+            raise ConfigError(f"{KEY}: {folder} lacks {len(missing)} of the files its {index.name} names, e.g. "
+                              f"{', '.join(missing[:3])}")
+        return files
     single = folder / "model.safetensors"
     if not single.is_file():
         raise ConfigError(f"{KEY}: {folder} has neither model.safetensors nor model.safetensors.index.json")
@@ -125,7 +158,7 @@ def load_decoder(decoder, folder: str | Path) -> str:
     rank reads the file and keeps its shard) -> a line for the log."""
     from safetensors import safe_open
 
-    folder = Path(folder).expanduser()
+    folder = checkpoint_folder(folder)
     files = _tensor_files(folder)
     wanted = weight_map(decoder)
     missing = [n for _, names in wanted for n in names if n not in files]

@@ -9,7 +9,10 @@ next-token logits. The objectives' own state (pairs, temperatures) lives in
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -222,5 +225,48 @@ def check_memory(cfg: Config, vocab_size: int, device: torch.device, world_size:
             f"{n:,} parameters need {need / 1e9:,.1f} GB for weights, gradients and AdamW state")
     per = f" per process (FSDP2 over {shards})" if shards > 1 else ""
     where = "this machine" if device.type == "cpu" else f"the GPU ({device})"
-    raise ConfigError(f"model: {what}{per}, more than the {memory / 1e9:,.1f} GB of memory of {where}; "
-                      f"reduce the model's sizes")
+    advice = _what_made_it_large(cfg.model, vocab_size, n) or "reduce the model's sizes"
+    raise ConfigError(f"model: {what}{per}, more than the {memory / 1e9:,.1f} GB of memory of {where}; {advice}")
+
+
+def _what_made_it_large(cfg: ModelConfig, vocab_size: int, n: int | None, tries: int = 3) -> str:
+    """The size setting (model.<section>.<key>) whose default shrinks the model most, as a clause
+    naming it; "" when none does. `n`: the model's parameters (None: past what torch addresses).
+    The settings furthest from their defaults are tried first, each counted on the meta device,
+    until one brings the model to a tenth of its size."""
+    def size(count: int | None) -> float:
+        return math.inf if count is None else count
+
+    sections = ["decoder", "fusion", "text", *cfg.modalities]
+    candidates = sorted((c for name in sections for c in _changed_numbers(getattr(cfg, name), name)),
+                        key=lambda c: -abs(math.log((abs(c[1]) + 1) / (abs(c[2]) + 1))))
+    found, least = None, size(n)
+    for key, value, default in candidates[:tries]:
+        trial = copy.deepcopy(cfg)
+        *parents, leaf = key.split(".")
+        setattr(functools.reduce(getattr, parents, trial), leaf, default)
+        try:
+            smaller = size(parameter_count(trial, vocab_size))
+        except Exception:  # noqa: BLE001 - its default does not fit the other settings: no answer from it
+            continue
+        if smaller < least:
+            found, least = (key, value, default), smaller
+            if smaller * 10 <= size(n):
+                break
+    if found is None:
+        return ""
+    key, value, default = found
+    return (f"model.{key}={value} makes it this large (at its default, {default}, the model has {least:,} "
+            f"parameters); reduce it")
+
+
+def _changed_numbers(section, prefix: str):
+    """(key path, value, default) of a config section's numbers (its subsections' too) that are
+    not their defaults."""
+    defaults = type(section)()
+    for f in dataclasses.fields(section):
+        value, default = getattr(section, f.name), getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _changed_numbers(value, f"{prefix}.{f.name}")
+        elif type(value) in (int, float) and value != default:
+            yield f"{prefix}.{f.name}", value, default

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from mmpretrain import checkpoint, parallel
 from mmpretrain.attention import resolve_backend
 from mmpretrain.batch import coverage
-from mmpretrain.build import build, train_step
+from mmpretrain.build import NonFiniteLoss, build, train_step
 from mmpretrain.config import Config, ConfigError, TrainConfig, load_config, to_dict, to_yaml
 from mmpretrain.data import BatchStream
 from mmpretrain.data.sources import check_data, train_sources
@@ -557,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # found past the schema: data, environment, checkpoint
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:  # a diverged run: one line naming the terms and the likely setting
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Preempted as e:
         log.warning("%s", e)
         return 143  # 128 + SIGTERM: interrupted, but resumable

@@ -25,6 +25,28 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
     assert load_config(resolved) == cfg
 
 
+# each shipped config's warm-up in steps at its own train.steps, as it was when they were counts
+SHIPPED_WARMUP = {"text_image_audio": 150, "text_video": 150, "text_image_audio_video": 30, "long_context": 5,
+                  "tiny": 0, "recipes/lit": 50, "recipes/frozen_decoder": 30}
+
+
+def test_a_warm_up_share_scales_with_the_run_and_shipped_configs_run_any_length():
+    shipped = sorted(str(p.relative_to(ROOT / "configs").with_suffix("")) for p in (ROOT / "configs").glob("**/*.yaml"))
+    assert sorted(SHIPPED_WARMUP) == shipped
+    for name, steps in SHIPPED_WARMUP.items():
+        path = ROOT / "configs" / f"{name}.yaml"
+        assert load_config(path).train.warmup_steps == steps, name
+        for n in (2, 3, 60):  # `train.steps=N` alone
+            assert load_config(path, [f"train.steps={n}"]).train.warmup_steps < n
+    main_job = ROOT / "configs" / "text_image_audio.yaml"
+    assert load_config(main_job, ["train.steps=60"]).train.warmup_steps == 22  # 0.375 of 60, rounded down
+    assert load_config(None, ["train.steps=100", "train.warmup_steps=0.29"]).train.warmup_steps == 29
+    assert load_config(None, ["train.steps=100", "train.warmup_steps=7"]).train.warmup_steps == 7  # a count
+    assert [load_config(None, [f"train.steps={n}"]).train.warmup_steps for n in (2, 30, 1000)] == [0, 1, 50]
+    with pytest.raises(ConfigError, match=r"train\.warmup_steps: 2\.5; expected a number of steps"):
+        load_config(None, ["train.warmup_steps=2.5"])
+
+
 def test_unknown_key_suggests_closest():
     with pytest.raises(ConfigError, match=r"train\.stpes: unknown key; did you mean 'steps'\?"):
         load_config(None, ["train.stpes=5"])
@@ -140,6 +162,17 @@ def test_a_model_too_large_for_this_machine_is_refused_with_the_estimate(tmp_pat
     err = capsys.readouterr().err
     _assert_one_clear_line(code, err, "model: 24,000,161,627,904 parameters")  # counted on the meta device
     assert re.search(r"need [\d,.]+ GB .* more than the [\d,.]+ GB of memory", err), err
+    assert "model.image.width=1000000 makes it this large (at its default, 128, the model has" in err
+
+
+def test_a_diverging_run_stops_with_one_line_naming_the_terms_and_the_learning_rate(tiny_cfg, tmp_path, capsys):
+    code = main([str(ROOT / "configs" / "tiny.yaml"), f"data.demo.cache_dir={tiny_cfg().data.demo.cache_dir}",
+                 f"run.dir={tmp_path}", "train.device=cpu", "data.num_workers=0", "train.lr=1.0e+300"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err[-2000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: non-finite loss at step 2 in ") and "next_token (nan)" in line, line
+    assert "the weights diverged: likely train.lr=1e+300 is too high" in line
 
 
 def test_cli_print_config_and_error(capsys):
@@ -242,6 +275,9 @@ CROSS_FIELD = [
     (["trian.steps=5"], "trian"),
     (["run.name='abc"], "run.name"),
     (["train.steps={a: 1"], "train.steps"),
+    (["run.seed=99999999999999999999999"], "run.seed"),  # past the 64 bits torch's generators take
+    (["model.audio.n_mels=100000000"], "model.audio.n_mels"),  # a filterbank of 100 GB, not a parameter
+    (["model.audio.win_ms=800"], "model.audio.win_ms"),  # an FFT longer than twice the clip
 ]
 
 RUNTIME = [  # found past the schema: data, environment, checkpoint
@@ -254,6 +290,7 @@ RUNTIME = [  # found past the schema: data, environment, checkpoint
     (["model.attention.backend=varlen"], "model.attention.backend"),
     (["train.resume=latest"], "train.resume"),
     (["train.resume=/nowhere/step_00000001"], "train.resume"),
+    (["data.sources=[demo-docs]", "objectives.next_token_weight=0"], "nothing would train"),  # documents only
 ]
 
 

@@ -2,17 +2,20 @@
 and saved to a folder give the same logits through our decoder, on packed rows too."""
 
 import json
+import re
 
 import pytest
 import torch
 import transformers
+import yaml
 
 from mmpretrain.config import ConfigError, load_config
 from mmpretrain.decoder import Decoder
 from mmpretrain.hf import load_decoder
 from mmpretrain.packing import Packing
+from mmpretrain.train import main
 
-from conftest import TINY
+from conftest import ROOT, TINY
 
 TOWERS = [o for o in TINY if not o.startswith("model.decoder.")]  # the decoder's sizes: the checkpoint's
 
@@ -67,12 +70,59 @@ def test_fields_come_from_the_checkpoint_and_a_disagreeing_field_is_named(tmp_pa
     load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path}", "model.decoder.width=32"])  # agrees
     with pytest.raises(ConfigError, match=r"model.decoder: layers=3 \(the checkpoint's: 2\)"):
         load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path}", "model.decoder.layers=3"])
-    with pytest.raises(ConfigError, match="no config.json"):
-        load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path / 'nowhere'}"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="'.*empty' has no config.json"):
+        load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path / 'empty'}"])
     hf = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "gpt2"}))
     with pytest.raises(ConfigError, match="model_type 'gpt2'"):
         load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path}"])
+
+
+def test_the_checkpoint_replaces_the_config_files_sizes_and_only_the_command_line_must_agree(tmp_path, capsys):
+    """configs/tiny.yaml's decoder (width 32, 1 layer, 2 heads) gives way to the checkpoint's (2
+    layers, 4 heads), as --print-config shows; a size on the command line must agree with it."""
+    save_model("llama", tmp_path)
+    tiny, pretrained = ROOT / "configs" / "tiny.yaml", f"model.decoder.pretrained={tmp_path}"
+    assert main([str(tiny), pretrained, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["decoder"]
+    assert (printed["width"], printed["layers"], printed["heads"], printed["vocab_size"]) == (32, 2, 4, 97)
+    assert load_config(tiny, [pretrained, "model.decoder.layers=2"]).model.decoder.layers == 2  # agrees
+    with pytest.raises(ConfigError, match=r"model.decoder: layers=1 \(the checkpoint's: 2\)"):
+        load_config(tiny, [pretrained, "model.decoder.layers=1"])
+
+
+def test_missing_weights_and_unknown_names_are_reported_before_any_model_is_built(tmp_path):
+    save_model("llama", tmp_path / "llm").save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    (tmp_path / "llm" / "model.safetensors").unlink()  # config.json alone
+    with pytest.raises(ConfigError, match="has neither model.safetensors nor model.safetensors.index.json"):
+        load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path / 'llm'}"])
+    next((tmp_path / "sharded").glob("model-*.safetensors")).unlink()
+    with pytest.raises(ConfigError, match=r"lacks 1 of the files its model.safetensors.index.json names"):
+        load_config(None, TOWERS + [f"model.decoder.pretrained={tmp_path / 'sharded'}"])
+    with pytest.raises(ConfigError, match=r"'nowhere/llm' not found: tried .*nowhere/llm and the Hugging Face cache"):
+        load_config(None, TOWERS + ["model.decoder.pretrained=nowhere/llm"])
+
+
+def test_a_repo_id_resolves_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    """A snapshot in HF_HOME's cache as huggingface_hub lays it out (refs/main names the snapshot);
+    found by huggingface_hub's cache lookup, without the network."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-llama"
+    save_model("llama", repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HOME once, when it is imported (here, already): its cache path too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    cfg = load_config(None, TOWERS + ["model.decoder.pretrained=tiny-org/tiny-llama"]).model.decoder
+    assert (cfg.layers, cfg.heads, cfg.pretrained) == (2, 4, "tiny-org/tiny-llama")
+    assert str(repo / "snapshots") in load_decoder(Decoder(cfg, cfg.vocab_size), cfg.pretrained)
+    with pytest.raises(ConfigError, match=r"'tiny-org/other' not found: tried .* and the Hugging Face cache " +
+                       re.escape(str(tmp_path / "hf" / "hub"))):
+        load_config(None, TOWERS + ["model.decoder.pretrained=tiny-org/other"])
 
 
 def test_a_shape_that_does_not_fit_is_named(tmp_path):

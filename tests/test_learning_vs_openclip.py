@@ -19,3 +19,4 @@ def test_open_clip_trains_with_ours_schedule_and_optimizer():
         [t.lr, t.warmup_steps, t.weight_decay, *t.betas]
     overridden = bench.optimizer_flags(["train.warmup_steps=7", "train.lr=5e-4"])
     assert flag(overridden, "--warmup") == 7 and flag(overridden, "--lr") == 5e-4
+    assert flag(bench.optimizer_flags(["train.steps=60"]), "--warmup") == 22  # the config's share of 60 steps

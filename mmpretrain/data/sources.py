@@ -20,6 +20,7 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from mmpretrain.config import Config, ConfigError, DataConfig
+from mmpretrain.data.samples import DOC_KEY
 
 log = logging.getLogger(__name__)
 
@@ -203,17 +204,24 @@ def check_data(cfg: Config, sources: list[Source], eval_urls: list[str], ranks: 
     (train.batch_size x `ranks` data-parallel ranks). Local shards are read in order, headers
     only, until that many samples are found, so a large corpus costs its first shard; a URL or
     `pipe:` source is opened once, within seconds, and read to its first sample (counting it
-    would download it). `announce`: say, in one log line, that own training data are evaluated
-    on the demo corpus."""
-    need, found, counted = cfg.train.batch_size * ranks, 0, True
+    would download it). Samples that are all interleaved documents need the next-token objective.
+    `announce`: say, in one log line, that own training data are evaluated on the demo corpus."""
+    need, found, counted, only_documents = cfg.train.batch_size * ranks, 0, True, True
     for source in sources:
-        n = _samples(source.urls, "data.sources", max(1, need - found))
-        if n is not None and source.keep is not None:  # a uid list: at most its samples
+        n, documents = _samples(source.urls, "data.sources", max(1, need - found))
+        only_documents = only_documents and documents == n
+        if not all(map(is_local, source.urls)):  # its first sample only: not a count
+            n = None
+        elif source.keep is not None:  # a uid list: at most its samples
             n = min(n, len(source.keep))
         counted, found = counted and n is not None, found + (n or 0)
     _samples(eval_urls, "data.eval_sources", 1)
     check_media(cfg, [s.urls for s in sources], "data.sources")
     check_media(cfg, [eval_urls], "data.eval_sources")
+    if only_documents and not cfg.objectives.next_token_weight:
+        raise ConfigError(f"objectives.next_token_weight: 0, and data.sources hold interleaved documents only "
+                          f"(samples with a {DOC_KEY}), which only the next-token objective trains: nothing would "
+                          f"train; set objectives.next_token_weight above 0 or add media-caption data")
     # resampled streams repeat shards to fill a batch; token-budget batches may hold fewer samples
     if counted and found < need and not cfg.data.resampled and not cfg.data.max_tokens:
         shards = sum(len(s.urls) for s in sources)
@@ -227,69 +235,17 @@ def check_data(cfg: Config, sources: list[Source], eval_urls: list[str], ranks: 
                     "data (set data.eval_sources to held-out shards of your own)")
 
 
-def check_media(cfg: Config, url_lists: list[list[str]], what: str) -> None:
-    """Some sample of the shards (each list: one source's) holds media of the model's modalities, or
-    one error says what the data holds instead, not every sample skipped as `no_media`. Member
-    names only, of each source's first local samples until one has such media (at most
-    MEDIA_SCAN); sources of documents alone, or not local, are not judged."""
-    from mmpretrain.data.samples import DOC_KEY
-    from mmpretrain.encoders import MODALITIES
-
-    kinds = {ext: m for m, spec in MODALITIES.items() for ext in spec.extensions}
-    captions = {k.partition(":")[0] for k in cfg.data.caption_keys}
-    found, n = set(), 0
-    for urls in url_lists:
-        local = [u for u in urls if is_local(u)]
-        if not local:
-            return
-        for members in itertools.islice(_sample_members(local), MEDIA_SCAN):
-            media = {kinds[e] for e in members if e in kinds}
-            # a modality's `extras` may derive another's media from its members (a video's audio track)
-            if media & set(cfg.model.modalities) or any(MODALITIES[m].extras for m in media):
-                return
-            n += DOC_KEY not in members
-            found |= media | ({"text"} if members & captions else set())
-    if n:
-        media = [m for m in MODALITIES if m in found]
-        holds = ", ".join(media + ["text"] * ("text" in found)) or "no media, no captions"
-        hint = f" (model.modalities=[{','.join(media)}])" if media else ""
-        wanted = " or ".join(cfg.model.modalities)
-        raise ConfigError(f"{what}: the data has no {wanted} (found: {holds} in its first {n} sample(s)); "
-                          f"set model.modalities to what it holds{hint}, or give shards with {wanted}")
-
-
-def _sample_members(urls: list[str]):
-    """Each sample's member extensions, in order over local shards (headers only; a shard that
-    cannot be read is passed over: `_samples` reports those)."""
-    for url in urls:
-        try:
-            with tarfile.open(url) as tar:
-                key, members = None, set()
-                for member in tar:
-                    k, ext = base_plus_ext(member.name) if member.isreg() else (None, None)
-                    if k is None:
-                        continue
-                    if k != key and key is not None:
-                        yield members
-                        members = set()
-                    key = k
-                    members.add(ext)
-                if key is not None:
-                    yield members
-        except (tarfile.TarError, OSError):
-            continue
-
-
-def _samples(urls: list[str], what: str, want: int) -> int | None:
-    """Complete samples in the first shards of `urls`, read in order until `want` are found (a
-    bad shard among good ones is skipped, as training skips it); None for a URL or pipe: source,
-    of which only the first shard is read, to its first sample. None found: a ConfigError naming
-    the first shard and why."""
+def _samples(urls: list[str], what: str, want: int) -> tuple[int, int]:
+    """(complete samples, interleaved documents among them) in the first shards of `urls`, read
+    in order until `want` are found (a bad shard among good ones is skipped, as training skips
+    it); of a URL or pipe: source only the first shard is read, to its first sample. None found:
+    a ConfigError naming the first shard and why."""
     local = all(map(is_local, urls))
-    found, failures = 0, []
+    found, documents, failures = 0, 0, []
     for url in urls if local else urls[:1]:
         try:
-            found += _shard_samples(url, want - found if local else 1)
+            n, docs = _shard_samples(url, want - found if local else 1)
+            found, documents = found + n, documents + docs
         except _Unreadable as e:
             failures.append((url, e))
         if found >= want:
@@ -298,11 +254,12 @@ def _samples(urls: list[str], what: str, want: int) -> int | None:
         (url, e), more = failures[0], len(failures) - 1
         also = f" (and {more} more shard(s) with no complete sample)" if more else ""
         raise ConfigError(f"{what}: {url!r} {e}{also}; {e.advice}")
-    return found if local else None
+    return found, documents
 
 
-def _shard_samples(url: str, limit: int) -> int:
-    """Complete samples at the start of one shard, counted up to `limit`."""
+def _shard_samples(url: str, limit: int) -> tuple[int, int]:
+    """Complete samples at the start of one shard, counted up to `limit`, and the interleaved
+    documents among them."""
     with contextlib.ExitStack() as stack:
         if is_local(url):
             if os.path.getsize(url) == 0:
@@ -317,30 +274,33 @@ def _shard_samples(url: str, limit: int) -> int:
         return _count(tar, limit)
 
 
-def _count(tar: tarfile.TarFile, limit: int) -> int:
+def _count(tar: tarfile.TarFile, limit: int) -> tuple[int, int]:
     """Samples in `tar`, grouped as webdataset groups them (consecutive members sharing the name
-    before the extension), up to `limit`; a sample counts once the next begins or the archive
-    ends, so one that a read error cuts short does not."""
-    n, key, members = 0, None, 0
+    before the extension), up to `limit`, and the interleaved documents (a doc.json member) among
+    them; a sample counts once the next begins or the archive ends, so one that a read error cuts
+    short does not."""
+    n, documents, key, members = 0, 0, None, 0
+    document = False  # the sample being read is one
     try:
         for member in tar:
             members += 1
-            k = base_plus_ext(member.name)[0] if member.isreg() else None
+            k, ext = base_plus_ext(member.name) if member.isreg() else (None, None)
             if k is None or k == key:
+                document = document or ext == DOC_KEY
                 continue
-            n, key = n + (key is not None), k
+            n, documents, key, document = n + (key is not None), documents + document, k, ext == DOC_KEY
             if n >= limit:
-                return n
+                return n, documents
     except (tarfile.TarError, OSError) as e:
         if n:
-            return n
+            return n, documents
         where = "inside the first" if key else "before one"
         raise _Unreadable(f"holds no complete sample: it breaks off {where} ({e})") from None
-    n += key is not None
+    n, documents = n + (key is not None), documents + document
     if not n:
         raise _Unreadable("is an empty tar" if not members else
                           f"holds no sample: none of its {members} member(s) is named <key>.<extension>")
-    return n
+    return n, documents
 
 
 @contextlib.contextmanager

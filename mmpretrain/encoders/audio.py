@@ -71,6 +71,11 @@ class AudioEncoderConfig:
         return int(self.sample_rate * self.hop_ms / 1000)
 
     @property
+    def n_fft(self) -> int:
+        """The FFT's size: the window's samples rounded up to a power of two."""
+        return 1 << (self.win_samples - 1).bit_length()
+
+    @property
     def frames(self) -> int:
         """Spectrogram frames of one clip (center=True framing); needs hop_samples >= 1."""
         return self.clip_samples // self.hop_samples + 1
@@ -87,6 +92,14 @@ def validate(cfg: AudioEncoderConfig, model_cfg) -> None:
     if cfg.frames < cfg.patch_time:
         raise ConfigError(f"model.audio.clip_seconds: {cfg.clip_seconds} s gives {cfg.frames} frames, fewer "
                           f"than one time patch (patch_time={cfg.patch_time})")
+    fft = f"the {cfg.n_fft}-point FFT of model.audio.win_ms={cfg.win_ms} at {cfg.sample_rate} Hz"
+    if cfg.n_fft // 2 >= cfg.clip_samples:  # the STFT pads each side by half its size, mirroring the clip
+        raise ConfigError(f"model.audio.win_ms: {fft} is longer than twice the {cfg.clip_samples}-sample clip "
+                          f"(model.audio.clip_seconds={cfg.clip_seconds}); expected a shorter window or a longer clip")
+    if cfg.n_mels > cfg.n_fft // 2 + 1:
+        raise ConfigError(f"model.audio.n_mels: {cfg.n_mels} is more than the {cfg.n_fft // 2 + 1} frequency bins "
+                          f"of {fft} (the bands past them are empty); expected at most {cfg.n_fft // 2 + 1}, or "
+                          f"a longer window")
 
 
 class LogMel(nn.Module):
@@ -100,10 +113,9 @@ class LogMel(nn.Module):
 
     def _mel(self) -> nn.Module:
         cfg = self.cfg
-        n_fft = 1 << (cfg.win_samples - 1).bit_length()
         with torch.device("cpu"):  # computed, not learned: real values also in a model built on meta
             return torchaudio.transforms.MelSpectrogram(
-                sample_rate=cfg.sample_rate, n_fft=n_fft, win_length=cfg.win_samples, hop_length=cfg.hop_samples,
+                sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_samples, hop_length=cfg.hop_samples,
                 n_mels=cfg.n_mels, power=2.0)
 
     @torch.no_grad()
