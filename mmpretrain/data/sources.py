@@ -235,6 +235,59 @@ def check_data(cfg: Config, sources: list[Source], eval_urls: list[str], ranks: 
                     "data (set data.eval_sources to held-out shards of your own)")
 
 
+def check_media(cfg: Config, url_lists: list[list[str]], what: str) -> None:
+    """Some sample of the shards (each list: one source's) holds media of the model's modalities, or
+    one error says what the data holds instead, not every sample skipped as `no_media`. Member
+    names only, of each source's first local samples until one has such media (at most
+    MEDIA_SCAN); sources of documents alone, or not local, are not judged."""
+    from mmpretrain.data.samples import DOC_KEY
+    from mmpretrain.encoders import MODALITIES
+
+    kinds = {ext: m for m, spec in MODALITIES.items() for ext in spec.extensions}
+    captions = {k.partition(":")[0] for k in cfg.data.caption_keys}
+    found, n = set(), 0
+    for urls in url_lists:
+        local = [u for u in urls if is_local(u)]
+        if not local:
+            return
+        for members in itertools.islice(_sample_members(local), MEDIA_SCAN):
+            media = {kinds[e] for e in members if e in kinds}
+            # a modality's `extras` may derive another's media from its members (a video's audio track)
+            if media & set(cfg.model.modalities) or any(MODALITIES[m].extras for m in media):
+                return
+            n += DOC_KEY not in members
+            found |= media | ({"text"} if members & captions else set())
+    if n:
+        media = [m for m in MODALITIES if m in found]
+        holds = ", ".join(media + ["text"] * ("text" in found)) or "no media, no captions"
+        hint = f" (model.modalities=[{','.join(media)}])" if media else ""
+        wanted = " or ".join(cfg.model.modalities)
+        raise ConfigError(f"{what}: the data has no {wanted} (found: {holds} in its first {n} sample(s)); "
+                          f"set model.modalities to what it holds{hint}, or give shards with {wanted}")
+
+
+def _sample_members(urls: list[str]):
+    """Each sample's member extensions, in order over local shards (headers only; a shard that
+    cannot be read is passed over: `_samples` reports those)."""
+    for url in urls:
+        try:
+            with tarfile.open(url) as tar:
+                key, members = None, set()
+                for member in tar:
+                    k, ext = base_plus_ext(member.name) if member.isreg() else (None, None)
+                    if k is None:
+                        continue
+                    if k != key and key is not None:
+                        yield members
+                        members = set()
+                    key = k
+                    members.add(ext)
+                if key is not None:
+                    yield members
+        except (tarfile.TarError, OSError):
+            continue
+
+
 def _samples(urls: list[str], what: str, want: int) -> tuple[int, int]:
     """(complete samples, interleaved documents among them) in the first shards of `urls`, read
     in order until `want` are found (a bad shard among good ones is skipped, as training skips
