@@ -10,7 +10,6 @@ scaled logits with the temperature training learned. Needs no data pipeline and 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,9 +17,10 @@ import torch.nn as nn
 import yaml
 from safetensors.torch import load_file
 
-from mmpretrain.config import Config, ConfigError, ModelConfig, _build, config_from_dict, load_config
+from mmpretrain.config import Config, ModelConfig, _build, config_from_dict, load_config
 from mmpretrain.encoders import MODALITIES
 from mmpretrain.model import MediaTower, MultimodalModel
+from mmpretrain.model_folder import ModelNotFound, ModelPath, find_model
 from mmpretrain.tokenizer import Tokenizer
 
 
@@ -95,61 +95,6 @@ class Pretrained(nn.Module):
                              f"{tuple(a.shape)} and {tuple(b.shape)}")
         logits = scale * a @ b.T
         return logits.softmax(dim=-1) if probs else logits
-
-
-class ModelNotFound(ConfigError, FileNotFoundError):
-    """A path that names no model: one line from a CLI or a config key, a FileNotFoundError in Python."""
-
-
-EXPECTED = "expected a run folder (runs/<name>), its export/ or one of its checkpoints/step_* folders"
-
-
-@dataclass(frozen=True)
-class ModelPath:
-    """Where a model is: `folder`, the export/ or the checkpoint its weights are read from; `run`,
-    the run folder (the CLIs write their results to its eval/)."""
-
-    folder: Path
-    run: Path
-    checkpoint: bool
-
-    @property
-    def config(self) -> Path:
-        return (self.run if self.checkpoint else self.folder) / "config.yaml"
-
-    @property
-    def suffix(self) -> str:
-        """"-step_00000400" for a checkpoint: its results' names differ from the run's own."""
-        return f"-{self.folder.name}" if self.checkpoint else ""
-
-
-def find_model(path: str | Path, what: str = "load_pretrained") -> ModelPath:
-    """The one way to name a model, for `load_pretrained` and every CLI: a run folder (its export/,
-    or its newest checkpoint before there is one), an export/ folder or a checkpoint folder.
-    `what`: the argument or key that errors name."""
-    from mmpretrain.checkpoint import is_checkpoint, latest_checkpoint
-
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise ModelNotFound(f"{what} {path}: no such folder; {EXPECTED}")
-    if (path / "export" / "model.safetensors").is_file():
-        path = path / "export"
-    if (path / "model.safetensors").is_file():
-        return ModelPath(path, path.parent, checkpoint=False)
-    checkpoint = path if is_checkpoint(path) else latest_checkpoint(path)
-    if checkpoint is None:
-        raise ModelNotFound(f"{what} {path}: holds no export (model.safetensors) and no complete checkpoint; "
-                            f"{EXPECTED}")
-    run = checkpoint.parent.parent
-    if not (run / "config.yaml").is_file():
-        raise ModelNotFound(f"{what} {checkpoint}: its run folder {run} has no config.yaml")
-    return ModelPath(checkpoint, run, checkpoint=True)
-
-
-def add_model_argument(parser, **kwargs) -> None:
-    """`--model` (or its alias `--run`): a CLI's model, as `find_model` reads it."""
-    parser.add_argument("--model", "--run", dest="model", metavar="FOLDER",
-                        help="a run folder, its export/ folder or a checkpoint folder (--run: the same)", **kwargs)
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:

@@ -252,7 +252,8 @@ def format_result(r: dict) -> str:
 def cli(kind: str, doc: str, run, argv: list[str] | None) -> int:
     """The shared CLI of classify and linear_probe: run(pretrained, dataset, split, batch_size, eval_dir)
     -> result; writes eval/<kind>-<dataset>-<split>.json (or --out) and its confusion-matrix PNG."""
-    from mmpretrain.pretrained import add_model_argument, open_model
+    from mmpretrain.model_folder import add_model_argument
+    from mmpretrain.pretrained import open_model
 
     p = argparse.ArgumentParser(prog=f"python -m mmpretrain.eval.{kind}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -174,7 +174,8 @@ def default_out(eval_dir: Path, patterns: list[str], suffix: str = "") -> Path:
 def main(argv: list[str] | None = None) -> int:
     from mmpretrain.config import ConfigError
     from mmpretrain.data.sources import check_media, expand, resolve_sources
-    from mmpretrain.pretrained import add_model_argument, open_model
+    from mmpretrain.model_folder import add_model_argument
+    from mmpretrain.pretrained import open_model
 
     p = argparse.ArgumentParser(prog="python -m mmpretrain.eval.retrieval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

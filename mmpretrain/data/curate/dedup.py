@@ -75,7 +75,7 @@ def check(a: argparse.Namespace) -> None:
     if a.no_exact and a.no_near and not a.semantic:
         raise ConfigError("nothing to do: --no-exact and --no-near without --semantic MODEL")
     if a.semantic:
-        from mmpretrain.pretrained import find_model
+        from mmpretrain.model_folder import find_model
 
         find_model(a.semantic, "--semantic")
 

@@ -26,7 +26,7 @@ from mmpretrain.data.curate.core import Outcome, flatten, map_shards, read_shard
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from mmpretrain.pretrained import add_model_argument
+    from mmpretrain.model_folder import add_model_argument
 
     add_model_argument(p, default=None)
     p.add_argument("--open-clip-model", default=None, metavar="NAME",
@@ -41,7 +41,7 @@ def check(a: argparse.Namespace) -> None:
     if (a.model is None) == (a.open_clip_model is None):
         raise ConfigError("give one scorer: --model FOLDER or --open-clip-model NAME --open-clip-checkpoint FILE")
     if a.model:
-        from mmpretrain.pretrained import find_model
+        from mmpretrain.model_folder import find_model
 
         find_model(a.model, "--model")
     if a.open_clip_model and not (a.open_clip_checkpoint and Path(a.open_clip_checkpoint).is_file()):
