@@ -188,6 +188,25 @@ def bf16_only_varlen(monkeypatch):
     attention.resolve_backend.cache_clear()
 
 
+def small_eval_shard(folder, n: int = 8) -> str:
+    """A shard of n demo samples (image, audio, caption; n distinct concepts) -> its path: for
+    `data.eval_sources` of a run whose test asserts nothing about its evaluation. The run's final
+    evaluation still runs, on these n samples, and no longer on the demo corpus's 100 held-out
+    samples, its classification sets and linear probes (which only the demo eval source adds)."""
+    import itertools
+
+    import webdataset as wds
+
+    from mmpretrain.data.demo import COLOURS, PLACES, SHAPES
+
+    concepts = itertools.islice(itertools.product(COLOURS, SHAPES, PLACES), n)
+    path = str(folder / "small-eval.tar")
+    with wds.TarWriter(path) as sink:
+        for i, c in enumerate(concepts):
+            sink.write(encode_sample(f"e{i:05d}", Concept(*c), random.Random(i)))
+    return path
+
+
 def png_bytes(w=8, h=8) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (255, 0, 0)).save(buf, format="PNG")
