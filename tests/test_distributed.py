@@ -4,6 +4,7 @@ import io
 import json
 import os
 import queue as queues
+import shutil
 import socket
 import sys
 
@@ -18,7 +19,7 @@ from mmpretrain.build import build, build_task, train_step
 from mmpretrain.model import ModelOutput
 from mmpretrain.objectives import contrastive_losses
 
-from conftest import assert_same_run, ROOT, run, synthetic_batch
+from conftest import assert_same_run, ROOT, run, small_eval_shard, synthetic_batch
 
 
 def _free_port() -> int:
@@ -117,20 +118,20 @@ def _torchrun(nproc: int, config: str, demo_cache, run_dir, *overrides) -> tuple
 
 
 def test_torchrun_two_processes(demo_cache, tmp_path):
-    """DDP over 2 ranks, then the same run resumed on 2 ranks and equal to an uninterrupted one."""
+    """DDP over 2 ranks, then the same run resumed on 2 ranks from its step-2 checkpoint: equal to
+    the uninterrupted run, whose own logged steps are the reference (no third launch)."""
     run = tmp_path / "runs" / "ddp"
-    stderr, metrics = _torchrun(2, "tiny.yaml", demo_cache, run, "train.steps=2", "train.log_every=1",
-                               "train.warmup_steps=1")  # the schedule as far as step 2 is the same for 2 and 3 steps
-    assert [m["step"] for m in metrics] == [1, 2]
+    common = ["train.steps=3", "train.log_every=1", "train.warmup_steps=1"]
+    stderr, whole = _torchrun(2, "tiny.yaml", demo_cache, run, *common, "train.checkpoint_every=2")
+    assert [m["step"] for m in whole] == [1, 2, 3]
     assert "2 process(es)" in stderr
     assert stderr.count("INFO mmpretrain: parameters:") == 1  # rank 0's INFO lines only
     assert "find_unused_parameters" not in stderr  # the paired demo corpus: DDP is not told to search
     assert json.loads((run / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
-    stderr, resumed = _torchrun(2, "tiny.yaml", demo_cache, run, "train.steps=3", "train.log_every=1",
-                                 "train.warmup_steps=1")
-    assert "written by 2 process(es)" in stderr
-    _, whole = _torchrun(2, "tiny.yaml", demo_cache, tmp_path / "runs" / "whole", "train.steps=3", "train.log_every=1",
-                          "train.warmup_steps=1")
+    shutil.rmtree(run / "checkpoints" / "step_00000003")  # the newest left: step 2's, written by 2 ranks
+    stderr, resumed = _torchrun(2, "tiny.yaml", demo_cache, run, *common,
+                                f"data.eval_sources=[{small_eval_shard(tmp_path)}]")  # its evaluation: checked above
+    assert "written by 2 process(es)" in stderr and [m["step"] for m in resumed] == [1, 2, 3]
     assert_same_run([m["loss"] for m in resumed], [m["loss"] for m in whole])
 
 
@@ -223,5 +224,6 @@ def test_torchrun_four_processes_dp_by_sp(demo_cache, tmp_path):
     """dp=2 x sp=2 with pairs and documents mixed: ranks' graphs differ, collectives must not."""
     _, metrics = _torchrun(4, "long_context.yaml", demo_cache, tmp_path / "runs" / "lc4", "train.steps=3",
                            "train.warmup_steps=1", "train.log_every=1", "data.max_tokens=384",
-                           "model.decoder.layers=1")
+                           "model.decoder.layers=1",  # its evaluation, unchecked here, of a small shard
+                           f"data.eval_sources=[{small_eval_shard(tmp_path)}]")
     assert [m["step"] for m in metrics] == [1, 2, 3]
