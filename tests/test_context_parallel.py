@@ -77,6 +77,7 @@ def _ring_task_worker(rank, world, port, ckpt, contrastive, queue):
 def test_torchrun_long_context_with_ring_attention_then_resumed_under_ulysses(demo_cache, tmp_path):
     """configs/long_context.yaml at parallel.cp=2 (token-budget rows, checkpointed blocks), its
     checkpoint resumed at sp=2: the ring changes no state, so the layouts share checkpoints."""
+    from conftest import small_eval_shard
     from test_distributed import _torchrun
 
     run = tmp_path / "runs" / "ring"
@@ -85,5 +86,6 @@ def test_torchrun_long_context_with_ring_attention_then_resumed_under_ulysses(de
     _, metrics = _torchrun(2, "long_context.yaml", demo_cache, run, "train.steps=2", "parallel.sp=1",
                            "parallel.cp=2", *common)
     assert [m["step"] for m in metrics] == [1, 2] and all(m["tokens"] <= 512 for m in metrics)
-    stderr, metrics = _torchrun(2, "long_context.yaml", demo_cache, run, "train.steps=3", *common)
+    stderr, metrics = _torchrun(2, "long_context.yaml", demo_cache, run, "train.steps=3", *common,
+                                f"data.eval_sources=[{small_eval_shard(tmp_path)}]")  # the demo's: under cp above
     assert "resumed from" in stderr and [m["step"] for m in metrics] == [1, 2, 3]

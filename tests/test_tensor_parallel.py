@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from conftest import ROOT, assert_same_run, run
+from conftest import ROOT, assert_same_run, run, small_eval_shard
 from mmpretrain import parallel
 from mmpretrain.config import DecoderConfig
 from mmpretrain.decoder import Decoder
@@ -68,12 +68,15 @@ TINY = ["train.log_every=1", "train.warmup_steps=1", "model.decoder.heads=4", "m
 def test_torchrun_tensor_parallel_trains_as_one_process(demo_cache, tmp_path, layout):
     """tp=2 on 2 processes (one data-parallel replica), and with Ulysses or ring attention on 4,
     against 1 process: the same losses."""
+    # nothing here checks an evaluation: the reference's, and the 4-process layouts', is of a small
+    # shard; tp2's run keeps the demo corpus's (retrieval, classification, probes) under tp
+    small = [f"data.eval_sources=[{small_eval_shard(tmp_path)}]"]
     stderr, tp = _torchrun(2 * (1 + len(layout)), "tiny.yaml", demo_cache, tmp_path / "runs" / "tp", "train.steps=3",
-                           "parallel.tp=2", *layout, *TINY)
+                           "parallel.tp=2", *layout, *TINY, *(small if layout else []))
     assert "split over 2 process(es)" in stderr
     one = run([sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
                f"data.demo.cache_dir={demo_cache}", f"run.dir={tmp_path / 'runs'}", "run.name=one",
-               "train.device=cpu", "train.steps=3", *TINY], timeout=240, cpu_only=True)
+               "train.device=cpu", "train.steps=3", *TINY, *small], timeout=240, cpu_only=True)
     assert one.returncode == 0, one.stderr[-2000:]
     alone = [json.loads(l) for l in (tmp_path / "runs" / "one" / "metrics.jsonl").read_text().splitlines()]
     keep = lambda ms: [{k: m[k] for k in ("step", "loss", "next_token")} for m in ms]  # noqa: E731
@@ -86,14 +89,15 @@ def test_torchrun_fsdp2_on_a_dp_by_tp_mesh_equals_fsdp2_alone_and_resumes_withou
     dp) from the same weights (train.init_from) as FSDP2 on 2 processes: the same losses; its
     checkpoint at step 2 resumed by 2 processes at tp=1 (DCP reshards the split weights)."""
     runs = tmp_path / "runs"
+    small = f"data.eval_sources=[{small_eval_shard(tmp_path)}]"  # the runs whose evaluation nothing checks
     start = run([sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
                  f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "run.name=start", "train.device=cpu",
-                 "train.steps=2", "train.eval_every=0", *TINY], timeout=240, cpu_only=True)
+                 "train.steps=2", "train.eval_every=0", *TINY, small], timeout=240, cpu_only=True)
     assert start.returncode == 0, start.stderr[-2000:]
     common = ["parallel.dp_shard=fsdp", f"train.init_from={runs / 'start' / 'export'}", *TINY]
-    _, alone = _torchrun(2, "tiny.yaml", demo_cache, runs / "alone", "train.steps=2", *common)
+    _, alone = _torchrun(2, "tiny.yaml", demo_cache, runs / "alone", "train.steps=2", *common, small)
     stderr, metrics = _torchrun(4, "tiny.yaml", demo_cache, runs / "tp", "train.steps=2", "parallel.tp=2",
-                                "train.checkpoint_every=2", *common)
+                                "train.checkpoint_every=2", *common, small)
     assert "FSDP2: " in stderr and "split over 2 process(es)" in stderr and [m["step"] for m in metrics] == [1, 2]
     keep = lambda ms: [{k: m[k] for k in ("step", "loss", "grad_norm")} for m in ms]  # noqa: E731
     for got, want in zip(keep(metrics), keep(alone)):
