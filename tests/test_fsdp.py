@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_run, ROOT, run, synthetic_batch
+from conftest import assert_same_run, ROOT, run, small_eval_shard, synthetic_batch
 from test_distributed import SP_CFG, _join, _run_workers, _send, _torchrun
 
 from mmpretrain import checkpoint, parallel
@@ -193,7 +193,8 @@ sys.exit(train.main(sys.argv[1:]))
 
 def test_sigkill_while_a_checkpoint_is_written_leaves_the_previous_one_usable(demo_cache, tmp_path):
     args = [str(ROOT / "configs" / "tiny.yaml"), f"data.demo.cache_dir={demo_cache}", f"run.dir={tmp_path}",
-            "train.device=cpu", "train.steps=6", "train.checkpoint_every=2", "train.log_every=1"]
+            "train.device=cpu", "train.steps=6", "train.checkpoint_every=2", "train.log_every=1",
+            f"data.eval_sources=[{small_eval_shard(tmp_path)}]"]  # nothing here checks the final evaluation
     killed = run([sys.executable, "-c", KILL_AT_STEP_4, *args, "run.name=killed"], timeout=240, cpu_only=True)
     assert killed.returncode == -signal.SIGKILL
     folder = tmp_path / "killed" / "checkpoints"
@@ -229,7 +230,9 @@ def test_torchrun_fsdp_trains_checkpoints_and_resumes_on_one_process(demo_cache,
     assert json.loads((run_dir / "eval" / "retrieval.json").read_text())["text->image"]["n"] == 100
     one = run([sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
                f"data.demo.cache_dir={demo_cache}", f"run.dir={run_dir.parent}", "run.name=fsdp",
-               "train.device=cpu", "train.steps=3", "train.log_every=1"], timeout=240, cpu_only=True)
+               "train.device=cpu", "train.steps=3", "train.log_every=1",
+               f"data.eval_sources=[{small_eval_shard(tmp_path)}]"],  # its evaluation: unchecked (the 2 ranks': above)
+              timeout=240, cpu_only=True)
     assert one.returncode == 0, one.stderr[-2000:]
     assert "written by 2 process(es)" in one.stderr
     assert [m["step"] for m in map(json.loads, (run_dir / "metrics.jsonl").open())] == [1, 2, 3]
@@ -300,14 +303,15 @@ def test_torchrun_continued_pretraining_from_an_export(demo_cache, tiny_cfg, tmp
 
     from mmpretrain import train
 
-    first = tiny_cfg("train.steps=1", "run.name=first")
+    small = f"data.eval_sources=[{small_eval_shard(tmp_path)}]"  # neither run's evaluation is checked here
+    first = tiny_cfg("train.steps=1", "run.name=first", small)
     train.run(first)
     source = load_file(first.run_dir / "export" / "model.safetensors")
     run_dir = tmp_path / "runs" / "continued"
     stderr, _ = _torchrun(2, "tiny.yaml", demo_cache, run_dir, "train.steps=1", f"parallel.dp_shard={dp_shard}",
                           f"train.init_from={first.run_dir / 'export'}", "train.lr=0", "train.weight_decay=0",
                           "model.modalities=[image, audio, video]", "model.video.num_frames=4",
-                          "model.video.width=32", "model.video.heads=2", "model.video.depth=1")
+                          "model.video.width=32", "model.video.heads=2", "model.video.depth=1", small)
     assert "initialised afresh: objectives.logit_scale, towers.video" in stderr
     after = load_file(run_dir / "export" / "model.safetensors")
     for key, value in source.items():  # lr 0: every source tensor as loaded
@@ -371,10 +375,11 @@ def test_torchrun_fsdp_with_compiled_blocks_matches_eager(demo_cache, inductor_c
     cache = Path(inductor_cache)  # shared with test_compiled_blocks_equal_eager_without_graph_breaks
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
     runs = {}
+    small = f"data.eval_sources=[{small_eval_shard(tmp_path)}]"  # the final evaluation (compiled too) is unchecked
     for mode in ("off", "on"):
         _, metrics = _torchrun(2, "tiny.yaml", demo_cache, tmp_path / "runs" / mode, "train.steps=3",
                                "train.log_every=1", "parallel.dp_shard=fsdp", f"parallel.compile={mode}",
-                               "model.modalities=[image]")  # one tower: its timm blocks compile too
+                               "model.modalities=[image]", small)  # one tower: its timm blocks compile too
         runs[mode] = [m["loss"] for m in metrics]
     torch.testing.assert_close(runs["on"], runs["off"], rtol=1e-4, atol=1e-5)
     assert any(cache.rglob("*.so"))  # the runs used this cache folder (kernels are still cached there)
