@@ -32,14 +32,17 @@ def test_distill_loss_is_open_clips():
     torch.testing.assert_close(distill_loss(a, b, torch.tensor(20.0), ta, tb, 50.0, temperature=4.0), 16 * softened)
 
 
-def test_a_run_distils_from_an_export_which_stays_frozen_and_outside_the_checkpoint(tiny_cfg):
-    teacher_cfg = tiny_cfg("train.steps=2", "run.name=teacher")
+def test_a_run_distils_from_an_export_which_stays_frozen_and_outside_the_checkpoint(tiny_cfg, tmp_path):
+    from conftest import small_eval_shard
+
+    small = f"data.eval_sources=[{small_eval_shard(tmp_path)}]"  # no run's evaluation is checked here
+    teacher_cfg = tiny_cfg("train.steps=2", "run.name=teacher", small)
     train.run(teacher_cfg)
     export = teacher_cfg.run_dir / "export"
     before = load_file(export / "model.safetensors")
 
     cfg = tiny_cfg("train.steps=2", "train.log_every=1", "run.name=student", f"objectives.distill.teacher={export}",
-                   "objectives.distill.weight=2.0")
+                   "objectives.distill.weight=2.0", small)
     train.run(cfg)
     records = [json.loads(l) for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["distill/text-image"] > 0 and "distill/text-audio" in r for r in records)
@@ -63,7 +66,7 @@ def test_a_run_distils_from_an_export_which_stays_frozen_and_outside_the_checkpo
     assert teacher_embed.main([*shards, "--teacher", str(export), "--out", str(out), "--batch-size", "7"]) == 0
     taught = str(out).replace("%06d", "000000")
     offline = tiny_cfg("train.steps=2", "run.name=offline", "objectives.distill.teacher=offline",
-                       f"data.sources=[{taught}]")
+                       f"data.sources=[{taught}]", small)
     check_offline_equals_online(offline, export, taught)
     train.run(offline)
     records = [json.loads(l) for l in (offline.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -90,7 +93,7 @@ def test_a_run_distils_from_an_export_which_stays_frozen_and_outside_the_checkpo
     assert all(merged[k].get("teacher.npz") == written[k].get("teacher.npz") for k in written)
     assert sum("teacher.npz" in r for r in merged.values()) > 0
     beside = tiny_cfg("train.steps=2", "run.name=beside", "objectives.distill.teacher=offline",
-                      f"data.sources=[{copies[0]}]")
+                      f"data.sources=[{copies[0]}]", small)
     train.run(beside)
     records = [json.loads(l) for l in (beside.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["distill/text-image"] > 0 and "missing_teacher" not in r["skipped_samples"] for r in records)

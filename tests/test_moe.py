@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_same_run, run_until_crash
+from conftest import assert_same_run, run_until_crash, small_eval_shard
 from mmpretrain import train
 from mmpretrain.config import ConfigError, DecoderConfig, MoEConfig, load_config
 from mmpretrain.decoder import Decoder
@@ -137,9 +137,10 @@ def test_config_refuses_what_cannot_work(tmp_path):
 
 
 @pytest.mark.parametrize("balance_mode", ["bias", "aux"])
-def test_training_logs_the_load_and_resumes_with_the_bias(tiny_cfg, balance_mode):
+def test_training_logs_the_load_and_resumes_with_the_bias(tiny_cfg, balance_mode, tmp_path):
     steps = ["model.decoder.moe.experts=4", f"model.decoder.moe.balance={balance_mode}", "train.steps=4",
-             "train.checkpoint_every=2", "model.decoder.layers=2", "model.decoder.moe.every=2"]
+             "train.checkpoint_every=2", "model.decoder.layers=2", "model.decoder.moe.every=2",
+             f"data.eval_sources=[{small_eval_shard(tmp_path)}]"]  # the final evaluations: unchecked here
     whole = tiny_cfg(*steps, "run.name=whole")
     train.run(whole)
     metrics = read_metrics(whole.run_dir)

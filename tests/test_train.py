@@ -13,7 +13,7 @@ from mmpretrain import train
 from mmpretrain.checkpoint import checkpoint_dirs, latest_checkpoint, read_tensors
 from mmpretrain.config import ConfigError
 
-from conftest import assert_same_run, ROOT, run, run_until_crash, sample_dict
+from conftest import assert_same_run, ROOT, run, run_until_crash, sample_dict, small_eval_shard
 
 
 def read_metrics(run_dir):
@@ -181,8 +181,9 @@ def test_eval_and_downstream_paths_with_a_bf16_only_kernel(tiny_cfg, bf16_only_v
     assert text_tower.encode_text(texts).dtype == torch.float32
 
 
-def test_resume_is_exact(tiny_cfg, monkeypatch):
-    steps = ["train.steps=5", "train.checkpoint_every=2", "train.keep_checkpoints=1"]
+def test_resume_is_exact(tiny_cfg, monkeypatch, tmp_path):
+    steps = ["train.steps=5", "train.checkpoint_every=2", "train.keep_checkpoints=1",
+             f"data.eval_sources=[{small_eval_shard(tmp_path)}]"]  # the final evaluations: unchecked here
     full = tiny_cfg(*steps, "run.name=full")
     train.run(full)
     reference = [m["loss"] for m in read_metrics(full.run_dir)]
@@ -253,7 +254,8 @@ def test_resume_at_the_end_of_an_epoch_goes_on_to_the_next(demo_cache, tmp_path)
     command with train.steps=8 resumes into the second epoch, where 8 steps in one go stand."""
     sources = f"data.sources=[{write_shards(tmp_path, 'train', 96, 32)}]"
     tiny = [str(ROOT / "configs" / "tiny.yaml"), f"data.demo.cache_dir={demo_cache}", f"run.dir={tmp_path / 'runs'}",
-            "train.device=cpu", "data.num_workers=0", sources, "train.batch_size=16"]
+            "train.device=cpu", "data.num_workers=0", sources, "train.batch_size=16",
+            f"data.eval_sources=[{small_eval_shard(tmp_path)}]"]  # the final evaluations: unchecked here
     for name, steps in (("b", 6), ("b", 8), ("whole", 8)):
         assert train.main([*tiny, f"run.name={name}", f"train.steps={steps}"]) == 0
     assert [m["step"] for m in read_metrics(tmp_path / "runs" / "b")] == list(range(1, 9))
@@ -285,10 +287,11 @@ def test_resume_on_other_data_sources_is_refused_unless_the_data_is_reset(tiny_c
     """Data positions belong to the checkpoint's sources: other sources are refused, naming both
     lists; train.resume_data=reset starts the data afresh and keeps the weights, optimizer and step
     (and a checkpoint of these same sources then resumes its data as usual)."""
-    first = tiny_cfg("train.steps=2", "run.name=data")
+    small = f"data.eval_sources=[{small_eval_shard(tmp_path)}]"  # no run's evaluation is checked here
+    first = tiny_cfg("train.steps=2", "run.name=data", small)
     train.run(first)
     pattern = write_shards(tmp_path, "other", 32, 32)
-    moved = ["run.name=data", f"data.sources=[{pattern}]"]
+    moved = ["run.name=data", f"data.sources=[{pattern}]", small]
     with pytest.raises(ConfigError, match=r"data.sources.*\[demo\].*" + re.escape(f"[{pattern}]")):
         train.run(tiny_cfg(*moved, "train.steps=3"))
     for steps in (3, 4):
@@ -325,7 +328,7 @@ def test_sigterm_checkpoints_the_last_step_and_resumes(demo_cache, tmp_path):
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "mmpretrain.train", str(ROOT / "configs" / "tiny.yaml"),
            f"data.demo.cache_dir={demo_cache}", f"run.dir={runs}", "run.name=pre", "train.steps=100000",
-           "train.device=cpu"]
+           "train.device=cpu", f"data.eval_sources=[{small_eval_shard(tmp_path)}]"]  # the resumed run's: unchecked
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = runs / "pre" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -346,16 +349,17 @@ def test_sigterm_checkpoints_the_last_step_and_resumes(demo_cache, tmp_path):
     assert [m["step"] for m in read_metrics(runs / "pre")][-3:] == [last, last + 1, last + 2]
 
 
-def test_continued_pretraining_from_an_export_or_a_checkpoint(tiny_cfg, caplog):
+def test_continued_pretraining_from_an_export_or_a_checkpoint(tiny_cfg, caplog, tmp_path):
     """A new run starts from another run's weights (a new modality initialised afresh, and listed),
     with a fresh optimizer, schedule and step count."""
     from safetensors.torch import load_file
 
-    first = tiny_cfg("train.steps=2", "run.name=first")
+    small = f"data.eval_sources=[{small_eval_shard(tmp_path)}]"  # no run's evaluation is checked here
+    first = tiny_cfg("train.steps=2", "run.name=first", small)
     train.run(first)
     exported = load_file(first.run_dir / "export" / "model.safetensors")
     video = ["model.modalities=[image, audio, video]", "model.video.num_frames=4", "model.video.width=32",
-             "model.video.heads=2", "model.video.depth=1", "train.steps=1"]
+             "model.video.heads=2", "model.video.depth=1", "train.steps=1", small]
     cont = tiny_cfg(*video, "run.name=continued", f"train.init_from={first.run_dir / 'export'}",
                     "train.lr=0", "train.weight_decay=0")  # lr 0: the weights stay as loaded
     with caplog.at_level("INFO"):
@@ -369,7 +373,7 @@ def test_continued_pretraining_from_an_export_or_a_checkpoint(tiny_cfg, caplog):
 
     ckpt = latest_checkpoint(first.run_dir)
     again = tiny_cfg("train.steps=1", "run.name=from_ckpt", f"train.init_from={ckpt}", "train.lr=0",
-                     "train.weight_decay=0")
+                     "train.weight_decay=0", small)
     train.run(again)
     state, resumed = read_tensors(ckpt, "task."), read_tensors(latest_checkpoint(again.run_dir), "task.")
     assert torch.equal(resumed["objectives.logit_scale.text-image"], state["objectives.logit_scale.text-image"])
