@@ -240,7 +240,6 @@ def check_media(cfg: Config, url_lists: list[list[str]], what: str) -> None:
     one error says what the data holds instead, not every sample skipped as `no_media`. Member
     names only, of each source's first local samples until one has such media (at most
     MEDIA_SCAN); sources of documents alone, or not local, are not judged."""
-    from mmpretrain.data.samples import DOC_KEY
     from mmpretrain.encoders import MODALITIES
 
     kinds = {ext: m for m, spec in MODALITIES.items() for ext in spec.extensions}
